@@ -1,0 +1,189 @@
+"""`orchestrate`: glue between the layers; no logic of its own beyond choosing what to call."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from orchestrator import report, sandbox, sandbox_fleet
+from orchestrator.config import LoadedFleet, load_fleet
+from orchestrator.errors import ConfigError, OrchestrateError
+from orchestrator.knowledge import load_knowledge
+from orchestrator.modelgen import generate_tiny_qwen2
+from orchestrator.plan import STAGES, Plan, make_plan, select_stages
+from orchestrator.probe import probe_plan
+from orchestrator.render import ROOT, new_run_id, render
+from orchestrator.runner import run_playbook
+from orchestrator.wheelhouse import stage_wheelhouse
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Provision GPU hosts to serve Qwen2.5 with vLLM, and prove they work.")
+console = Console()
+err = Console(stderr=True)
+
+STATE_DIR = Path(".orchestrate")
+DEFAULT_FLEET = Path("fleet.yml")
+
+FleetOpt = Annotated[Path | None, typer.Option("-f", "--fleet", help="Fleet file "
+                                               "(default: ./fleet.yml).")]
+InventoryOpt = Annotated[Path | None, typer.Option("-i", "--inventory",
+                                                   help="An Ansible YAML inventory of hosts.")]
+HostsOpt = Annotated[str, typer.Option("--hosts", help="Host group ('all' for every host; "
+                                       "'sandbox' for the built-in local fleet).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+OnlyOpt = Annotated[list[str] | None, typer.Option("--only", help=f"Run only this stage "
+                                                   f"({', '.join(STAGES)}); repeatable.")]
+SkipOpt = Annotated[list[str] | None, typer.Option("--skip", help="Skip this stage; "
+                                                   "repeatable.")]
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Every known failure ends as one line and its exit code, never a traceback."""
+    try:
+        yield
+    except (OrchestrateError, sandbox.SandboxError) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(getattr(exc, "exit_code", 1)) from None
+
+
+def _log(message: str) -> None:
+    err.print(f"[dim]{message}[/dim]", highlight=False)
+
+
+def _uses_sandbox(hosts: str, fleet: Path | None, inventory: Path | None) -> bool:
+    return (hosts == sandbox_fleet.GROUP and fleet is None and inventory is None
+            and not DEFAULT_FLEET.exists())
+
+
+def _sandbox_artifacts() -> tuple[Path, Path]:
+    """The sandbox's key and model; both are made once and reused."""
+    key = sandbox.ensure_ssh_key(STATE_DIR / "sandbox")
+    model = generate_tiny_qwen2(sandbox.cache_dir() / "models" / sandbox_fleet.DEPLOYMENT)
+    return key, model
+
+
+def _load(hosts: str, fleet: Path | None, inventory: Path | None) -> LoadedFleet:
+    if _uses_sandbox(hosts, fleet, inventory):
+        return sandbox_fleet.sandbox_fleet(*_sandbox_artifacts())
+    path = fleet or (DEFAULT_FLEET if DEFAULT_FLEET.exists() or inventory is None else None)
+    if path is not None and not path.exists() and fleet is None:
+        raise ConfigError("no fleet file here: run `orchestrate init` to write one, pass "
+                          "-f FILE or -i INVENTORY, or use --hosts sandbox", file=str(path))
+    return load_fleet(path, inventory)
+
+
+def _plan(hosts: str, fleet: Path | None, inventory: Path | None,
+          only: list[str] | None = None, skip: list[str] | None = None) -> Plan:
+    loaded = _load(hosts, fleet, inventory)
+    return make_plan(loaded, hosts, load_knowledge(), select_stages(only, skip))
+
+
+def _start_sandbox(plan: Plan) -> None:
+    profile = load_knowledge().compat.profiles["cpu"]
+    wheelhouse = stage_wheelhouse(
+        sandbox.cache_dir() / "wheelhouse",
+        [profile.torch_requirement, profile.vllm_requirement],
+        python_version=sandbox_fleet.PYTHON_VERSION,
+        extra_index_urls=[profile.torch_index_url] if profile.torch_index_url else [],
+        log=_log)
+    sandbox.ensure_image(_log)
+    sandbox.up(STATE_DIR / "sandbox", count=len(plan.hosts),
+               ssh_base_port=sandbox_fleet.SSH_BASE_PORT,
+               service_ports=[sandbox_fleet.VLLM_PORT],
+               mounts={wheelhouse: sandbox_fleet.WHEELHOUSE_MOUNT}, log=_log)
+
+
+@app.command()
+def init(
+    fleet: FleetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented example fleet.yml to start from."""
+    path = fleet or DEFAULT_FLEET
+    with _errors():
+        if path.exists() and not force:
+            raise ConfigError("already exists; pass --force to overwrite it", file=str(path))
+        path.write_text((ROOT / "templates" / "fleet.yml").read_text(encoding="utf-8"),
+                        encoding="utf-8")
+    console.print(f"wrote {path}: edit the hosts and deployments, then "
+                  f"`orchestrate plan --hosts gpu-cluster`")
+
+
+@app.command()
+def plan(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
+         only: OnlyOpt = None, skip: SkipOpt = None, as_json: JsonOpt = False) -> None:
+    """Show what would be installed where, and why; changes nothing."""
+    with _errors():
+        the_plan = _plan(hosts, fleet, inventory, only, skip)
+    if as_json:
+        print(the_plan.model_dump_json(indent=2))
+    else:
+        report.plan_table(the_plan, console)
+
+
+@app.command()
+def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
+       check: Annotated[bool, typer.Option("--check", help="Ansible check mode with diff: "
+                                           "show changes, make none.")] = False,
+       only: OnlyOpt = None, skip: SkipOpt = None, as_json: JsonOpt = False) -> None:
+    """Provision the hosts (stage by stage), then probe every deployment."""
+    with _errors():
+        the_plan = _plan(hosts, fleet, inventory, only, skip)
+        if _uses_sandbox(hosts, fleet, inventory):
+            _start_sandbox(the_plan)
+        run_dir = render(the_plan, STATE_DIR / "runs", new_run_id(dt.datetime.now(), "up"),
+                         check=check)
+    out = err if as_json else console
+    out.print(f"run {run_dir.run_id}: stages {', '.join(the_plan.stages)} on "
+              f"{len(the_plan.hosts)} host(s) of '{hosts}'")
+    with report.LiveProgress(out, [h.name for h in the_plan.hosts]) as progress:
+        result = run_playbook(run_dir, progress)
+    report.run_summary(result, out, str(run_dir.path))
+
+    probes = None
+    if not check and "verify" in the_plan.stages:
+        probes = probe_plan(the_plan)
+        report.probe_table(probes, out)
+        (run_dir.path / "probes.json").write_text(probes.model_dump_json(indent=2) + "\n")
+    if as_json:
+        print(json.dumps({"run_id": run_dir.run_id, "run_dir": str(run_dir.path),
+                          "ansible": report.run_json(result),
+                          "probes": probes.model_dump() if probes else None}, indent=2))
+    if not result.ok or (probes is not None and not probes.passed):
+        raise typer.Exit(1)
+
+
+@app.command()
+def probe(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
+          as_json: JsonOpt = False) -> None:
+    """Probe every deployment of the hosts over HTTP; exit 1 if any probe fails."""
+    with _errors():
+        the_plan = _plan(hosts, fleet, inventory)
+    result = probe_plan(the_plan)
+    if as_json:
+        print(json.dumps({**result.model_dump(), "passed": result.passed}, indent=2))
+    else:
+        report.probe_table(result, console)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def down(hosts: HostsOpt) -> None:
+    """Remove the sandbox fleet: its hosts and their state."""
+    with _errors():
+        if hosts != sandbox_fleet.GROUP:
+            raise ConfigError(f"`down` removes the built-in sandbox only, not '{hosts}': "
+                              "real hosts are never deleted by this tool", key="--hosts")
+        removed = sandbox.down(STATE_DIR / "sandbox", _log)
+    console.print(f"removed {', '.join(removed)}" if removed else "no sandbox hosts were running")
+

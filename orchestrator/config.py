@@ -1,0 +1,401 @@
+"""The fleet description: typed, validated, with errors that name file, key and line.
+
+A fleet is host groups (how to reach each host and how to provision it) plus
+deployments (which model, on which engine, on which group, on which port).
+Settings resolve from `defaults` to the group to the host, the most specific
+winning, as Ansible's group_vars and host_vars do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestrator.errors import ConfigError
+from orchestrator.yamlsource import YamlDocument, dotted, load_yaml
+
+HostName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=253)]
+GroupName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", max_length=64)]
+# A deployment name becomes a systemd instance name (vllm@NAME) and a directory.
+DeploymentName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=63)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+RESERVED_GROUPS = {"all", "ungrouped"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PythonSettings(Strict):
+    """The Python environment vLLM runs in."""
+
+    manager: Literal["venv", "conda"] | None = None
+    version: Annotated[str, Field(pattern=r"^3\.\d+$")] | None = None
+    path: str | None = None
+    conda_installer_url: str | None = None
+
+
+class PipSettings(Strict):
+    """Where hosts take Python packages from: the public index, a mirror, or a wheelhouse."""
+
+    index_url: str | None = None
+    extra_index_urls: list[str] | None = None
+    find_links: str | None = None
+    no_index: bool | None = None
+
+
+class HostSettings(Strict):
+    """Settings that `defaults`, a group or a host may set; the most specific wins."""
+
+    ssh_user: str | None = None
+    ssh_key: str | None = None
+    ssh_port: Port | None = None
+    become: bool | None = None
+    profile: Literal["gpu", "cpu"] | None = Field(
+        default=None, description="gpu: NVIDIA driver + CUDA torch; cpu: CPU builds (sandbox)")
+    python: PythonSettings | None = None
+    pip: PipSettings | None = None
+    vars: dict[str, Any] | None = Field(
+        default=None, description="extra Ansible variables, passed through unchanged")
+
+
+class Host(HostSettings):
+    address: str
+    port_map: dict[Port, Port] | None = Field(
+        default=None,
+        description="service port on the host -> port reachable on `address` (NAT, sandbox)")
+
+
+class Group(HostSettings):
+    hosts: dict[HostName, Host] = Field(min_length=1)
+
+
+class EngineOptions(Strict):
+    max_model_len: Annotated[int, Field(ge=16)] | None = None
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    tensor_parallel_size: Annotated[int, Field(ge=1)] | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
+    enforce_eager: bool | None = None
+    kv_cache_space_gib: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="vLLM CPU build only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_secret_flags(cls, value: list[str]) -> list[str]:
+        if any(arg.split("=", 1)[0] == "--api-key" for arg in value):
+            raise ValueError("--api-key on the command line is readable by every user on the "
+                             "host (ps); give the key as a secret instead")
+        return value
+
+
+class Deployment(Strict):
+    name: DeploymentName
+    model: Annotated[str, Field(min_length=1)]
+    engine: Literal["vllm", "ollama"]
+    hosts: GroupName
+    port: Port
+    served_model_name: str | None = None
+    model_dir: str | None = Field(
+        default=None, description="model directory on the control machine, copied to hosts "
+                                  "instead of downloading `model`")
+    revision: str | None = None
+    options: EngineOptions = Field(default_factory=EngineOptions)
+
+
+class Fleet(Strict):
+    defaults: HostSettings = Field(default_factory=HostSettings)
+    groups: dict[GroupName, Group] = Field(default_factory=dict)
+    deployments: list[Deployment] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ResolvedHost:
+    """A host with every setting resolved: what the planner works from."""
+
+    name: str
+    group: str
+    address: str
+    ssh_port: int
+    ssh_user: str
+    ssh_key: str | None
+    become: bool
+    profile: str
+    python: PythonSettings
+    pip: PipSettings
+    port_map: dict[int, int]
+    vars: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LoadedFleet:
+    fleet: Fleet
+    source: str
+    documents: tuple[YamlDocument, ...] = ()
+
+    def group_names(self) -> list[str]:
+        return sorted(self.fleet.groups)
+
+    def hosts_of(self, group: str) -> list[ResolvedHost]:
+        """Hosts of `group` ('all' for every host), settings resolved; ConfigError if unknown."""
+        groups = self.fleet.groups
+        if group != "all" and group not in groups:
+            known = ", ".join(sorted(groups)) or "none defined"
+            raise ConfigError(f"unknown host group '{group}' (groups in {self.source}: {known})",
+                              key="--hosts")
+        chosen = groups.items() if group == "all" else [(group, groups[group])]
+        resolved: dict[str, ResolvedHost] = {}
+        for group_name, grp in chosen:
+            for host_name, host in grp.hosts.items():
+                resolved.setdefault(host_name, _resolve(self.fleet.defaults, group_name, grp,
+                                                        host_name, host))
+        return list(resolved.values())
+
+    def deployments_on(self, group: str) -> list[Deployment]:
+        """Deployments whose hosts overlap the hosts of `group`."""
+        names = {h.name for h in self.hosts_of(group)}
+        return [d for d in self.fleet.deployments
+                if names & {h.name for h in self.hosts_of(d.hosts)}]
+
+
+def _merge(*layers: BaseModel | None) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer is not None:
+            merged.update(layer.model_dump(exclude_none=True))
+    return merged
+
+
+def _resolve(defaults: HostSettings, group_name: str, group: Group, name: str,
+             host: Host) -> ResolvedHost:
+    layers = (defaults, group, host)
+    flat = _merge(*layers)
+    variables: dict[str, Any] = {}
+    for layer in layers:
+        variables.update(layer.vars or {})
+    return ResolvedHost(
+        name=name,
+        group=group_name,
+        address=host.address,
+        ssh_port=flat.get("ssh_port", 22),
+        ssh_user=flat.get("ssh_user", "root"),
+        ssh_key=flat.get("ssh_key"),
+        become=flat.get("become", True),
+        profile=flat.get("profile", "gpu"),
+        python=PythonSettings(**_merge(*(layer.python for layer in layers))),
+        pip=PipSettings(**_merge(*(layer.pip for layer in layers))),
+        port_map=dict(host.port_map or {}),
+        vars=variables,
+    )
+
+
+# --- validation errors, translated for an operator -------------------------------------------
+
+def _model_at(model: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that `loc` (a path of keys) points into."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+            continue
+        origin = typing.get_origin(current)
+        args = typing.get_args(current)
+        if origin is dict:
+            current = args[1]
+        elif origin is list:
+            current = args[0]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Optional[...] and Annotated[...] down to the real type."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _describe(error: Any, root: type[BaseModel]) -> str:
+    kind = error["type"]
+    loc = error["loc"]
+    if kind == "extra_forbidden":
+        parent = _model_at(root, loc[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"; did you mean '{guess[0]}'?" if guess else ""
+        return f"unknown key (expected one of: {', '.join(allowed)}){hint}"
+    if kind == "missing":
+        return "required key is missing"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+    return f"{error['msg']}{shown}"
+
+
+def _most_telling(exc: ValidationError) -> Any:
+    """A typo'd key also makes the real key 'missing': report the typo, it explains both."""
+    errors = exc.errors()
+    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+
+
+def validate_document(doc: YamlDocument, model: type[BaseModel]) -> BaseModel:
+    if doc.data is None:
+        raise ConfigError("file is empty; `orchestrate init` writes a commented example",
+                          file=doc.path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError(f"expected a mapping of keys at the top, got {type(doc.data).__name__}",
+                          file=doc.path, line=1)
+    try:
+        return model.model_validate(doc.data)
+    except ValidationError as exc:
+        first = _most_telling(exc)
+        raise doc.error(first["loc"], _describe(first, model)) from None
+
+
+# --- cross-checks that a schema cannot express --------------------------------------------
+
+def _check_fleet(fleet: Fleet, doc: YamlDocument | None, source: str) -> None:
+    def fail(loc: tuple[Any, ...], message: str) -> ConfigError:
+        if doc is not None:
+            return doc.error(loc, message)
+        return ConfigError(message, file=source, key=dotted(loc))
+
+    for reserved in RESERVED_GROUPS & set(fleet.groups):
+        raise fail(("groups", reserved), f"'{reserved}' is reserved by Ansible; choose "
+                                         "another group name")
+    seen_hosts: dict[str, tuple[str, Host]] = {}
+    for group_name, group in fleet.groups.items():
+        for host_name, host in group.hosts.items():
+            if host_name in seen_hosts and seen_hosts[host_name][1] != host:
+                raise fail(("groups", group_name, "hosts", host_name),
+                           f"host '{host_name}' is already defined differently in group "
+                           f"'{seen_hosts[host_name][0]}'")
+            seen_hosts.setdefault(host_name, (group_name, host))
+
+    names: set[str] = set()
+    ports: dict[tuple[str, int], str] = {}
+    for index, dep in enumerate(fleet.deployments):
+        if dep.name in names:
+            raise fail(("deployments", index, "name"), f"deployment name '{dep.name}' is "
+                                                       "used twice")
+        names.add(dep.name)
+        if dep.hosts != "all" and dep.hosts not in fleet.groups:
+            known = ", ".join(sorted(fleet.groups)) or "none defined"
+            raise fail(("deployments", index, "hosts"),
+                       f"unknown host group '{dep.hosts}' (groups: {known})")
+        group_hosts = (seen_hosts if dep.hosts == "all" else fleet.groups[dep.hosts].hosts)
+        for host_name in group_hosts:
+            other = ports.get((host_name, dep.port))
+            if other:
+                raise fail(("deployments", index, "port"),
+                           f"port {dep.port} on host '{host_name}' is already used by "
+                           f"deployment '{other}'")
+            ports[(host_name, dep.port)] = dep.name
+
+
+# --- Ansible inventories --------------------------------------------------------------------
+
+_INVENTORY_HOST_KEYS = {
+    "ansible_host": "address",
+    "ansible_port": "ssh_port",
+    "ansible_user": "ssh_user",
+    "ansible_ssh_private_key_file": "ssh_key",
+}
+
+
+def _inventory_groups(doc: YamlDocument) -> dict[str, Any]:
+    """Turn a YAML Ansible inventory into fleet groups (the hosts part of a fleet)."""
+    data = doc.data
+    if not isinstance(data, dict):
+        raise ConfigError("not a YAML inventory (INI inventories: convert with "
+                          "`ansible-inventory -i FILE --list -y`)", file=doc.path, line=1)
+    groups: dict[str, Any] = {}
+
+    def walk(name: str, node: Any, loc: tuple[Any, ...], inherited: dict[str, Any]) -> None:
+        if node is None:
+            return
+        if not isinstance(node, dict):
+            raise doc.error(loc, "expected a mapping with hosts, vars or children")
+        group_vars = {**inherited, **(node.get("vars") or {})}
+        hosts = node.get("hosts") or {}
+        if hosts:
+            converted = {}
+            for host_name, host_vars in hosts.items():
+                host_vars = dict(host_vars or {})
+                entry: dict[str, Any] = {"address": host_vars.pop("ansible_host", host_name)}
+                for ansible_key, key in _INVENTORY_HOST_KEYS.items():
+                    if ansible_key in host_vars and key != "address":
+                        entry[key] = host_vars.pop(ansible_key)
+                if host_vars:
+                    entry["vars"] = host_vars
+                converted[str(host_name)] = entry
+            group = {"hosts": converted}
+            if group_vars:
+                group["vars"] = group_vars
+            groups[name] = group
+        for child, child_node in (node.get("children") or {}).items():
+            walk(str(child), child_node, (*loc, "children", child), group_vars)
+
+    for top, node in data.items():
+        walk(str(top), node, (top,), {})
+    groups.pop("all", None)
+    groups.pop("ungrouped", None)
+    return groups
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+def load_fleet(fleet_path: Path | None, inventory_path: Path | None = None) -> LoadedFleet:
+    """Load fleet.yml and/or an Ansible inventory into one validated fleet."""
+    documents: list[YamlDocument] = []
+    raw: dict[str, Any] = {}
+    fleet_doc: YamlDocument | None = None
+    if fleet_path is not None:
+        fleet_doc = load_yaml(fleet_path)
+        validate_document(fleet_doc, Fleet)
+        raw = dict(fleet_doc.data)
+        documents.append(fleet_doc)
+    if inventory_path is not None:
+        inv_doc = load_yaml(inventory_path)
+        documents.append(inv_doc)
+        inv_groups = _inventory_groups(inv_doc)
+        clash = set(inv_groups) & set(raw.get("groups") or {})
+        if clash:
+            name = sorted(clash)[0]
+            raise ConfigError(f"group '{name}' is defined both here and in {inv_doc.path}",
+                              file=fleet_doc.path if fleet_doc else None,
+                              line=fleet_doc.line_of(("groups", name)) if fleet_doc else None)
+        try:
+            inv_fleet = Fleet.model_validate({"groups": inv_groups})
+        except ValidationError as exc:
+            first = _most_telling(exc)
+            # loc is groups.G.hosts.H.key: name the inventory host and variable.
+            raise ConfigError(_describe(first, Fleet), file=inv_doc.path,
+                              key=dotted(first["loc"][1:])) from None
+        raw["groups"] = {**(raw.get("groups") or {}),
+                         **inv_fleet.model_dump(exclude_none=True)["groups"]}
+    source = " + ".join(d.path for d in documents) or "(no fleet)"
+    fleet = Fleet.model_validate(raw)
+    _check_fleet(fleet, fleet_doc, source)
+    return LoadedFleet(fleet=fleet, source=source, documents=tuple(documents))

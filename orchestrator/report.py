@@ -1,0 +1,121 @@
+"""What the operator reads: plan, live progress, run outcome and probe results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from orchestrator.plan import Plan, command_line
+from orchestrator.probe import ProbeReport
+from orchestrator.runner import Progress, RunResult
+
+
+def plan_table(plan: Plan, console: Console) -> None:
+    table = Table(title=f"Plan for '{plan.group}' (stages: {', '.join(plan.stages)})")
+    for column in ("host", "profile", "address", "deployments", "why"):
+        table.add_column(column, overflow="fold")
+    for host in plan.hosts:
+        deployments = "\n".join(
+            f"{d['name']}: vllm {command_line(d['args'])}" for d in host.vars["vllm_deployments"]
+        ) or "-"
+        conn = host.connection
+        table.add_row(host.name, host.profile,
+                      f"{conn['ansible_user']}@{conn['ansible_host']}:{conn['ansible_port']}",
+                      deployments, "\n".join(host.reasons))
+    console.print(table)
+
+
+class LiveProgress:
+    """Per-host progress: a live table on a terminal, one line per event elsewhere (CI logs)."""
+
+    def __init__(self, console: Console, hosts: list[str]) -> None:
+        self.console = console
+        self.state = {h: {"play": "", "task": "", "ok": 0, "changed": 0, "failed": 0}
+                      for h in hosts}
+        self.play = ""
+        self.live = Live(self._table(), console=console, refresh_per_second=4,
+                         transient=False) if console.is_terminal else None
+
+    def __enter__(self) -> LiveProgress:
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self.live.__exit__(None, None, None)
+
+    def _table(self) -> Table:
+        table = Table(box=None)
+        for column in ("host", "stage", "task", "ok", "changed", "failed"):
+            table.add_column(column)
+        for host, s in self.state.items():
+            failed = f"[red]{s['failed']}[/red]" if s["failed"] else "0"
+            table.add_row(host, s["play"], s["task"], str(s["ok"]), str(s["changed"]), failed)
+        return table
+
+    def __call__(self, event: Progress) -> None:
+        if event.kind == "play":
+            self.play = event.play
+            if not self.live:
+                self.console.print(f"[bold]PLAY[/bold] {event.play}")
+        elif event.host in self.state:
+            s = self.state[event.host]
+            s["play"], s["task"] = event.play, event.task
+            if event.kind in ("ok", "changed", "failed"):
+                s[event.kind] += 1
+            if event.kind == "changed":
+                s["ok"] += 1
+            if event.kind in ("failed", "unreachable") and not self.live:
+                self.console.print(f"  [red]{event.kind.upper()}[/red] {event.host}: "
+                                   f"{event.task}")
+        if self.live:
+            self.live.update(self._table())
+
+
+def run_summary(result: RunResult, console: Console, run_dir: str) -> None:
+    table = Table(title="Ansible run")
+    for column in ("host", "ok", "changed", "failed", "unreachable", "skipped"):
+        table.add_column(column)
+    for host, s in sorted(result.stats.items()):
+        table.add_row(host, str(s.ok), str(s.changed),
+                      f"[red]{s.failed}[/red]" if s.failed else "0",
+                      f"[red]{s.unreachable}[/red]" if s.unreachable else "0", str(s.skipped))
+    console.print(table)
+    for failure in result.failures:
+        what = "UNREACHABLE" if failure.unreachable else "FAILED"
+        console.print(f"[red]{what}[/red] [bold]{failure.host}[/bold] "
+                      f"({failure.play} / {failure.task}):")
+        console.print(f"    {failure.message}".replace("\n", "\n    "), markup=False,
+                      highlight=False)
+    console.print(f"changed={result.changed_total}  run directory: {run_dir}")
+
+
+def probe_table(report: ProbeReport, console: Console) -> None:
+    table = Table(title=f"Probes for '{report.group}'")
+    for column in ("host", "deployment", "probe", "result", "evidence"):
+        table.add_column(column, overflow="fold")
+    for r in report.results:
+        verdict = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"
+        evidence = r.evidence if r.passed else f"{r.evidence}\nnext: {r.next_step}"
+        table.add_row(r.host, r.deployment, r.probe, verdict, evidence)
+    console.print(table)
+    if report.results:
+        failed = report.failed_hosts()
+        console.print("[green]all probes passed[/green]" if not failed
+                      else f"[red]probes failed on: {', '.join(failed)}[/red]")
+    else:
+        console.print("no deployments to probe")
+
+
+def run_json(result: RunResult) -> dict[str, Any]:
+    return {
+        "status": result.status,
+        "rc": result.rc,
+        "changed": result.changed_total,
+        "hosts": {h: vars(s) for h, s in sorted(result.stats.items())},
+        "failures": [vars(f) for f in result.failures],
+    }

@@ -1,0 +1,63 @@
+"""The built-in sandbox fleet: two local podman hosts in the CPU profile, as a fleet description.
+
+`orchestrate up --hosts sandbox` with no fleet file of its own uses this; it is
+the same kind of fleet an operator writes, so it goes through the same config,
+plan, render, run and probe as a real one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.config import Fleet, LoadedFleet
+
+GROUP = "sandbox"
+HOST_COUNT = 2
+SSH_BASE_PORT = 2221
+VLLM_PORT = 8000
+DEPLOYMENT = "tiny-qwen2"
+SERVED_MODEL = "tiny-qwen2"
+# Inside each sandbox host: the control machine's wheelhouse, mounted read-only,
+# stands in for the package mirror real hosts use.
+WHEELHOUSE_MOUNT = "/srv/wheelhouse"
+PYTHON_VERSION = "3.11"  # Debian 12's python3
+
+
+def published_port(host_index: int, port: int) -> int:
+    """Port on 127.0.0.1 where service `port` of sandbox host `host_index` (1-based) answers."""
+    return port + 10000 + host_index - 1
+
+
+def host_names() -> list[str]:
+    return [f"sandbox-{i}" for i in range(1, HOST_COUNT + 1)]
+
+
+def sandbox_fleet(ssh_key: Path, model_dir: Path) -> LoadedFleet:
+    hosts = {
+        name: {"address": "127.0.0.1", "ssh_port": SSH_BASE_PORT + i - 1,
+               "port_map": {VLLM_PORT: published_port(i, VLLM_PORT)}}
+        for i, name in enumerate(host_names(), start=1)
+    }
+    fleet = Fleet.model_validate({
+        "groups": {GROUP: {
+            "ssh_user": "root",
+            "ssh_key": str(ssh_key),
+            "profile": "cpu",
+            "pip": {"find_links": WHEELHOUSE_MOUNT, "no_index": True},
+            # Sandbox hosts get new host keys whenever they are re-created.
+            "vars": {"ansible_ssh_common_args":
+                     "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"},
+            "hosts": hosts,
+        }},
+        "deployments": [{
+            "name": DEPLOYMENT,
+            "model": "orchestrate/tiny-qwen2",
+            "model_dir": str(model_dir),
+            "served_model_name": SERVED_MODEL,
+            "engine": "vllm",
+            "hosts": GROUP,
+            "port": VLLM_PORT,
+            "options": {"max_model_len": 1024, "kv_cache_space_gib": 1},
+        }],
+    })
+    return LoadedFleet(fleet=fleet, source="(built-in sandbox fleet)")
