@@ -159,12 +159,6 @@ class LoadedFleet:
                                                         host_name, host))
         return list(resolved.values())
 
-    def deployments_on(self, group: str) -> list[Deployment]:
-        """Deployments whose hosts overlap the hosts of `group`."""
-        names = {h.name for h in self.hosts_of(group)}
-        return [d for d in self.fleet.deployments
-                if names & {h.name for h in self.hosts_of(d.hosts)}]
-
 
 def _merge(*layers: BaseModel | None) -> dict[str, Any]:
     merged: dict[str, Any] = {}
@@ -328,7 +322,7 @@ def _inventory_groups(doc: YamlDocument) -> dict[str, Any]:
     """Turn a YAML Ansible inventory into fleet groups (the hosts part of a fleet)."""
     data = doc.data
     if not isinstance(data, dict):
-        raise ConfigError("not a YAML inventory (INI inventories: convert with "
+        raise ConfigError("not a YAML inventory (convert an INI one with "
                           "`ansible-inventory -i FILE --list -y`)", file=doc.path, line=1)
     groups: dict[str, Any] = {}
 
@@ -377,7 +371,12 @@ def load_fleet(fleet_path: Path | None, inventory_path: Path | None = None) -> L
         raw = dict(fleet_doc.data)
         documents.append(fleet_doc)
     if inventory_path is not None:
-        inv_doc = load_yaml(inventory_path)
+        try:
+            inv_doc = load_yaml(inventory_path)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc.detail}; only YAML inventories are read (convert an INI "
+                              "one with `ansible-inventory -i FILE --list -y`)",
+                              file=exc.file, line=exc.line) from None
         documents.append(inv_doc)
         inv_groups = _inventory_groups(inv_doc)
         clash = set(inv_groups) & set(raw.get("groups") or {})

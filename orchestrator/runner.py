@@ -7,8 +7,12 @@ task and the message that explains it: not the whole result JSON.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ansible_runner
@@ -141,6 +145,13 @@ def run_playbook(run: RunDir, on_progress: Callable[[Progress], None], *,
     interpreter = EventInterpreter(on_progress)
     envvars = {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
                "ANSIBLE_FORCE_COLOR": "0",
+               # ansible-runner turns host key checking off unless told otherwise;
+               # real fleets keep it on (the sandbox opts out in its inventory).
+               "ANSIBLE_HOST_KEY_CHECKING": "True",
+               # The ansible-playbook installed beside this Python, even when the
+               # virtual environment is not activated.
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                        os.environ.get("PATH", "")]),
                **(env or {})}
     runner = ansible_runner.run(
         private_data_dir=str(run.path),
@@ -158,4 +169,14 @@ def run_playbook(run: RunDir, on_progress: Callable[[Progress], None], *,
         # runner's env/ files, which would keep them beside the artifacts.
         suppress_env_files=True,
     )
+    _drop_saved_environment(run.artifacts / "ansible" / "command")
     return interpreter.result(runner.status, runner.rc)
+
+
+def _drop_saved_environment(command_file: Path) -> None:
+    """ansible-runner saves the whole process environment beside the command it ran;
+    the operator's environment may hold credentials, so keep only the command."""
+    if command_file.exists():
+        saved = json.loads(command_file.read_text(encoding="utf-8"))
+        saved.pop("env", None)
+        command_file.write_text(json.dumps(saved), encoding="utf-8")

@@ -1,0 +1,28 @@
+"""Shared fixtures; slow suites (molecule, sandbox e2e) run after the unit tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+_ORDER = {"molecule": 1, "e2e": 2}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return max((_ORDER.get(m.name, 0) for m in item.iter_markers()), default=0)
+
+    items.sort(key=rank)
+
+
+@pytest.fixture
+def write(tmp_path: Path):
+    """Write a text file under tmp_path and return its path."""
+    def _write(name: str, text: str) -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+    return _write

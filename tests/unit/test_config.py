@@ -1,0 +1,145 @@
+"""Fleet validation: every bad input is one ConfigError naming file, key and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_fleet
+from orchestrator.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = """\
+defaults:
+  ssh_user: ubuntu
+  profile: gpu
+groups:
+  gpu-cluster:
+    hosts:
+      gpu-01: {address: 10.0.0.11}
+      gpu-02: {address: 10.0.0.12, ssh_port: 2222, profile: cpu}
+deployments:
+  - name: qwen7b
+    model: Qwen/Qwen2.5-7B-Instruct
+    engine: vllm
+    hosts: gpu-cluster
+    port: 8000
+"""
+
+
+def error_of(path: Path | None, inventory: Path | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_fleet(path, inventory)
+    return info.value
+
+
+def test_example_fleet_written_by_init_is_valid() -> None:
+    loaded = load_fleet(REPO / "templates" / "fleet.yml")
+    assert loaded.group_names() == ["gpu-cluster"]
+    assert [h.name for h in loaded.hosts_of("gpu-cluster")] == ["gpu-01", "gpu-02"]
+
+
+def test_settings_resolve_from_defaults_to_group_to_host(write) -> None:
+    loaded = load_fleet(write("fleet.yml", GOOD))
+    one, two = loaded.hosts_of("gpu-cluster")
+    assert (one.ssh_user, one.ssh_port, one.profile) == ("ubuntu", 22, "gpu")
+    assert (two.ssh_port, two.profile) == (2222, "cpu")
+
+
+@pytest.mark.parametrize(("text", "line", "key", "words"), [
+    (GOOD.replace("{address: 10.0.0.11}", "{adress: 10.0.0.11}"), 7,
+     "groups.gpu-cluster.hosts.gpu-01.adress", "did you mean 'address'"),
+    (GOOD.replace("ssh_port: 2222", "ssh_port: twenty"), 8,
+     "groups.gpu-cluster.hosts.gpu-02.ssh_port", "valid integer"),
+    (GOOD.replace("engine: vllm", "engine: tgi"), 12, "deployments[0].engine",
+     "'vllm' or 'ollama'"),
+    (GOOD.replace("hosts: gpu-cluster\n", "hosts: nosuch\n"), 13, "deployments[0].hosts",
+     "unknown host group 'nosuch'"),
+    (GOOD.replace("  profile: gpu\n", "  profil: gpu\n"), 3, "defaults.profil", "unknown key"),
+    (GOOD.replace("    port: 8000\n", ""), 10, "deployments[0].port", "required key is missing"),
+    (GOOD + "  - {name: other, model: m, engine: vllm, hosts: gpu-cluster, port: 8000}\n", 15,
+     "deployments[1].port", "port 8000 on host 'gpu-01' is already used by deployment 'qwen7b'"),
+    (GOOD + "  - {name: qwen7b, model: m, engine: vllm, hosts: gpu-cluster, port: 8001}\n", 15,
+     "deployments[1].name", "used twice"),
+    (GOOD.replace("groups:\n", "groups:\n  all:\n    hosts: {x: {address: a}}\n"), 5, "groups.all",
+     "reserved"),
+    (GOOD.replace("ssh_user: ubuntu\n", "ssh_user: ubuntu\n  ssh_user: root\n"), 3,
+     "defaults.ssh_user", "duplicate key"),
+    (GOOD + "  - name: Bad_Name\n    model: m\n    engine: vllm\n    hosts: gpu-cluster\n"
+            "    port: 9000\n", 15, "deployments[1].name", "pattern"),
+    (GOOD.replace("    port: 8000\n", "    port: 8000\n    options: {extra_args: [--api-key=x]}\n"),
+     15, "deployments[0].options.extra_args", "readable by every user"),
+])
+def test_bad_fleet_names_file_line_and_key(write, text, line, key, words) -> None:
+    path = write("fleet.yml", text)
+    err = error_of(path)
+    assert (err.file, err.line, err.key) == (str(path), line, key)
+    assert words in str(err)
+    assert str(err).startswith(f"{path}:{line}: {key}: ")
+    assert "\n" not in str(err)
+
+
+def test_bad_yaml_names_line(write) -> None:
+    err = error_of(write("fleet.yml", "groups:\n  g: [\n"))
+    assert err.line == 3 and "invalid YAML" in str(err)
+
+
+def test_missing_unreadable_and_empty_files(tmp_path: Path, write) -> None:
+    assert "file not found" in str(error_of(tmp_path / "nope.yml"))
+    assert "is a directory" in str(error_of(tmp_path))
+    assert "orchestrate init" in str(error_of(write("empty.yml", "")))
+    assert "expected a mapping" in str(error_of(write("list.yml", "- a\n")))
+
+
+def test_unknown_group_lists_known_groups(write) -> None:
+    loaded = load_fleet(write("fleet.yml", GOOD))
+    with pytest.raises(ConfigError) as info:
+        loaded.hosts_of("nosuch")
+    assert info.value.exit_code == 2
+    assert "unknown host group 'nosuch'" in str(info.value)
+    assert "gpu-cluster" in str(info.value)
+
+
+INVENTORY = """\
+all:
+  children:
+    gpu:
+      vars:
+        ansible_python_interpreter: /usr/bin/python3
+      hosts:
+        node-a:
+          ansible_host: 192.0.2.10
+          ansible_user: ops
+          ansible_port: 2200
+        node-b:
+          ansible_ssh_private_key_file: ~/.ssh/fleet
+          nvidia_branch: "550"
+"""
+
+
+def test_ansible_inventory_becomes_groups(write) -> None:
+    loaded = load_fleet(None, write("hosts.yml", INVENTORY))
+    a, b = loaded.hosts_of("gpu")
+    assert (a.address, a.ssh_user, a.ssh_port) == ("192.0.2.10", "ops", 2200)
+    assert (b.address, b.ssh_key) == ("node-b", "~/.ssh/fleet")
+    assert b.vars == {"ansible_python_interpreter": "/usr/bin/python3", "nvidia_branch": "550"}
+
+
+def test_inventory_plus_fleet_deployments(write) -> None:
+    fleet = write("fleet.yml", "deployments:\n  - {name: d, model: m, engine: vllm, hosts: gpu, "
+                               "port: 8000}\n")
+    loaded = load_fleet(fleet, write("hosts.yml", INVENTORY))
+    assert [d.name for d in loaded.fleet.deployments] == ["d"]
+
+
+def test_inventory_group_clash_with_fleet(write) -> None:
+    fleet = write("fleet.yml", "groups:\n  gpu:\n    hosts: {x: {address: a}}\n")
+    err = error_of(fleet, write("hosts.yml", INVENTORY))
+    assert err.line == 2 and "defined both here and in" in str(err)
+
+
+def test_ini_inventory_is_refused_with_a_hint(write) -> None:
+    err = error_of(None, write("hosts.ini", "[gpu]\nnode-a ansible_host=1.2.3.4\n"))
+    assert "ansible-inventory" in str(err)

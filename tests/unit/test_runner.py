@@ -1,0 +1,72 @@
+"""Runner event handling, against real ansible-runner events from a local playbook."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from orchestrator.plan import STAGES, HostPlan, Plan
+from orchestrator.render import render
+from orchestrator.runner import Progress, failure_message, run_playbook
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def local_plan() -> Plan:
+    host = HostPlan(name="local-1", group="test", profile="cpu",
+                    connection={"ansible_host": "127.0.0.1", "ansible_connection": "local",
+                                "ansible_python_interpreter": "{{ ansible_playbook_python }}"},
+                    vars={}, probes=[], reasons=[])
+    return Plan(group="test", stages=list(STAGES), hosts=[host])
+
+
+def test_real_run_reports_counts_and_the_failing_task(tmp_path: Path) -> None:
+    run = render(local_plan(), tmp_path, "test-run")
+    run = run.__class__(**{**vars(run), "playbook": str(DATA / "runner-playbook.yml")})
+    seen: list[Progress] = []
+
+    result = run_playbook(run, seen.append)
+
+    assert result.rc != 0 and not result.ok
+    stats = result.stats["local-1"]
+    assert (stats.changed, stats.failed) == (1, 1)
+    [failure] = result.failures  # the ignored failure is not reported
+    assert failure.host == "local-1"
+    assert failure.task == "Fail with a reason on stderr"
+    assert "disk full on /var" in failure.message and "exit 3" in failure.message
+    kinds = [(p.kind, p.task) for p in seen if p.host == "local-1"]
+    assert ("changed", "Change something") in kinds
+    assert ("failed", "Fail with a reason on stderr") in kinds
+    assert seen[0] == Progress("play", play="Runner events under test")
+    assert (run.artifacts / "ansible" / "job_events").is_dir()
+    assert not (run.path / "env").exists()  # nothing secret-bearing written by runner
+    saved = (run.artifacts / "ansible" / "command").read_text()
+    assert "ansible-playbook" in saved and "PATH" not in saved  # the environment is not kept
+
+
+def test_failure_message_prefers_msg_and_stderr() -> None:
+    res = {"msg": "non-zero return code", "rc": 2, "cmd": ["pip", "install", "x"],
+           "stderr": "line1\nERROR: No matching distribution found for x\n", "stdout": "noise"}
+    text = failure_message(res)
+    assert text.splitlines()[0] == "non-zero return code"
+    assert "No matching distribution found for x" in text
+    assert "noise" not in text
+    assert "(exit 2: pip install x)" in text
+
+
+def test_failure_message_names_the_failing_loop_item() -> None:
+    res = {"msg": "One or more items failed", "results": [
+        {"item": "a", "failed": False},
+        {"item": "b", "failed": True, "msg": "b is broken"}]}
+    assert failure_message(res) == "item 'b': b is broken"
+
+
+def test_failure_message_without_anything_points_at_artifacts() -> None:
+    assert "artifacts" in failure_message({})
+
+
+def test_run_ids_sort_by_time() -> None:
+    from orchestrator.render import new_run_id
+    early = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 5), "up")
+    late = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 6), "up")
+    assert early < late and early.endswith("-up")
