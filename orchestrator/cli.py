@@ -17,12 +17,10 @@ from orchestrator import report, sandbox, sandbox_fleet
 from orchestrator.config import LoadedFleet, load_fleet
 from orchestrator.errors import ConfigError, OrchestrateError
 from orchestrator.knowledge import load_knowledge
-from orchestrator.modelgen import generate_tiny_qwen2
 from orchestrator.plan import STAGES, Plan, make_plan, select_stages
 from orchestrator.probe import probe_plan
 from orchestrator.render import ROOT, new_run_id, render
 from orchestrator.runner import run_playbook
-from orchestrator.wheelhouse import stage_wheelhouse
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Provision GPU hosts to serve Qwen2.5 with vLLM, and prove they work.")
@@ -64,16 +62,10 @@ def _uses_sandbox(hosts: str, fleet: Path | None, inventory: Path | None) -> boo
             and not DEFAULT_FLEET.exists())
 
 
-def _sandbox_artifacts() -> tuple[Path, Path]:
-    """The sandbox's key and model; both are made once and reused."""
-    key = sandbox.ensure_ssh_key(STATE_DIR / "sandbox")
-    model = generate_tiny_qwen2(sandbox.cache_dir() / "models" / sandbox_fleet.DEPLOYMENT)
-    return key, model
-
-
 def _load(hosts: str, fleet: Path | None, inventory: Path | None) -> LoadedFleet:
     if _uses_sandbox(hosts, fleet, inventory):
-        return sandbox_fleet.sandbox_fleet(*_sandbox_artifacts())
+        return sandbox_fleet.sandbox_fleet(sandbox.ensure_ssh_key(STATE_DIR / "sandbox"),
+                                           sandbox_fleet.sandbox_model())
     path = fleet or (DEFAULT_FLEET if DEFAULT_FLEET.exists() or inventory is None else None)
     if path is not None and not path.exists() and fleet is None:
         raise ConfigError("no fleet file here: run `orchestrate init` to write one, pass "
@@ -88,13 +80,7 @@ def _plan(hosts: str, fleet: Path | None, inventory: Path | None,
 
 
 def _start_sandbox(plan: Plan) -> None:
-    profile = load_knowledge().compat.profiles["cpu"]
-    wheelhouse = stage_wheelhouse(
-        sandbox.cache_dir() / "wheelhouse",
-        [profile.torch_requirement, profile.vllm_requirement],
-        python_version=sandbox_fleet.PYTHON_VERSION,
-        extra_index_urls=[profile.torch_index_url] if profile.torch_index_url else [],
-        log=_log)
+    wheelhouse = sandbox_fleet.sandbox_wheelhouse(load_knowledge(), _log)
     sandbox.ensure_image(_log)
     sandbox.up(STATE_DIR / "sandbox", count=len(plan.hosts),
                ssh_base_port=sandbox_fleet.SSH_BASE_PORT,

@@ -7,9 +7,14 @@ plan, render, run and probe as a real one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+from orchestrator import sandbox
 from orchestrator.config import Fleet, LoadedFleet
+from orchestrator.knowledge import Knowledge
+from orchestrator.modelgen import generate_tiny_qwen2
+from orchestrator.wheelhouse import stage_wheelhouse
 
 GROUP = "sandbox"
 HOST_COUNT = 2
@@ -30,6 +35,21 @@ def published_port(host_index: int, port: int) -> int:
 
 def host_names() -> list[str]:
     return [f"sandbox-{i}" for i in range(1, HOST_COUNT + 1)]
+
+
+def sandbox_model() -> Path:
+    """The locally generated small Qwen2 model the sandbox serves (made once, cached)."""
+    return generate_tiny_qwen2(sandbox.cache_dir() / "models" / DEPLOYMENT)
+
+
+def sandbox_wheelhouse(knowledge: Knowledge, log: Callable[[str], None]) -> Path:
+    """Wheels for the CPU profile's torch and vLLM, for the sandbox hosts' Python (cached)."""
+    profile = knowledge.compat.profiles["cpu"]
+    return stage_wheelhouse(
+        sandbox.cache_dir() / "wheelhouse", [profile.torch_requirement, profile.vllm_requirement],
+        python_version=PYTHON_VERSION,
+        extra_index_urls=[profile.torch_index_url] if profile.torch_index_url else [],
+        log=log)
 
 
 def sandbox_fleet(ssh_key: Path, model_dir: Path) -> LoadedFleet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,18 @@ def write(tmp_path: Path):
         path.write_text(text, encoding="utf-8")
         return path
     return _write
+
+
+@pytest.fixture(scope="session")
+def artifacts_env() -> dict[str, str]:
+    """Build (or reuse) the sandbox image, wheelhouse and model; an environment naming them,
+    for the Molecule and sandbox suites."""
+    from orchestrator import sandbox, sandbox_fleet
+    from orchestrator.knowledge import load_knowledge
+
+    wheelhouse = sandbox_fleet.sandbox_wheelhouse(load_knowledge(), print)
+    sandbox.ensure_image(print)
+    model = sandbox_fleet.sandbox_model()
+    return {**os.environ, **sandbox.podman_env(),
+            "ORCHESTRATE_WHEELHOUSE": str(wheelhouse),
+            "ORCHESTRATE_TINY_MODEL": str(model)}

@@ -4,6 +4,7 @@ import socket
 import stat
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _get_with_retries(url: str) -> str:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, no proxy
+    for _ in range(20):
+        try:
+            with direct.open(url, timeout=5) as response:
+                return response.read().decode()
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer")
+
+
 @pytest.mark.e2e
 def test_fleet_up_is_idempotent_and_reachable_over_ssh(tmp_path: Path) -> None:
     if shutil.which("podman") is None:
@@ -184,7 +196,8 @@ def test_fleet_up_is_idempotent_and_reachable_over_ssh(tmp_path: Path) -> None:
     mount = tmp_path / "wheelhouse"
     mount.mkdir()
     (mount / "marker.whl").write_text("")
-    service = _free_port()
+    published = _free_port()
+    service = published - sandbox.SERVICE_PORT_OFFSET
     args = (state, 1, _free_port(), [service], {mount: "/srv/wheelhouse"}, print)
     try:
         (host,) = sandbox.up(*args)
@@ -193,17 +206,21 @@ def test_fleet_up_is_idempotent_and_reachable_over_ssh(tmp_path: Path) -> None:
         assert time.monotonic() - started < 15
         assert sandbox.status() == [("orchestrate-sandbox-1", "running")]
 
+        assert host.port_map == {service: published}
+
         ssh = sandbox._ssh_command(host, state / "id_ed25519")
+        remote = (
+            "hostname; ls /srv/wheelhouse; touch /srv/wheelhouse/x 2>&1 || true; "
+            f"systemd-run --unit=web python3 -m http.server {service} --directory /srv/wheelhouse"
+        )
         out = subprocess.run(
-            [*ssh, "hostname; ls /srv/wheelhouse; touch /srv/wheelhouse/x 2>&1 || true"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
+            [*ssh, remote], capture_output=True, text=True, check=True, timeout=30
         ).stdout
         assert out.splitlines()[:2] == ["sandbox-1", "marker.whl"]
         assert "Read-only file system" in out
+        assert "marker.whl" in _get_with_retries(f"http://127.0.0.1:{published}/")
     finally:
-        assert sandbox.down(state, print) == ["orchestrate-sandbox-1"]
+        removed = sandbox.down(state, print)
+    assert removed == ["orchestrate-sandbox-1"]
     assert sandbox.status() == []
     assert not state.exists()

@@ -1,0 +1,57 @@
+"""The real `orchestrate` command on bad input: exit 2, one line, nothing run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ORCHESTRATE = str(Path(sys.executable).parent / "orchestrate")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([ORCHESTRATE, *args], cwd=cwd, capture_output=True, text=True,
+                          check=False)
+
+
+def test_typo_in_fleet_file(tmp_path: Path) -> None:
+    (tmp_path / "fleet.yml").write_text("groups:\n  g:\n    hosts:\n      h: {adress: 1.2.3.4}\n")
+    proc = run(tmp_path, "up", "--hosts", "g")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "fleet.yml:4: groups.g.hosts.h.adress: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / ".orchestrate").exists()  # nothing rendered, nothing run
+
+
+def test_unknown_group(tmp_path: Path) -> None:
+    proc = run(tmp_path, "plan", "--hosts", "nosuch", "-f", str(REPO / "templates/fleet.yml"))
+    assert proc.returncode == 2
+    assert "unknown host group 'nosuch' (groups in" in proc.stderr
+    assert "gpu-cluster" in proc.stderr
+
+
+def test_no_fleet_file_says_what_to_do(tmp_path: Path) -> None:
+    proc = run(tmp_path, "plan", "--hosts", "gpu-cluster")
+    assert proc.returncode == 2
+    assert "orchestrate init" in proc.stderr
+
+
+def test_unknown_stage(tmp_path: Path) -> None:
+    proc = run(tmp_path, "plan", "--hosts", "gpu-cluster", "-f",
+               str(REPO / "templates/fleet.yml"), "--only", "drivrs")
+    assert proc.returncode == 2 and "unknown stage 'drivrs'" in proc.stderr
+
+
+def test_init_then_plan_json(tmp_path: Path) -> None:
+    assert run(tmp_path, "init").returncode == 0
+    assert run(tmp_path, "init").returncode == 2  # never overwrites silently
+    proc = run(tmp_path, "plan", "--hosts", "gpu-cluster", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert '"vllm_requirement": "vllm==0.32.0"' in proc.stdout
+
+
+def test_down_refuses_real_groups(tmp_path: Path) -> None:
+    proc = run(tmp_path, "down", "--hosts", "gpu-cluster")
+    assert proc.returncode == 2 and "sandbox only" in proc.stderr
