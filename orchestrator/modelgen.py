@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -207,13 +208,15 @@ def _is_complete(out_dir: Path, seed: int) -> bool:
 def _write_model(directory: Path, seed: int) -> None:
     tokenizer = _train_tokenizer()
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS + TOOL_CALL_TOKENS}
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    ids = {token: vocab[token] for token in SPECIAL_TOKENS + TOOL_CALL_TOKENS}
 
     files: dict[str, bytes] = {
         "config.json": _json_bytes(_config(vocab_size, ids)),
         "generation_config.json": _json_bytes(_generation_config(ids)),
         "model.safetensors": save(
-            _weights(vocab_size, _silent_ids(tokenizer), seed), metadata={"format": "pt"}
+            _weights(vocab_size, _silent_ids(tokenizer, ids.values()), seed),
+            metadata={"format": "pt"},
         ),
         "tokenizer.json": tokenizer.to_str(pretty=True).encode() + b"\n",
         "tokenizer_config.json": _json_bytes(_tokenizer_config(ids)),
@@ -262,19 +265,18 @@ def _train_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _silent_ids(tokenizer: Tokenizer) -> list[int]:
+def _silent_ids(tokenizer: Tokenizer, added: Iterable[int]) -> list[int]:
     """Tokens the random model must never emit.
 
     Added tokens: a random pick of <|im_end|> would end the answer empty. Lone UTF-8
     fragments (bytes >= 0x80) and control bytes: answers would be unreadable in logs.
     """
-    added = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS + TOOL_CALL_TOKENS]
     unreadable = [
         i
         for i in range(tokenizer.get_vocab_size(with_added_tokens=False))
         if not _readable(tokenizer.decode([i]))
     ]
-    return sorted(added + unreadable)
+    return sorted([*added, *unreadable])
 
 
 def _readable(text: str) -> bool:

@@ -294,6 +294,10 @@ def _create(host: SandboxHost, spec: str, binds: dict[str, str]) -> None:
         "--label", f"{LABEL}=1",
         "--label", f"{SPEC_LABEL}={spec}",
         "--systemd=always",
+        # Without CAP_SYS_ADMIN systemd inside the container silently skips
+        # ProtectSystem, ProtectHome and PrivateTmp; with it they are enforced, so a
+        # unit that would break under its hardening on a real host breaks here too.
+        "--cap-add", "SYS_ADMIN",
         # slirp4netns keeps the host out of the machine's own network namespace, and its
         # port handler publishes on loopback only.
         "--network", "slirp4netns:port_handler=slirp4netns",

@@ -1,5 +1,4 @@
 import re
-import shutil
 import socket
 import stat
 import subprocess
@@ -132,7 +131,7 @@ def test_podman_env_points_at_the_project_containers_conf() -> None:
     text = conf.read_text()
 
     assert sandbox.podman_env()["CONTAINERS_CONF"] == str(conf)
-    assert conf == Path(__file__).resolve().parents[1] / "sandbox" / "containers.conf"
+    assert conf == Path(__file__).resolve().parents[2] / "sandbox" / "containers.conf"
     assert '"nofile=20000:20000", "nproc=32768:32768"' in text
     assert 'netns = "none"' in text
     assert 'runtime = "runc"' in text
@@ -188,10 +187,9 @@ def _get_with_retries(url: str) -> str:
 
 @pytest.mark.e2e
 def test_fleet_up_is_idempotent_and_reachable_over_ssh(tmp_path: Path) -> None:
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed")
-    if sandbox.status():
-        pytest.skip("a sandbox fleet is already present; this test would remove it")
+    assert not sandbox.status(), (
+        "a sandbox fleet is running and this test would remove it: "
+        "`orchestrate down --hosts sandbox` first")
     state = tmp_path / "state"
     mount = tmp_path / "wheelhouse"
     mount.mkdir()
@@ -201,9 +199,7 @@ def test_fleet_up_is_idempotent_and_reachable_over_ssh(tmp_path: Path) -> None:
     args = (state, 1, _free_port(), [service], {mount: "/srv/wheelhouse"}, print)
     try:
         (host,) = sandbox.up(*args)
-        started = time.monotonic()
         assert sandbox.up(*args) == [host]
-        assert time.monotonic() - started < 15
         assert sandbox.status() == [("orchestrate-sandbox-1", "running")]
 
         assert host.port_map == {service: published}
