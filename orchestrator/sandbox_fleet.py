@@ -48,7 +48,8 @@ def sandbox_wheelhouse(knowledge: Knowledge, log: Callable[[str], None]) -> Path
     return stage_wheelhouse(
         sandbox.cache_dir() / "wheelhouse", [profile.torch_requirement, profile.vllm_requirement],
         python_version=PYTHON_VERSION,
-        extra_index_urls=[profile.torch_index_url] if profile.torch_index_url else [],
+        own_indexes=({profile.torch_requirement: profile.torch_index_url}
+                     if profile.torch_index_url else {}),
         log=log)
 
 

@@ -34,34 +34,50 @@ def platform_tags(machine: str) -> list[str]:
 
 
 def download_command(dest: Path, requirements: list[str], *, python_version: str,
-                     extra_index_urls: list[str], machine: str) -> list[str]:
+                     machine: str, index_url: str | None = None,
+                     find_links: Path | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "pip", "download", "--dest", str(dest),
            "--only-binary=:all:", "--implementation", "cp",
            "--python-version", python_version]
     for tag in platform_tags(machine):
         cmd += ["--platform", tag]
-    for url in extra_index_urls:
-        cmd += ["--extra-index-url", url]
+    if index_url:
+        # Only the named requirement, from its own index (PyTorch's builds).
+        cmd += ["--no-deps", "--index-url", index_url]
+    if find_links:
+        cmd += ["--find-links", str(find_links)]
     return cmd + requirements
 
 
+def _pip(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise WheelhouseError(f"pip download failed: {tail}")
+
+
 def stage_wheelhouse(dest: Path, requirements: list[str], *, python_version: str,
-                     extra_index_urls: list[str], log: Callable[[str], None]) -> Path:
-    """Make `dest` hold wheels for `requirements`; reuse it when it already does."""
-    wanted = {"requirements": sorted(requirements), "python_version": python_version,
-              "machine": platform.machine()}
+                     own_indexes: dict[str, str], log: Callable[[str], None]) -> Path:
+    """Make `dest` hold wheels for `requirements`; reuse it when it already does.
+
+    `own_indexes` maps a requirement to the index that publishes its build (torch's
+    CPU build is on PyTorch's index, not PyPI). Those are fetched first, alone, so
+    that resolving everything else never asks that index for other packages.
+    """
+    wanted = {"requirements": sorted(requirements), "own_indexes": own_indexes,
+              "python_version": python_version, "machine": platform.machine()}
     marker = dest / MARKER
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return dest
     staging = dest.with_name(dest.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
-    cmd = download_command(staging, requirements, python_version=python_version,
-                           extra_index_urls=extra_index_urls, machine=platform.machine())
     log(f"staging wheels for {', '.join(requirements)} (Python {python_version}) in {dest}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise WheelhouseError(f"pip download failed for {' '.join(requirements)}:\n{tail}")
+    machine = platform.machine()
+    for requirement, index_url in own_indexes.items():
+        _pip(download_command(staging, [requirement], python_version=python_version,
+                              machine=machine, index_url=index_url))
+    _pip(download_command(staging, requirements, python_version=python_version,
+                          machine=machine, find_links=staging))
     (staging / MARKER).write_text(json.dumps(wanted, indent=2) + "\n")
     if dest.exists():
         shutil.rmtree(dest)
