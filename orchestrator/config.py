@@ -310,12 +310,22 @@ def _check_fleet(fleet: Fleet, doc: YamlDocument | None, source: str) -> None:
 
 # --- Ansible inventories --------------------------------------------------------------------
 
-_INVENTORY_HOST_KEYS = {
-    "ansible_host": "address",
+_INVENTORY_KEYS = {
     "ansible_port": "ssh_port",
     "ansible_user": "ssh_user",
     "ansible_ssh_private_key_file": "ssh_key",
+    "ansible_become": "become",
 }
+
+
+def _settings_from_vars(variables: dict[str, Any]) -> dict[str, Any]:
+    """Connection variables become fleet settings; the rest pass through as `vars`."""
+    rest = dict(variables)
+    settings = {key: rest.pop(ansible_key) for ansible_key, key in _INVENTORY_KEYS.items()
+                if ansible_key in rest}
+    if rest:
+        settings["vars"] = rest
+    return settings
 
 
 def _inventory_groups(doc: YamlDocument) -> dict[str, Any]:
@@ -337,17 +347,10 @@ def _inventory_groups(doc: YamlDocument) -> dict[str, Any]:
             converted = {}
             for host_name, host_vars in hosts.items():
                 host_vars = dict(host_vars or {})
-                entry: dict[str, Any] = {"address": host_vars.pop("ansible_host", host_name)}
-                for ansible_key, key in _INVENTORY_HOST_KEYS.items():
-                    if ansible_key in host_vars and key != "address":
-                        entry[key] = host_vars.pop(ansible_key)
-                if host_vars:
-                    entry["vars"] = host_vars
-                converted[str(host_name)] = entry
-            group = {"hosts": converted}
-            if group_vars:
-                group["vars"] = group_vars
-            groups[name] = group
+                address = host_vars.pop("ansible_host", host_name)
+                converted[str(host_name)] = {"address": address,
+                                             **_settings_from_vars(host_vars)}
+            groups[name] = {"hosts": converted, **_settings_from_vars(group_vars)}
         for child, child_node in (node.get("children") or {}).items():
             walk(str(child), child_node, (*loc, "children", child), group_vars)
 

@@ -64,7 +64,7 @@ class Knowledge(_Data):
 
 
 def load_knowledge(data_dir: Path = DATA_DIR) -> Knowledge:
-    def read(name: str) -> dict:
+    def read(name: str) -> object:
         return yaml.safe_load((data_dir / name).read_text(encoding="utf-8"))
 
     return Knowledge(catalog=Catalog.model_validate(read("catalog.yml")),

@@ -49,7 +49,8 @@ def _short(text: str, limit: int = 200) -> str:
 
 
 def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list[ProbeResult]:
-    def result(probe: str, passed: bool, evidence: str, next_step: str | None = None):
+    def result(probe: str, passed: bool, evidence: str,
+               next_step: str | None = None) -> ProbeResult:
         return ProbeResult(host=host, deployment=target.deployment, probe=probe, passed=passed,
                            evidence=evidence, next_step=None if passed else next_step)
 

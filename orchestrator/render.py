@@ -65,7 +65,8 @@ def new_run_id(now: dt.datetime, command: str) -> str:
 
 def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False) -> RunDir:
     """Write the run directory for `plan`; stage selection becomes tags on site.yml."""
-    path = runs_root / run_id
+    # Absolute: ansible-runner runs ansible-playbook from the project directory.
+    path = (runs_root / run_id).resolve()
     inventory = path / "inventory"
     (inventory / "host_vars").mkdir(parents=True)
     (path / "artifacts").mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -28,13 +29,21 @@ def plan_table(plan: Plan, console: Console) -> None:
     console.print(table)
 
 
+@dataclass
+class _HostProgress:
+    play: str = ""
+    task: str = ""
+    ok: int = 0
+    changed: int = 0
+    failed: int = 0
+
+
 class LiveProgress:
     """Per-host progress: a live table on a terminal, one line per event elsewhere (CI logs)."""
 
     def __init__(self, console: Console, hosts: list[str]) -> None:
         self.console = console
-        self.state = {h: {"play": "", "task": "", "ok": 0, "changed": 0, "failed": 0}
-                      for h in hosts}
+        self.state = {h: _HostProgress() for h in hosts}
         self.play = ""
         self.live = Live(self._table(), console=console, refresh_per_second=4,
                          transient=False) if console.is_terminal else None
@@ -53,8 +62,8 @@ class LiveProgress:
         for column in ("host", "stage", "task", "ok", "changed", "failed"):
             table.add_column(column)
         for host, s in self.state.items():
-            failed = f"[red]{s['failed']}[/red]" if s["failed"] else "0"
-            table.add_row(host, s["play"], s["task"], str(s["ok"]), str(s["changed"]), failed)
+            failed = f"[red]{s.failed}[/red]" if s.failed else "0"
+            table.add_row(host, s.play, s.task, str(s.ok), str(s.changed), failed)
         return table
 
     def __call__(self, event: Progress) -> None:
@@ -64,11 +73,13 @@ class LiveProgress:
                 self.console.print(f"[bold]PLAY[/bold] {event.play}")
         elif event.host in self.state:
             s = self.state[event.host]
-            s["play"], s["task"] = event.play, event.task
-            if event.kind in ("ok", "changed", "failed"):
-                s[event.kind] += 1
+            s.play, s.task = event.play, event.task
+            if event.kind in ("ok", "changed"):
+                s.ok += 1
             if event.kind == "changed":
-                s["ok"] += 1
+                s.changed += 1
+            if event.kind == "failed":
+                s.failed += 1
             if event.kind in ("failed", "unreachable") and not self.live:
                 self.console.print(f"  [red]{event.kind.upper()}[/red] {event.host}: "
                                    f"{event.task}")
@@ -91,6 +102,9 @@ def run_summary(result: RunResult, console: Console, run_dir: str) -> None:
                       f"({failure.play} / {failure.task}):")
         console.print(f"    {failure.message}".replace("\n", "\n    "), markup=False,
                       highlight=False)
+    if result.rc != 0 and not result.failures:
+        console.print(f"[red]ansible-playbook exited with {result.rc}[/red] ({result.status}) "
+                      f"without a failed task; its output is in {run_dir}/artifacts/ansible/stdout")
     console.print(f"changed={result.changed_total}  run directory: {run_dir}")
 
 
