@@ -298,6 +298,9 @@ def _create(host: SandboxHost, spec: str, binds: dict[str, str]) -> None:
         # ProtectSystem, ProtectHome and PrivateTmp; with it they are enforced, so a
         # unit that would break under its hardening on a real host breaks here too.
         "--cap-add", "SYS_ADMIN",
+        # podman's default 64 MiB /dev/shm is too small for vLLM's shared-memory
+        # message queue (it needs about 160 MiB); real hosts have RAM-sized /dev/shm.
+        "--shm-size", "1g",
         # slirp4netns keeps the host out of the machine's own network namespace, and its
         # port handler publishes on loopback only.
         "--network", "slirp4netns:port_handler=slirp4netns",
