@@ -19,7 +19,7 @@ import ansible_runner
 
 from orchestrator.render import ROOT, RunDir
 
-MESSAGE_LINES = 6
+MESSAGE_LINES = 10
 
 
 @dataclass(frozen=True)
