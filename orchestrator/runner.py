@@ -78,7 +78,7 @@ def failure_message(res: Mapping[str, Any]) -> str:
     """The part of a failed task's result that says why, in a few lines."""
     for item in res.get("results") or []:
         if isinstance(item, Mapping) and item.get("failed"):
-            label = item.get("item")
+            label = item.get("_ansible_item_label", item.get("item"))
             inner = failure_message(item)
             return f"item {label!r}: {inner}" if label is not None else inner
     parts = []

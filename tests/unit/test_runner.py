@@ -70,3 +70,9 @@ def test_run_ids_sort_by_time() -> None:
     early = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 5), "up")
     late = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 6), "up")
     assert early < late and early.endswith("-up")
+
+
+def test_failure_message_uses_the_loop_label() -> None:
+    res = {"results": [{"item": {"name": "qwen7b", "args": ["--model", "/m"]},
+                        "_ansible_item_label": "qwen7b", "failed": True, "msg": "boom"}]}
+    assert failure_message(res) == "item 'qwen7b': boom"
