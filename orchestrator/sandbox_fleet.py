@@ -30,7 +30,7 @@ PYTHON_VERSION = "3.11"  # Debian 12's python3
 
 def published_port(host_index: int, port: int) -> int:
     """Port on 127.0.0.1 where service `port` of sandbox host `host_index` (1-based) answers."""
-    return port + 10000 + host_index - 1
+    return port + sandbox.SERVICE_PORT_OFFSET + host_index - 1
 
 
 def host_names() -> list[str]:
