@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from rich.markup import escape
 from orchestrator import report, sandbox, sandbox_fleet
 from orchestrator.config import LoadedFleet, load_fleet
 from orchestrator.errors import ConfigError, OrchestrateError
+from orchestrator.facts import parse_nvidia_smi, summarize
 from orchestrator.knowledge import load_knowledge
 from orchestrator.plan import STAGES, Plan, make_plan, select_stages
 from orchestrator.probe import probe_plan
@@ -24,6 +26,8 @@ from orchestrator.runner import run_playbook
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Provision GPU hosts to serve Qwen2.5 with vLLM, and prove they work.")
+facts_app = typer.Typer(no_args_is_help=True, help="GPU facts as the planner sees them.")
+app.add_typer(facts_app, name="facts")
 console = Console()
 err = Console(stderr=True)
 
@@ -160,6 +164,32 @@ def probe(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = Non
     else:
         report.probe_table(result, console)
     if not result.passed:
+        raise typer.Exit(1)
+
+
+@facts_app.command("parse")
+def facts_parse(
+    file: Annotated[Path, typer.Argument(help="Saved nvidia-smi output (any format), or - "
+                                               "for standard input.")],
+    columns: Annotated[str | None, typer.Option(help="For CSV without a header: the "
+                                                "--query-gpu fields, comma-separated.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Parse a host's saved nvidia-smi output; exit 1 when it shows a broken driver."""
+    with _errors():
+        try:
+            text = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read: {exc}", file=str(file)) from None
+    parsed = parse_nvidia_smi(text, columns=columns.split(",") if columns else None)
+    if as_json:
+        print(parsed.model_dump_json(indent=2))
+    else:
+        console.print(summarize(parsed), highlight=False)
+        if parsed.error:
+            console.print(f"[red]{parsed.error.kind}[/red]: {escape(parsed.error.message)}\n"
+                          f"next: {escape(parsed.error.next_step)}")
+    if parsed.error:
         raise typer.Exit(1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,22 @@ def test_init_then_plan_json(tmp_path: Path) -> None:
 def test_down_refuses_real_groups(tmp_path: Path) -> None:
     proc = run(tmp_path, "down", "--hosts", "gpu-cluster")
     assert proc.returncode == 2 and "sandbox only" in proc.stderr
+
+
+FIXTURES = REPO.parent / "shared" / "fixtures" / "nvidia-smi"
+
+
+def test_facts_parse_json_of_a_healthy_host(tmp_path: Path) -> None:
+    proc = run(tmp_path, "facts", "parse", str(FIXTURES / "table__A10__550.127.05.txt"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)
+    assert (facts["driver_version"], facts["cuda_version"], facts["error"]) == (
+        "550.127.05", "12.4", None)
+    assert facts["gpus"][0]["name"] == "NVIDIA A10"
+
+
+def test_facts_parse_of_a_broken_driver_exits_1_with_next_step(tmp_path: Path) -> None:
+    path = FIXTURES / "error_driver_comm__unknown__460.x.txt"
+    proc = run(tmp_path, "facts", "parse", str(path), "--json")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"]["kind"] == "driver_not_loaded"
