@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,9 @@ def artifacts_env() -> dict[str, str]:
     wheelhouse = sandbox_fleet.sandbox_wheelhouse(load_knowledge(), print)
     sandbox.ensure_image(print)
     model = sandbox_fleet.sandbox_model()
-    return {**os.environ, **sandbox.podman_env(),
+    # molecule starts ansible-config through PATH: put this environment's tools first,
+    # whether or not the virtual environment is activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**sandbox.podman_env(), "PATH": path,
             "ORCHESTRATE_WHEELHOUSE": str(wheelhouse),
             "ORCHESTRATE_TINY_MODEL": str(model)}
