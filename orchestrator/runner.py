@@ -19,7 +19,7 @@ import ansible_runner
 
 from orchestrator.render import ROOT, RunDir
 
-MESSAGE_LINES = 10
+MESSAGE_LINES = 14
 
 
 @dataclass(frozen=True)
