@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from orchestrator import report, sandbox, sandbox_fleet
+from orchestrator.compat import decide, load_cuda_compat, load_gpu_table
 from orchestrator.config import LoadedFleet, load_fleet
 from orchestrator.errors import ConfigError, OrchestrateError
 from orchestrator.facts import parse_nvidia_smi, summarize
@@ -80,7 +81,8 @@ def _load(hosts: str, fleet: Path | None, inventory: Path | None) -> LoadedFleet
 def _plan(hosts: str, fleet: Path | None, inventory: Path | None,
           only: list[str] | None = None, skip: list[str] | None = None) -> Plan:
     loaded = _load(hosts, fleet, inventory)
-    return make_plan(loaded, hosts, load_knowledge(), select_stages(only, skip))
+    return make_plan(loaded, hosts, load_knowledge(), load_cuda_compat(),
+                     select_stages(only, skip))
 
 
 def _start_sandbox(plan: Plan) -> None:
@@ -191,6 +193,37 @@ def facts_parse(
                           f"next: {escape(parsed.error.next_step)}")
     if parsed.error:
         raise typer.Exit(1)
+
+
+@app.command()
+def compat(
+    driver: Annotated[str, typer.Option("--driver", help="NVIDIA driver version, e.g. "
+                                        "580.65.06.")],
+    gpu: Annotated[str | None, typer.Option("--gpu", help="GPU name as nvidia-smi prints "
+                                            "it, e.g. 'NVIDIA A10'.")] = None,
+    compute_capability: Annotated[str | None, typer.Option(
+        "--compute-capability", help="Instead of --gpu: e.g. 8.6.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which torch CUDA build and vLLM a host with this driver (and GPU) gets, and why."""
+    with _errors():
+        capability = compute_capability
+        if gpu is not None and capability is None:
+            capability = load_gpu_table().find(gpu).compute_capability
+        decision = decide(driver, capability, load_cuda_compat())
+    if as_json:
+        print(json.dumps({"driver": decision.driver, "max_cuda": decision.max_cuda,
+                          "torch": {"version": decision.torch.version,
+                                    "cuda_build": decision.torch.cuda_build,
+                                    "index_url": decision.torch.index_url,
+                                    "min_driver": decision.torch.min_driver},
+                          "vllm": {"version": decision.vllm.version},
+                          "reasons": decision.reasons}, indent=2))
+    else:
+        console.print(f"{decision.torch.requirement} from {decision.torch.index_url} with "
+                      f"vllm {decision.vllm.version}", highlight=False)
+        for reason in decision.reasons:
+            console.print(f"  - {escape(reason)}", highlight=False)
 
 
 @app.command()

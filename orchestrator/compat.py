@@ -358,6 +358,54 @@ def decide(driver_version: str, gpu_compute_capability: str | None,
         reasons=reasons)
 
 
+class GpuModel(_Data):
+    match: str
+    compute_capability: str
+    memory_gib: int
+
+
+class GpuTable(_Data):
+    """data/gpus.yml."""
+
+    schema_version: int
+    gpus: list[GpuModel]
+
+    def find(self, name: str) -> GpuModel:
+        """The first row whose words are all words of `name` (rows go specific to general)."""
+        words = set(name.upper().replace("-", " ").split())
+        for gpu in self.gpus:
+            if set(gpu.match.upper().split()) <= words:
+                return gpu
+        known = ", ".join(g.match for g in self.gpus)
+        raise CompatError(f"GPU '{name}' is not in data/gpus.yml (known: {known}); give "
+                          "--compute-capability instead")
+
+
+def load_gpu_table(path: Path = DATA_DIR / "gpus.yml") -> GpuTable:
+    return GpuTable.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def least_demanding_build(table: CompatTable) -> TorchChoice:
+    """The torch build to plan for a host whose driver is not known yet: of the builds the
+    pinned vLLM is made for, the one needing the oldest driver. The host's drivers stage
+    then checks its driver against `min_driver` before anything is installed."""
+    vllm = table.cuda.vllm.releases.get(table.gpu_stack.vllm_version)
+    release = _torch_release(table.gpu_stack.torch_version, table.cuda)
+    if vllm is None or release is None:
+        raise CompatError(f"vLLM {table.gpu_stack.vllm_version} / torch "
+                          f"{table.gpu_stack.torch_version} (the gpu profile's pins) have no "
+                          "rows in cuda_compat.yml")
+    candidates = [(b, min_driver_for_cuda(b.cuda, table.cuda)) for b in release.builds
+                  if b.tag in vllm.cuda_builds]
+    known = [(b, need) for b, need in candidates if need is not None]
+    if not known:
+        raise CompatError(f"no CUDA build of torch {table.gpu_stack.torch_version} fits vLLM "
+                          f"{table.gpu_stack.vllm_version} in cuda_compat.yml")
+    build, need = min(known, key=lambda pair: parse_driver_version(pair[1]))
+    return TorchChoice(version=table.gpu_stack.torch_version, cuda_build=build.tag,
+                       cuda=build.cuda, index_url=build.index_url, min_driver=need)
+
+
 def _checked(pattern: re.Pattern[str], value: str, what: str) -> str:
     if not pattern.fullmatch(value):
         raise ValueError(f"{value!r} is not a {what}")

@@ -34,14 +34,14 @@ class StackProfile(_Data):
     vllm_package: str
     vllm_version: str
     torch_version: str
-    torch_local_version: str
+    torch_local_version: str | None
     torch_index_url: str | None
     python_min: str
     remove_packages: list[str]
 
     @property
     def torch_requirement(self) -> str:
-        return f"torch=={self.torch_version}{self.torch_local_version}"
+        return f"torch=={self.torch_version}{self.torch_local_version or ''}"
 
     @property
     def vllm_requirement(self) -> str:

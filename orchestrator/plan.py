@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from orchestrator.compat import CompatTable, least_demanding_build
 from orchestrator.config import Deployment, LoadedFleet, ResolvedHost
 from orchestrator.errors import PlanError
 from orchestrator.knowledge import Knowledge, StackProfile
@@ -113,12 +114,21 @@ def _model_entry(dep: Deployment) -> dict[str, Any]:
 
 
 def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
-               group: str) -> HostPlan:
+               gpu_table: CompatTable, group: str) -> HostPlan:
     stack: StackProfile | None = knowledge.compat.profiles.get(host.profile)
     if stack is None:
         raise PlanError(f"host '{host.name}': no software stack for profile '{host.profile}'")
-    reasons = [f"profile {host.profile}: {stack.vllm_requirement} with {stack.torch_requirement}"
-               + (f" from {stack.torch_index_url}" if stack.torch_index_url else "")]
+    torch_requirement, torch_index = stack.torch_requirement, stack.torch_index_url
+    gpu_vars: dict[str, Any] = {}
+    if host.profile == "gpu":
+        build = least_demanding_build(gpu_table)
+        torch_requirement, torch_index = build.requirement, build.index_url
+        gpu_vars["gpu_check_min_driver"] = build.min_driver
+    reasons = [f"profile {host.profile}: {stack.vllm_requirement} with {torch_requirement}"
+               + (f" from {torch_index}" if torch_index else "")]
+    if gpu_vars:
+        reasons.append(f"CUDA {build.cuda} build: the drivers stage requires NVIDIA driver >= "
+                       f"{build.min_driver}")
 
     disk_gib = float(ENV_DISK_GIB[host.profile])
     for dep in deployments:
@@ -156,8 +166,9 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
         "python_env_pip_extra_index_urls": list(host.pip.extra_index_urls or []),
         "python_env_pip_find_links": host.pip.find_links,
         "python_env_pip_no_index": bool(host.pip.no_index),
-        "pytorch_requirement": stack.torch_requirement,
-        "pytorch_index_url": None if host.pip.no_index else stack.torch_index_url,
+        "pytorch_requirement": torch_requirement,
+        "pytorch_index_url": None if host.pip.no_index else torch_index,
+        **gpu_vars,
         "vllm_requirement": stack.vllm_requirement,
         "vllm_remove_packages": list(stack.remove_packages),
         "model_weights_models": [_model_entry(d) for d in deployments],
@@ -180,14 +191,14 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
                     vars=variables, probes=probes, reasons=reasons)
 
 
-def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge,
+def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: CompatTable,
               stages: list[str] | None = None) -> Plan:
     hosts = loaded.hosts_of(group)
     plans = []
     for host in hosts:
         deployments = [d for d in loaded.fleet.deployments
                        if host.name in {h.name for h in loaded.hosts_of(d.hosts)}]
-        plans.append(_plan_host(host, deployments, knowledge, group))
+        plans.append(_plan_host(host, deployments, knowledge, gpu_table, group))
     return Plan(group=group, stages=list(stages or STAGES), hosts=plans)
 
 

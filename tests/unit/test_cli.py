@@ -75,3 +75,25 @@ def test_facts_parse_of_a_broken_driver_exits_1_with_next_step(tmp_path: Path) -
     proc = run(tmp_path, "facts", "parse", str(path), "--json")
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["error"]["kind"] == "driver_not_loaded"
+
+
+def test_compat_json_for_an_h100_on_r590(tmp_path: Path) -> None:
+    proc = run(tmp_path, "compat", "--driver", "590.48.01", "--gpu", "NVIDIA H100 80GB HBM3",
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    decision = json.loads(proc.stdout)
+    assert decision["max_cuda"] == "13.1"
+    assert decision["torch"]["cuda_build"] == "cu130"
+    assert decision["torch"]["index_url"] == "https://download.pytorch.org/whl/cu130"
+    assert decision["vllm"] == {"version": "0.32.0"}
+
+
+def test_compat_refuses_a_driver_too_old_for_the_pinned_vllm(tmp_path: Path) -> None:
+    proc = run(tmp_path, "compat", "--driver", "535.104.05", "--gpu", "Tesla T4", "--json")
+    assert proc.returncode == 2
+    assert "needs driver >= 580.65.06" in proc.stderr and "R580" in proc.stderr
+
+
+def test_compat_unknown_gpu_name(tmp_path: Path) -> None:
+    proc = run(tmp_path, "compat", "--driver", "590.48.01", "--gpu", "Voodoo 5")
+    assert proc.returncode == 2 and "--compute-capability" in proc.stderr

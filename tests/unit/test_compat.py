@@ -26,7 +26,9 @@ from orchestrator.compat import (
     VllmRelease,
     build_runs_on,
     decide,
+    least_demanding_build,
     load_cuda_compat,
+    load_gpu_table,
     max_cuda_for_driver,
     min_driver_for_cuda,
     parse_compute_capability,
@@ -382,3 +384,24 @@ def test_data_file_is_package_data() -> None:
     import orchestrator
 
     assert (Path(orchestrator.__file__).parent / "data" / "cuda_compat.yml").is_file()
+
+
+@pytest.mark.parametrize(("name", "capability"), [
+    ("Tesla T4", "7.5"), ("NVIDIA A10", "8.6"), ("NVIDIA A10G", "8.6"),
+    ("NVIDIA A100-SXM4-80GB", "8.0"), ("NVIDIA A100-PCIE-40GB", "8.0"),
+    ("NVIDIA L40S", "8.9"), ("NVIDIA L4", "8.9"), ("NVIDIA H100 80GB HBM3", "9.0"),
+    ("NVIDIA H200", "9.0"), ("NVIDIA GeForce RTX 4090", "8.9")])
+def test_gpu_names_as_nvidia_smi_prints_them(name: str, capability: str) -> None:
+    # Values from NVIDIA's "CUDA GPU Compute Capability" page (data/gpus.yml).
+    assert load_gpu_table().find(name).compute_capability == capability
+
+
+def test_a100_memory_variant_by_name() -> None:
+    table = load_gpu_table()
+    assert table.find("NVIDIA A100-SXM4-80GB").memory_gib == 80
+    assert table.find("NVIDIA A100-PCIE-40GB").memory_gib == 40
+
+
+def test_planned_build_for_an_unknown_driver_asks_least_of_it(table: CompatTable) -> None:
+    choice = least_demanding_build(table)
+    assert (choice.requirement, choice.min_driver) == ("torch==2.13.0+cu130", "580.65.06")

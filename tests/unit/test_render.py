@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.compat import load_cuda_compat
 from orchestrator.knowledge import load_knowledge
 from orchestrator.plan import make_plan, select_stages
 from orchestrator.render import ROOT, render
@@ -14,7 +15,7 @@ from orchestrator.sandbox_fleet import sandbox_fleet
 
 def sandbox_plan(stages=None):
     return make_plan(sandbox_fleet(Path("/state/id_ed25519"), Path("/cache/m")), "sandbox",
-                     load_knowledge(), stages)
+                     load_knowledge(), load_cuda_compat(), stages)
 
 
 def test_run_directory_layout_and_contents(tmp_path: Path) -> None:
