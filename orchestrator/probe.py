@@ -98,7 +98,39 @@ def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list[P
         f"{request} -> {chat.status_code}, finish_reason={choice.get('finish_reason')}, "
         f"answer={_short(content)!r}",
         f"the model answered nothing; {logs}"))
+    out.append(_stream_probe(url, body, client, result, logs))
     return out
+
+
+def _stream_probe(url: str, body: dict[str, object], client: httpx.Client,
+                  result: Callable[..., ProbeResult], logs: str) -> ProbeResult:
+    """A streamed chat completion, its server-sent events read to the final [DONE]."""
+    request = f"POST {url}/v1/chat/completions (stream)"
+    pieces: list[str] = []
+    finish = None
+    done = False
+    try:
+        with client.stream("POST", f"{url}/v1/chat/completions",
+                           json={**body, "stream": True}) as response:
+            status = response.status_code
+            for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                for choice in json.loads(data).get("choices", []):
+                    pieces.append((choice.get("delta") or {}).get("content") or "")
+                    finish = choice.get("finish_reason") or finish
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        return result("chat_stream", False, f"{request}: {type(exc).__name__}: {exc}",
+                      f"streaming broke off; {logs}")
+    answer = "".join(pieces)
+    return result("chat_stream", status == 200 and done and bool(answer.strip()),
+                  f"{request} -> {status}, {len(pieces)} chunks, finish_reason={finish}, "
+                  f"[DONE] {'seen' if done else 'missing'}, answer={_short(answer)!r}",
+                  f"the stream did not end properly; {logs}")
 
 
 def probe_plan(plan: Plan, *, timeout: float = 60.0, workers: int = 16,
