@@ -69,8 +69,9 @@ def _uses_sandbox(hosts: str, fleet: Path | None, inventory: Path | None) -> boo
 
 def _load(hosts: str, fleet: Path | None, inventory: Path | None) -> LoadedFleet:
     if _uses_sandbox(hosts, fleet, inventory):
-        return sandbox_fleet.sandbox_fleet(sandbox.ensure_ssh_key(STATE_DIR / "sandbox"),
-                                           sandbox_fleet.sandbox_model())
+        # Absolute: ansible-playbook runs from the project directory, not from here.
+        key = sandbox.ensure_ssh_key((STATE_DIR / "sandbox").resolve())
+        return sandbox_fleet.sandbox_fleet(key, sandbox_fleet.sandbox_model())
     path = fleet or (DEFAULT_FLEET if DEFAULT_FLEET.exists() or inventory is None else None)
     if path is not None and not path.exists() and fleet is None:
         raise ConfigError("no fleet file here: run `orchestrate init` to write one, pass "

@@ -363,6 +363,34 @@ def _inventory_groups(doc: YamlDocument) -> dict[str, Any]:
 
 # --- entry point ---------------------------------------------------------------------------
 
+def _paths_relative_to(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative ssh_key and model_dir paths mean: next to the fleet file, wherever the
+    command runs from (Ansible itself runs from the project directory)."""
+    def fix(path: str) -> str:
+        return path if path.startswith(("/", "~")) else str(base / path)
+
+    def settings(node: dict[str, Any]) -> dict[str, Any]:
+        return {**node, "ssh_key": fix(node["ssh_key"])} if isinstance(
+            node.get("ssh_key"), str) else node
+
+    out = dict(raw)
+    if isinstance(out.get("defaults"), dict):
+        out["defaults"] = settings(out["defaults"])
+    if isinstance(out.get("groups"), dict):
+        out["groups"] = {
+            name: ({**settings(group), "hosts": {h: settings(v) if isinstance(v, dict) else v
+                                                 for h, v in group["hosts"].items()}}
+                   if isinstance(group, dict) and isinstance(group.get("hosts"), dict)
+                   else settings(group) if isinstance(group, dict) else group)
+            for name, group in out["groups"].items()}
+    if isinstance(out.get("deployments"), list):
+        out["deployments"] = [
+            {**d, "model_dir": fix(d["model_dir"])} if isinstance(d, dict)
+            and isinstance(d.get("model_dir"), str) else d
+            for d in out["deployments"]]
+    return out
+
+
 def load_fleet(fleet_path: Path | None, inventory_path: Path | None = None) -> LoadedFleet:
     """Load fleet.yml and/or an Ansible inventory into one validated fleet."""
     documents: list[YamlDocument] = []
@@ -398,6 +426,8 @@ def load_fleet(fleet_path: Path | None, inventory_path: Path | None = None) -> L
         raw["groups"] = {**(raw.get("groups") or {}),
                          **inv_fleet.model_dump(exclude_none=True)["groups"]}
     source = " + ".join(d.path for d in documents) or "(no fleet)"
+    if fleet_path is not None:
+        raw = _paths_relative_to(raw, fleet_path.resolve().parent)
     fleet = Fleet.model_validate(raw)
     _check_fleet(fleet, fleet_doc, source)
     return LoadedFleet(fleet=fleet, source=source, documents=tuple(documents))

@@ -143,3 +143,19 @@ def test_inventory_group_clash_with_fleet(write) -> None:
 def test_ini_inventory_is_refused_with_a_hint(write) -> None:
     err = error_of(None, write("hosts.ini", "[gpu]\nnode-a ansible_host=1.2.3.4\n"))
     assert "ansible-inventory" in str(err)
+
+
+def test_relative_paths_are_relative_to_the_fleet_file(tmp_path: Path) -> None:
+    (tmp_path / "site").mkdir()
+    path = tmp_path / "site" / "fleet.yml"
+    path.write_text(
+        "defaults: {ssh_key: keys/fleet}\n"
+        "groups:\n  g:\n    hosts:\n"
+        "      a: {address: 1.2.3.4}\n      b: {address: 1.2.3.5, ssh_key: ~/.ssh/b}\n"
+        "deployments:\n  - {name: d, model: m, engine: vllm, hosts: g, port: 8000, "
+        "model_dir: models/tiny}\n")
+    loaded = load_fleet(path)
+    a, b = loaded.hosts_of("g")
+    assert a.ssh_key == str(tmp_path / "site" / "keys" / "fleet")
+    assert b.ssh_key == "~/.ssh/b"  # Ansible expands ~ itself
+    assert loaded.fleet.deployments[0].model_dir == str(tmp_path / "site" / "models" / "tiny")
