@@ -19,6 +19,7 @@ from orchestrator.compat import decide, load_cuda_compat, load_gpu_table
 from orchestrator.config import LoadedFleet, load_fleet
 from orchestrator.errors import ConfigError, OrchestrateError
 from orchestrator.facts import parse_nvidia_smi, summarize
+from orchestrator.fit import fit
 from orchestrator.knowledge import load_knowledge
 from orchestrator.plan import STAGES, Plan, make_plan, select_stages
 from orchestrator.probe import probe_plan
@@ -225,6 +226,36 @@ def compat(
                       f"vllm {decision.vllm.version}", highlight=False)
         for reason in decision.reasons:
             console.print(f"  - {escape(reason)}", highlight=False)
+
+
+@app.command("fit")
+def fit_command(
+    model: Annotated[str, typer.Option("--model", help="Catalog id, e.g. "
+                                       "Qwen/Qwen2.5-7B-Instruct.")],
+    gpu: Annotated[str, typer.Option("--gpu", help="GPU name, e.g. 'NVIDIA A10'.")],
+    count: Annotated[int, typer.Option("--count", min=1, help="GPUs on the host.")] = 1,
+    max_model_len: Annotated[int | None, typer.Option("--max-model-len")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Does the model fit these GPUs under vLLM, how, and if not, what would; exit 2 if not."""
+    with _errors():
+        knowledge = load_knowledge()
+        gpu_table = load_cuda_compat()
+        floor = gpu_table.cuda.vllm.releases[gpu_table.gpu_stack.vllm_version]
+        result = fit(model, gpu, count, max_model_len, catalog=knowledge.catalog,
+                     gpus=load_gpu_table(),
+                     engine_min_compute_capability=floor.min_compute_capability)
+    if as_json:
+        print(result.model_dump_json(indent=2))
+    else:
+        verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
+        console.print(f"{escape(model)} on {count}x {escape(gpu)}: {verdict}")
+        for line in result.reasons:
+            console.print(f"  - {escape(line)}", highlight=False)
+        for line in result.suggestions:
+            console.print(f"  instead: {escape(line)}", highlight=False)
+    if not result.fits:
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -97,3 +97,27 @@ def test_compat_refuses_a_driver_too_old_for_the_pinned_vllm(tmp_path: Path) -> 
 def test_compat_unknown_gpu_name(tmp_path: Path) -> None:
     proc = run(tmp_path, "compat", "--driver", "590.48.01", "--gpu", "Voodoo 5")
     assert proc.returncode == 2 and "--compute-capability" in proc.stderr
+
+
+def test_fit_7b_on_one_a10(tmp_path: Path) -> None:
+    proc = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-7B-Instruct", "--gpu", "NVIDIA A10",
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert (result["fits"], result["tensor_parallel"], result["dtype"]) == (True, 1, "bfloat16")
+    assert result["max_model_len"] == 32768
+
+
+def test_fit_72b_on_one_h100_refuses_and_suggests(tmp_path: Path) -> None:
+    proc = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-72B-Instruct", "--gpu",
+               "NVIDIA H100 80GB HBM3", "--json")
+    assert proc.returncode == 2
+    result = json.loads(proc.stdout)
+    assert not result["fits"]
+    assert any("4x" in s for s in result["suggestions"])
+    assert any("AWQ" in s for s in result["suggestions"])
+
+
+def test_fit_unknown_model_is_one_line(tmp_path: Path) -> None:
+    proc = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-4B-Instruct", "--gpu", "Tesla T4")
+    assert proc.returncode == 2 and "not in the catalog" in proc.stderr

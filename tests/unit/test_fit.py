@@ -1,0 +1,561 @@
+"""The model catalog (data/catalog.yml) against its sources, and the VRAM fit (orchestrator/fit.py).
+
+Literal values below are copied from these sources:
+- [card] Qwen's model cards (https://huggingface.co/Qwen/<id>; read from the copies in
+  ZHUI/paddlenlp_model_readme, Qwen/<id>/index.md): "Number of Parameters", "Number of
+  Paramaters (Non-Embedding)", "Number of Layers", "Number of Attention Heads (GQA)",
+  "Context Length", "tied word embeddings", the YaRN paragraph ("The current config.json is
+  set for context length up to 32,768 tokens", factor 4.0), the LICENSE file size, and the
+  "Model Files" list with each safetensors shard's size (GiB, printed as "GB").
+- [cfg] config.json: hidden_size, intermediate_size, vocab_size; Qwen2.5-72B-Instruct's as
+  printed in the log of vllm-project/vllm issue #8691; the 72B AWQ/GPTQ checkpoints'
+  intermediate size 29696 from Qwen's GPTQ docs (Troubleshooting).
+- [bench] Qwen docs, "Qwen2.5 Speed Benchmark" (QwenLM/Qwen2.5,
+  docs/source/benchmark/speed_benchmark.rst): the transformers tables' "GPU Memory(GB)" at
+  input length 1, A100 80GB, per quantization and GPU count.
+- [vllm] vLLM logs "Loading model weights took 14.24 GB" for Qwen2.5-7B-Instruct in bf16
+  (shared/seeds/README.md); vllm/worker/model_runner.py prints
+  `self.model_memory_usage / float(2**30)` there, i.e. GiB. vllm/v1/worker/gpu_worker.py
+  refuses bfloat16 below compute capability 8.0; QKVParallelLinear replicates KV heads when
+  tp > KV heads; quantized linear layers need whole groups per shard.
+- [quant] Qwen docs, Quantization (GPTQ page): the 72B padding (29568 / 128 = 231) and the
+  Known Issues of 32B-GPTQ-Int4 (multi-GPU) and 72B-GPTQ-Int4 (does not stop).
+- [vllm-q] vLLM docs, Quantization > Supported Hardware: AWQ from SM 7.5, GPTQ from SM 7.0.
+- [hub] the ms-swift model registry (modelscope/ms-swift, swift/llm/model/model/qwen.py):
+  the quantized Qwen2.5 and Qwen2.5-Coder Instruct ids on both hubs; Math has none.
+- GPU memory as nvidia-smi reports it: shared/fixtures/nvidia-smi (see its SOURCES.md).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.compat import CompatError, GpuModel, load_gpu_table
+from orchestrator.facts import parse_nvidia_smi
+from orchestrator.fit import (
+    BLOCK_TOKENS,
+    RESERVE_GIB,
+    TENSOR_PARALLEL_RESERVE_GIB,
+    FitError,
+    FitResult,
+    fit,
+    kv_bytes_per_token,
+    model_from_config,
+    spec_from_catalog,
+    tensor_parallel_problem,
+)
+from orchestrator.knowledge import Catalog, load_knowledge, weight_bytes
+
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "nvidia-smi"
+GIB = 2**30
+SIZES = ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return load_knowledge().catalog
+
+
+@pytest.fixture(scope="module")
+def run(catalog: Catalog):
+    gpus = load_gpu_table()
+
+    def _run(model: Any, gpu: Any, count: int = 1, **kwargs: Any) -> FitResult:
+        return fit(model, gpu, count, catalog=catalog, gpus=gpus, **kwargs)
+    return _run
+
+
+def smi_memory_gib(fixture: str) -> float:
+    facts = parse_nvidia_smi((FIXTURES / fixture).read_text(encoding="utf-8"))
+    total = facts.gpus[0].memory_total_mib
+    assert total is not None
+    return total / 1024
+
+
+# --- the catalog against its sources ----------------------------------------------------------
+
+# [card]: params (B), non-embedding (B), layers, Q heads, KV heads, card context, license
+# (LICENSE 11.1 KB Apache-2.0, 7.2 KB Qwen Research, 6.8 KB Qwen), tied embeddings.
+CARDS = {
+    "Qwen/Qwen2.5-0.5B-Instruct": (0.49, 0.36, 24, 14, 2, 32768, "apache-2.0", True),
+    "Qwen/Qwen2.5-1.5B-Instruct": (1.54, 1.31, 28, 12, 2, 32768, "apache-2.0", True),
+    "Qwen/Qwen2.5-3B-Instruct": (3.09, 2.77, 36, 16, 2, 32768, "qwen-research", True),
+    "Qwen/Qwen2.5-3B": (3.09, 2.77, 36, 16, 2, 32768, "qwen-research", True),
+    "Qwen/Qwen2.5-7B-Instruct": (7.61, 6.53, 28, 28, 4, 131072, "apache-2.0", False),
+    "Qwen/Qwen2.5-7B": (7.61, 6.53, 28, 28, 4, 131072, "apache-2.0", False),
+    "Qwen/Qwen2.5-14B-Instruct": (14.7, 13.1, 48, 40, 8, 131072, "apache-2.0", False),
+    "Qwen/Qwen2.5-32B-Instruct": (32.5, 31.0, 64, 40, 8, 131072, "apache-2.0", False),
+    "Qwen/Qwen2.5-72B-Instruct": (72.7, 70.0, 80, 64, 8, 131072, "qwen", False),
+    "Qwen/Qwen2.5-Coder-0.5B-Instruct": (0.49, 0.36, 24, 14, 2, 32768, "apache-2.0", True),
+    "Qwen/Qwen2.5-Coder-3B-Instruct": (3.09, 2.77, 36, 16, 2, 32768, "qwen-research", True),
+    "Qwen/Qwen2.5-Coder-7B-Instruct": (7.61, 6.53, 28, 28, 4, 131072, "apache-2.0", False),
+    "Qwen/Qwen2.5-Coder-32B-Instruct": (32.5, 31.0, 64, 40, 8, 131072, "apache-2.0", False),
+}
+
+
+@pytest.mark.parametrize("name", CARDS)
+def test_rows_match_their_model_cards(catalog: Catalog, name: str) -> None:
+    params, non_embedding, layers, heads, kv_heads, context, license_, tied = CARDS[name]
+    row = catalog.models[name]
+    assert row.params_billion == params
+    assert row.non_embedding_params_billion == non_embedding
+    assert row.architecture.num_hidden_layers == layers
+    assert row.architecture.num_attention_heads == heads
+    assert row.architecture.num_key_value_heads == kv_heads
+    assert row.max_context == context
+    assert row.license == license_
+    assert row.architecture.tie_word_embeddings is tied
+    assert row.architecture.attention_bias  # "Attention QKV bias"
+
+
+# [cfg]: hidden_size, intermediate_size, vocab_size, head_dim (hidden / heads).
+CONFIGS = {
+    "0.5B": (896, 4864, 151936, 64),
+    "1.5B": (1536, 8960, 151936, 128),
+    "3B": (2048, 11008, 151936, 128),
+    "7B": (3584, 18944, 152064, 128),
+    "14B": (5120, 13824, 152064, 128),
+    "32B": (5120, 27648, 152064, 128),
+    "72B": (8192, 29568, 152064, 128),
+}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_architecture_matches_config_json(catalog: Catalog, size: str) -> None:
+    hidden, intermediate, vocab, head_dim = CONFIGS[size]
+    arch = catalog.models[f"Qwen/Qwen2.5-{size}-Instruct"].architecture
+    assert (arch.hidden_size, arch.intermediate_size, arch.vocab_size, arch.head_dim) == (
+        hidden, intermediate, vocab, head_dim)
+    assert arch.head_dim * arch.num_attention_heads == arch.hidden_size
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_parameters_computed_from_the_architecture_match_the_card(catalog: Catalog,
+                                                                  size: str) -> None:
+    row = catalog.models[f"Qwen/Qwen2.5-{size}-Instruct"]
+    arch = row.architecture
+    assert arch.param_count / 1e9 == pytest.approx(row.params_billion, rel=0.02)
+    assert arch.non_embedding_params / 1e9 == pytest.approx(row.non_embedding_params_billion,
+                                                            rel=0.02)
+
+
+def test_exact_parameter_counts() -> None:
+    """Qwen2.5-7B from its architecture, term by term (28 layers of q/k/v with bias, o, SwiGLU
+    MLP, two norms; final norm; untied embedding and LM head): 7,615,616,512, which the card
+    rounds to 7.61B (non-embedding 6,525,621,760 -> 6.53B)."""
+    arch = load_knowledge().catalog.models["Qwen/Qwen2.5-7B-Instruct"].architecture
+    layer = (3584 * 3584 + 3584) + 2 * (3584 * 512 + 512) + 3584 * 3584 \
+        + 3 * 3584 * 18944 + 2 * 3584
+    assert arch.layer_params == layer
+    assert arch.non_embedding_params == 28 * layer + 3584 == 6_525_621_760
+    assert arch.param_count == 7_615_616_512
+
+
+# [card] "Model Files": shard sizes in GiB (printed "GB", 0.1 precision; the 0.5B's single
+# file "942.3 MB" is MiB). Unquantized bf16 rows must agree within the printing's rounding.
+SHARDS = {
+    "Qwen/Qwen2.5-0.5B-Instruct": [942.3 / 1024],
+    "Qwen/Qwen2.5-3B-Instruct": [3.7, 2.1],
+    "Qwen/Qwen2.5-7B-Instruct": [3.7, 3.6, 3.6, 3.3],
+    "Qwen/Qwen2.5-7B": [3.7, 3.6, 3.6, 3.3],
+    "Qwen/Qwen2.5-32B-Instruct": [3.6] * 16 + [2.9],
+    "Qwen/Qwen2.5-72B-Instruct": [3.5, 3.7, 3.6, 3.7, 3.7, 3.7, 3.6, 3.7, 3.7, 3.7, 3.6, 3.7,
+                                  3.7, 3.7, 3.6, 3.7, 3.7, 3.7, 3.6, 3.7, 3.7, 3.7, 3.6, 3.7,
+                                  3.7, 3.7, 3.6, 3.7, 3.7, 3.7, 3.6, 3.7, 3.7, 3.7, 3.6, 3.7,
+                                  3.2],
+    "Qwen/Qwen2.5-Coder-7B-Instruct": [4.5, 4.6, 4.0, 1.0],
+    "Qwen/Qwen2.5-Coder-32B-Instruct": [4.6] + [4.5] * 12 + [2.0],
+    "Qwen/Qwen2.5-Math-1.5B-Instruct": [2.9],
+    "Qwen/Qwen2.5-Math-7B-Instruct": [3.7, 3.6, 3.6, 3.3],
+    "Qwen/Qwen2.5-Math-72B-Instruct": [3.5, 3.7, 3.6, 3.7, 3.7, 3.7, 3.6, 3.7, 3.7, 3.7, 3.6,
+                                       3.7, 3.7, 3.7, 3.6, 3.7, 3.7, 3.7, 3.6, 3.7, 3.7, 3.7,
+                                       3.6, 3.7, 3.7, 3.7, 3.6, 3.7, 3.7, 3.7, 3.6, 3.7, 3.7,
+                                       3.7, 3.6, 3.7, 3.2],
+}
+
+
+@pytest.mark.parametrize("name", SHARDS)
+def test_bf16_weights_match_the_published_checkpoint(catalog: Catalog, name: str) -> None:
+    row = catalog.models[name]
+    computed = weight_bytes(row.architecture, row.dtype, None) / GIB
+    shards = SHARDS[name]
+    assert computed == pytest.approx(sum(shards), abs=0.05 * len(shards) + 0.01)
+    # The row's own figure (card count x 2 bytes) stays within 1% of it.
+    assert row.weights_gib == pytest.approx(computed, rel=0.01)
+
+
+# [bench] transformers "GPU Memory(GB)" at input length 1: (GPUs, GiB) for BF16 and each
+# quantized variant. The BF16 row's excess over its weights (CUDA context, buffers) is
+# taken as the same per-GPU overhead for the quantized rows. AWQ on the tied 0.5B-3B
+# models is left out: transformers reports it 0.2-0.45 GiB above GPTQ-Int4 there.
+BENCH: dict[str, dict[str, tuple[int, float]]] = {
+    "0.5B": {"BF16": (1, 0.97), "GPTQ-Int8": (1, 0.64), "GPTQ-Int4": (1, 0.48)},
+    "1.5B": {"BF16": (1, 2.95), "GPTQ-Int8": (1, 1.82), "GPTQ-Int4": (1, 1.18)},
+    "3B": {"BF16": (1, 5.95), "GPTQ-Int8": (1, 3.38), "GPTQ-Int4": (1, 2.06)},
+    "7B": {"BF16": (1, 14.38), "GPTQ-Int8": (1, 8.42), "GPTQ-Int4": (1, 5.52), "AWQ": (1, 5.39)},
+    "14B": {"BF16": (1, 28.08), "GPTQ-Int8": (1, 16.11), "GPTQ-Int4": (1, 9.94),
+            "AWQ": (1, 9.79)},
+    "32B": {"BF16": (1, 61.58), "GPTQ-Int8": (1, 33.56), "GPTQ-Int4": (1, 18.94),
+            "AWQ": (1, 18.67)},
+    "72B": {"BF16": (2, 136.20), "GPTQ-Int8": (2, 72.61), "GPTQ-Int4": (1, 39.91),
+            "AWQ": (1, 39.44)},
+}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_quantized_weights_match_qwens_memory_benchmark(catalog: Catalog, size: str) -> None:
+    base = catalog.models[f"Qwen/Qwen2.5-{size}-Instruct"]
+    bf16_gpus, bf16_memory = BENCH[size]["BF16"]
+    overhead = (bf16_memory - weight_bytes(base.architecture, "bfloat16", None) / GIB) / bf16_gpus
+    assert 0 < overhead < 0.6
+    for label, (gpus, measured) in BENCH[size].items():
+        if label == "BF16":
+            continue
+        row = catalog.models[f"Qwen/Qwen2.5-{size}-Instruct-{label}"]
+        assert row.quantization is not None and row.quantization.label == label
+        assert row.weights_gib + overhead * gpus == pytest.approx(measured, rel=0.04), label
+
+
+def test_seven_b_weights_agree_with_vllms_log(catalog: Catalog, run) -> None:
+    """[vllm] "Loading model weights took 14.24 GB" is bytes / 2**30: 7,615,616,512 x 2 bytes
+    is 14.19 GiB (within 0.5%), while in decimal GB it would be 15.23."""
+    logged = 14.24
+    result = run("Qwen/Qwen2.5-7B-Instruct", "A100 80GB")
+    assert result.weights_gib == pytest.approx(logged, rel=0.01)
+    assert catalog.models["Qwen/Qwen2.5-7B-Instruct"].weights_gib == pytest.approx(logged,
+                                                                                   rel=0.01)
+    decimal_gb = 7_615_616_512 * 2 / 1e9
+    assert decimal_gb == pytest.approx(15.23, abs=0.01)
+    assert decimal_gb != pytest.approx(logged, rel=0.05)
+
+
+def test_the_family_is_complete(catalog: Catalog) -> None:
+    models = catalog.models
+    for size in SIZES:
+        assert f"Qwen/Qwen2.5-{size}" in models
+        instruct = f"Qwen/Qwen2.5-{size}-Instruct"
+        assert models[instruct].gguf_repo == f"{instruct}-GGUF"
+        assert models[instruct].ollama_tag == f"qwen2.5:{size.lower()}"
+        for suffix in ("AWQ", "GPTQ-Int4", "GPTQ-Int8"):
+            assert models[f"{instruct}-{suffix}"].quantized_from == instruct
+    for size in ("0.5B", "1.5B", "3B", "7B", "14B", "32B"):
+        coder = f"Qwen/Qwen2.5-Coder-{size}-Instruct"
+        assert models[coder].ollama_tag == f"qwen2.5-coder:{size.lower()}"
+        assert models[coder].architecture == models[f"Qwen/Qwen2.5-{size}-Instruct"].architecture
+        for suffix in ("AWQ", "GPTQ-Int4", "GPTQ-Int8"):
+            assert models[f"{coder}-{suffix}"].quantized_from == coder
+    math = [name for name in models if "-Math-" in name]
+    assert sorted(math) == ["Qwen/Qwen2.5-Math-1.5B-Instruct", "Qwen/Qwen2.5-Math-72B-Instruct",
+                            "Qwen/Qwen2.5-Math-7B-Instruct"]
+    assert not any("Math" in (row.quantized_from or "") for row in models.values())
+    assert all(models[name].max_position_embeddings == 4096 for name in math)
+    assert "Qwen/Qwen2.5-4B-Instruct" not in models  # the tutorials' "4B" does not exist
+
+
+def test_rows_carry_ids_formats_and_context(catalog: Catalog) -> None:
+    for name, row in catalog.models.items():
+        assert row.hf_id == row.modelscope_id == name
+        assert row.max_context >= row.max_position_embeddings
+        if row.quantization is None:
+            assert row.dtype == "bfloat16"
+            continue
+        assert row.dtype == "float16"
+        assert row.quantization.group_size == 128
+        assert (row.quantization.method, row.quantization.bits) in {("awq", 4), ("gptq", 4),
+                                                                    ("gptq", 8)}
+        assert row.ollama_tag is None
+        source = catalog.models[row.quantized_from or ""]
+        assert (row.params_billion, row.license) == (source.params_billion, source.license)
+    instruct = catalog.models["Qwen/Qwen2.5-7B-Instruct"]
+    assert (instruct.max_position_embeddings, instruct.max_context, instruct.yarn_factor) == (
+        32768, 131072, 4.0)
+    assert catalog.models["Qwen/Qwen2.5-7B"].max_position_embeddings == 131072
+    # [cfg] the official 72B quantized checkpoints pad the MLP to 29696 = 232 x 128.
+    for suffix in ("AWQ", "GPTQ-Int4", "GPTQ-Int8"):
+        arch = catalog.models[f"Qwen/Qwen2.5-72B-Instruct-{suffix}"].architecture
+        assert arch.intermediate_size == 29696
+    floors = {q.method: q.min_compute_capability for q in catalog.quantizations.values()}
+    assert floors == {"awq": "7.5", "gptq": "7.0"}
+
+
+def test_unknown_references_in_the_catalog_are_refused() -> None:
+    data = {"schema_version": 2, "architectures": {}, "quantizations": {},
+            "models": {"x/y": {"architecture": "nope"}}}
+    with pytest.raises(ValueError, match="unknown architecture 'nope'"):
+        Catalog.model_validate(data)
+
+
+# --- the fit ---------------------------------------------------------------------------------
+
+
+def test_seven_b_on_one_a10(run) -> None:
+    result = run("Qwen/Qwen2.5-7B-Instruct", "A10")
+    assert result.fits and result.tensor_parallel == 1 and result.dtype == "bfloat16"
+    assert result.quantization is None
+    # 24 GiB x 0.9 - 14.19 GiB - 2.5 GiB = 4.91 GiB; 57,344 bytes per token.
+    assert result.kv_bytes_per_token == 2 * 28 * 4 * 128 * 2 == 57344
+    assert result.kv_cache_gib == pytest.approx(4.91, abs=0.01)
+    assert result.kv_cache_tokens == 92016
+    assert result.max_model_len == 32768  # config.json's max_position_embeddings
+    assert result.vllm_args == ["--tensor-parallel-size", "1", "--dtype", "bfloat16",
+                                "--max-model-len", "32768", "--gpu-memory-utilization", "0.9"]
+    assert any("YaRN reaches 131072" in reason for reason in result.reasons)
+    # The card's YaRN context: the KV cache, not the model, is then the limit.
+    longer = run("Qwen/Qwen2.5-7B-Instruct", "A10", long_context=True)
+    assert longer.fits and longer.max_model_len == 91136
+
+
+def test_seven_b_on_an_a10_as_nvidia_smi_reports_it(run) -> None:
+    """A10: 23028 MiB per nvidia-smi (table__A10 fixture), not the datasheet's 24 GB."""
+    memory = smi_memory_gib("table__A10__550.127.05.txt")
+    assert memory == pytest.approx(22.49, abs=0.01)
+    result = run("Qwen/Qwen2.5-7B-Instruct", "A10", memory_gib=memory)
+    assert result.fits and result.max_model_len == 32768
+    assert result.kv_cache_tokens == 66544
+    assert result.gpu_memory_gib == memory
+
+
+def test_seventy_two_b_on_one_h100_refuses_and_suggests(run) -> None:
+    result = run("Qwen/Qwen2.5-72B-Instruct", "H100")
+    assert not result.fits and result.max_model_len == 0 and result.vllm_args == []
+    assert result.weights_gib == pytest.approx(135.43, abs=0.01)
+    assert "the weights do not fit" in result.reasons[-1]
+    assert result.suggestions[0] == "4x H100 (tensor_parallel_size 4): max_model_len 32768"
+    awq = [s for s in result.suggestions if s.startswith("Qwen/Qwen2.5-72B-Instruct-AWQ ")]
+    assert awq == ["Qwen/Qwen2.5-72B-Instruct-AWQ (AWQ, 38.7 GiB): fits on 1x H100 with "
+                   "max_model_len 32768"]
+    gptq4 = [s for s in result.suggestions if "GPTQ-Int4" in s]
+    assert gptq4 and "known issue: cannot stop generation" in gptq4[0]
+    assert result.suggestions.index(awq[0]) < result.suggestions.index(gptq4[0])
+
+
+def test_seventy_two_b_on_four_h100s(run) -> None:
+    result = run("Qwen/Qwen2.5-72B-Instruct", "H100", 4)
+    assert result.fits and result.tensor_parallel == 4 and result.max_model_len == 32768
+    assert result.weights_per_gpu_gib == pytest.approx(135.43 / 4, abs=0.01)
+    assert result.reserve_gib == RESERVE_GIB + TENSOR_PARALLEL_RESERVE_GIB
+    assert result.kv_bytes_per_token == 2 * 80 * 2 * 128 * 2  # 8 KV heads / 4 = 2 per GPU
+    assert any(r.startswith("tensor parallel 2: the weights do not fit") for r in result.reasons)
+    assert any(r.startswith("tensor parallel 3: 64 attention heads are not divisible")
+               for r in result.reasons)
+    assert result.vllm_args[:2] == ["--tensor-parallel-size", "4"]
+    # Eight GPUs: still the smallest size that fits, four left for something else.
+    eight = run("Qwen/Qwen2.5-72B-Instruct", "H100", 8)
+    assert eight.tensor_parallel == 4 and "4 of 8 GPUs left unused" in eight.reasons[-1]
+    # Two H200s hold what two H100s cannot.
+    assert not run("Qwen/Qwen2.5-72B-Instruct", "H100", 2).fits
+    assert run("Qwen/Qwen2.5-72B-Instruct", "H200", 2).tensor_parallel == 2
+
+
+def test_fourteen_b_on_a_t4_refuses_bf16_and_suggests_4bit(run) -> None:
+    result = run("Qwen/Qwen2.5-14B-Instruct", "T4")
+    assert not result.fits
+    assert result.dtype == "float16"
+    assert any("bfloat16 needs compute capability >= 8.0" in r and "float16" in r
+               for r in result.reasons)
+    text = "\n".join(result.suggestions)
+    assert "4x T4 (tensor_parallel_size 4)" in text
+    assert "Qwen/Qwen2.5-14B-Instruct-AWQ (AWQ, 9.3 GiB): fits on 1x T4" in text
+    assert "Qwen/Qwen2.5-14B-Instruct-GPTQ-Int4 (GPTQ-Int4, 9.3 GiB): fits on 1x T4" in text
+    assert "GPTQ-Int8" not in text  # 15.5 GiB does not fit in 16
+    # With the T4's real 15360 MiB (xml__Tesla-T4 fixture) the AWQ context shrinks.
+    memory = smi_memory_gib("xml__Tesla-T4__515.105.01.txt")
+    awq = run("Qwen/Qwen2.5-14B-Instruct-AWQ", "T4", memory_gib=memory)
+    assert awq.fits and awq.dtype == "float16" and awq.max_model_len == 9216
+
+
+GPUS = ("T4", "A10", "A100 40GB", "L40S", "A100 80GB", "H100", "H200")  # by memory
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_the_family_across_gpus(catalog: Catalog, run, size: str) -> None:
+    names = [f"Qwen/Qwen2.5-{size}-Instruct", f"Qwen/Qwen2.5-{size}-Instruct-AWQ",
+             f"Qwen/Qwen2.5-{size}-Instruct-GPTQ-Int8"]
+    for name in names:
+        previous = 0
+        for gpu in GPUS:  # in order of memory
+            result = run(name, gpu)
+            row = catalog.models[name]
+            if result.fits:
+                assert result.max_model_len <= row.max_position_embeddings
+                assert result.kv_cache_tokens >= result.max_model_len
+                assert result.kv_cache_tokens % BLOCK_TOKENS == 0
+                spent = result.weights_per_gpu_gib + result.reserve_gib + result.kv_cache_gib
+                assert spent == pytest.approx(result.gpu_memory_gib * 0.9, abs=0.02)
+                assert result.dtype == ("float16" if gpu == "T4" or row.quantization
+                                        else "bfloat16")
+            assert result.max_model_len >= previous, (name, gpu)
+            previous = result.max_model_len
+    fits_on = {gpu for gpu in GPUS if run(f"Qwen/Qwen2.5-{size}-Instruct", gpu).fits}
+    expected = {
+        "0.5B": set(GPUS), "1.5B": set(GPUS), "3B": set(GPUS),
+        "7B": set(GPUS) - {"T4"}, "14B": {"L40S", "A100 40GB", "A100 80GB", "H100", "H200"},
+        "32B": {"A100 80GB", "H100", "H200"}, "72B": set(),
+    }
+    assert fits_on == expected[size]
+
+
+def test_explicit_context_lengths(run) -> None:
+    beyond = run("Qwen/Qwen2.5-7B-Instruct", "A10", max_model_len=131072)
+    assert not beyond.fits
+    assert "exceeds the model's context 32768" in beyond.reasons[-1]
+    assert "long_context=True" in beyond.reasons[-1]
+    long = run("Qwen/Qwen2.5-7B-Instruct", "A10", max_model_len=131072, long_context=True)
+    assert not long.fits
+    assert "fewer than max_model_len 131072" in long.reasons[-1]
+    assert long.suggestions[0] == "2x A10 (tensor_parallel_size 2): max_model_len 131072"
+    assert "max_model_len 91136 on 1x A10 (the KV cache holds 92,016 tokens)" in long.suggestions
+    short = run("Qwen/Qwen2.5-7B-Instruct", "A10", max_model_len=8192)
+    assert short.fits and short.max_model_len == 8192
+    math = run("Qwen/Qwen2.5-Math-7B-Instruct", "A10")
+    assert math.fits and math.max_model_len == 4096
+
+
+def test_compute_capability_floors(run) -> None:
+    # [vllm-q] AWQ needs Turing (7.5); GPTQ runs on Volta (7.0).
+    awq = run("Qwen/Qwen2.5-7B-Instruct-AWQ", "V100")
+    assert not awq.fits and "AWQ kernels need compute capability >= 7.5" in awq.reasons[-1]
+    assert any(s.startswith("Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4 ") for s in awq.suggestions)
+    assert run("Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4", "V100").fits
+    # The pinned vLLM's own floor (cuda_compat.yml: 0.32.0 needs 7.5) rules the V100 out.
+    pinned = run("Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4", "V100",
+                 engine_min_compute_capability="7.5")
+    assert not pinned.fits and "below the pinned vLLM's minimum 7.5" in pinned.reasons[-1]
+
+
+def test_publishers_tensor_parallel_limit(run) -> None:
+    """[quant] Known Issues: 32B-Instruct-GPTQ-Int4 is garbled on several GPUs under vLLM."""
+    result = run("Qwen/Qwen2.5-32B-Instruct-GPTQ-Int4", "A10", 2, max_model_len=32768)
+    assert not result.fits and result.tensor_parallel == 1
+    assert any(r.startswith("tensor parallel limited to 1: garbled output") for r in
+               result.reasons)
+    assert ("Qwen/Qwen2.5-32B-Instruct-AWQ (AWQ, 18.0 GiB): fits on 2x A10 with max_model_len "
+            "32768") in result.suggestions
+
+
+def test_tensor_parallel_rules(catalog: Catalog) -> None:
+    def arch(name: str):
+        return catalog.models[name].architecture
+
+    seven = arch("Qwen/Qwen2.5-7B-Instruct")
+    assert tensor_parallel_problem(seven, 2, None) is None
+    assert tensor_parallel_problem(seven, 4, None) is None
+    assert "28 attention heads are not divisible by 3" in str(
+        tensor_parallel_problem(seven, 3, None))
+    assert "not a multiple of the 4 KV heads" in str(tensor_parallel_problem(seven, 7, None))
+    assert "intermediate size 18944 is not divisible by 28" in str(
+        tensor_parallel_problem(seven, 28, None))
+    # 16 > 8 KV heads and a multiple of them: vLLM replicates each KV head on 2 GPUs.
+    assert tensor_parallel_problem(arch("Qwen/Qwen2.5-72B-Instruct"), 16, None) is None
+    assert "not divisible by 8" in str(tensor_parallel_problem(seven, 8, None))
+    # Quantized shards must hold whole 128-wide groups.
+    awq = catalog.quantizations["awq"]
+    half = arch("Qwen/Qwen2.5-0.5B-Instruct")
+    assert "o_proj input 896 / 2 = 448" in str(tensor_parallel_problem(half, 2, awq))
+    assert tensor_parallel_problem(half, 2, None) is None
+    fourteen = arch("Qwen/Qwen2.5-14B-Instruct")
+    assert tensor_parallel_problem(fourteen, 4, awq) is None
+    assert "down_proj input 13824 / 8 = 1728" in str(tensor_parallel_problem(fourteen, 8, awq))
+    # Qwen's docs: 29568 / 128 = 231 leaves only tensor_parallel_size 1 for a self-quantized
+    # 72B; the official checkpoints' 29696 allow 2, 4, 8.
+    unpadded, padded = arch("Qwen/Qwen2.5-72B-Instruct"), arch("Qwen/Qwen2.5-72B-Instruct-AWQ")
+    for tp in (2, 4, 8):
+        assert tensor_parallel_problem(unpadded, tp, awq) is not None
+        assert tensor_parallel_problem(padded, tp, awq) is None
+
+
+def test_kv_cache_per_token(catalog: Catalog) -> None:
+    seventy_two = catalog.models["Qwen/Qwen2.5-72B-Instruct"].architecture
+    assert kv_bytes_per_token(seventy_two, 1) == 2 * 80 * 8 * 128 * 2 == 327680
+    assert kv_bytes_per_token(seventy_two, 8) == 2 * 80 * 1 * 128 * 2
+    assert kv_bytes_per_token(seventy_two, 16) == 2 * 80 * 1 * 128 * 2  # replicated, not split
+    assert kv_bytes_per_token(seventy_two, 1, dtype_bytes=1) == 163840
+
+
+def test_fit_uses_the_smallest_valid_tensor_parallel_size(run) -> None:
+    result = run("Qwen/Qwen2.5-32B-Instruct", "L40S", 3)  # 40 heads: 3 is not a valid size
+    assert result.fits and result.tensor_parallel == 2
+    assert run("Qwen/Qwen2.5-7B-Instruct", "A10", 3).tensor_parallel == 1
+
+
+def test_settings_are_checked(run) -> None:
+    with pytest.raises(FitError, match="at least 1"):
+        run("Qwen/Qwen2.5-7B-Instruct", "A10", 0)
+    with pytest.raises(FitError, match="gpu_memory_utilization"):
+        run("Qwen/Qwen2.5-7B-Instruct", "A10", gpu_memory_utilization=1.5)
+    with pytest.raises(FitError, match="not in the catalog"):
+        run("Qwen/Qwen2.5-4B-Instruct", "A10")
+    with pytest.raises(CompatError, match=r"not in data/gpus\.yml"):
+        run("Qwen/Qwen2.5-7B-Instruct", "GTX 480")
+    with pytest.raises(FitError, match="pass catalog="):
+        fit("Qwen/Qwen2.5-7B-Instruct", "A10", gpus=load_gpu_table())
+    lower = run("Qwen/Qwen2.5-7B-Instruct", "A10", gpu_memory_utilization=0.8)
+    assert lower.kv_cache_gib == pytest.approx(24 * 0.8 - 14.185 - RESERVE_GIB, abs=0.01)
+
+
+# --- a model from its config.json --------------------------------------------------------------
+
+# [cfg] Qwen2.5-72B-Instruct's config.json as vLLM issue #8691's log prints it.
+CONFIG_72B: dict[str, Any] = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 8192,
+    "initializer_range": 0.02, "intermediate_size": 29568, "max_position_embeddings": 32768,
+    "max_window_layers": 70, "model_type": "qwen2", "num_attention_heads": 64,
+    "num_hidden_layers": 80, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.44.2", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 152064,
+}
+
+
+def test_model_from_config_matches_the_catalog(catalog: Catalog, run) -> None:
+    spec = model_from_config(CONFIG_72B, "Qwen2.5-72B-Instruct config.json")
+    row = catalog.models["Qwen/Qwen2.5-72B-Instruct"]
+    assert spec.architecture == row.architecture
+    assert spec.params == 72_706_203_648
+    assert spec.params / 1e9 == pytest.approx(72.7, rel=0.02)
+    assert (spec.dtype, spec.max_position_embeddings, spec.quantization) == (
+        "bfloat16", 32768, None)
+    from_config = run(spec, "H100", 4)
+    from_catalog = run(spec_from_catalog("Qwen/Qwen2.5-72B-Instruct", row), "H100", 4)
+    assert from_config.fits and from_config.tensor_parallel == 4
+    assert (from_config.max_model_len, from_config.kv_cache_tokens, from_config.weights_gib) == (
+        from_catalog.max_model_len, from_catalog.kv_cache_tokens, from_catalog.weights_gib)
+
+
+def test_model_from_config_reads_yarn_and_quantization(catalog: Catalog, run) -> None:
+    yarn = copy.deepcopy(CONFIG_72B)  # the card's "Processing Long Texts" addition
+    yarn["rope_scaling"] = {"factor": 4.0, "original_max_position_embeddings": 32768,
+                            "type": "yarn"}
+    spec = model_from_config(yarn)
+    assert (spec.max_position_embeddings, spec.max_context, spec.yarn_factor) == (
+        131072, 131072, 4.0)
+    awq = copy.deepcopy(CONFIG_72B)
+    awq.update(intermediate_size=29696, torch_dtype="float16",
+               quantization_config={"bits": 4, "group_size": 128, "quant_method": "awq",
+                                    "version": "gemm", "zero_point": True})
+    spec = model_from_config(awq, "72B-AWQ", catalog=catalog)
+    assert spec.quantization is not None and spec.quantization.min_compute_capability == "7.5"
+    result = run(spec, "H100")
+    assert result.fits and result.quantization == "AWQ"
+    assert result.weights_gib == pytest.approx(
+        catalog.models["Qwen/Qwen2.5-72B-Instruct-AWQ"].weights_gib, abs=0.01)
+
+
+def test_model_from_config_refuses_what_it_cannot_model() -> None:
+    with pytest.raises(FitError, match="mixture-of-experts"):
+        model_from_config({**CONFIG_72B, "num_experts": 64})
+    with pytest.raises(FitError, match="'hidden_size' must be a positive integer"):
+        model_from_config({k: v for k, v in CONFIG_72B.items() if k != "hidden_size"})
+    with pytest.raises(FitError, match="quantization 'fp8' is not modelled"):
+        model_from_config({**CONFIG_72B, "quantization_config": {"quant_method": "fp8"}})
+
+
+def test_a_gpu_can_be_given_directly(run) -> None:
+    custom = GpuModel(match="RTX 6000 Ada", compute_capability="8.9", memory_gib=48)
+    result = run("Qwen/Qwen2.5-32B-Instruct-AWQ", custom)
+    assert result.fits and result.gpu == "RTX 6000 Ada" and result.max_model_len == 32768
