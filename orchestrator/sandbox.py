@@ -27,7 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE = "localhost/orchestrate-debian-systemd:bookworm"
+# Bump RECIPE whenever the image's build steps below change: the tag and the cached
+# tarball carry it, so a changed recipe never reuses an image built by the old one.
+RECIPE = 1
+IMAGE = f"localhost/orchestrate-debian-systemd:bookworm-r{RECIPE}"
 
 LABEL = "orchestrate.sandbox"
 # Holds the ports and mounts a container was created with, so a later up() can tell
@@ -54,7 +57,7 @@ IMAGE_PACKAGES = (
     "curl",
     "procps",
 )
-TARBALL_NAME = "debian-systemd-bookworm.tar.gz"
+TARBALL_NAME = f"debian-systemd-bookworm-r{RECIPE}.tar.gz"
 
 # sshd's stock unit runs `sshd -t` before anything else, which fails without host keys.
 # The image ships none, so every container makes its own at first boot instead of all

@@ -220,3 +220,9 @@ def test_fleet_up_is_idempotent_and_reachable_over_ssh(tmp_path: Path) -> None:
     assert removed == ["orchestrate-sandbox-1"]
     assert sandbox.status() == []
     assert not state.exists()
+
+
+def test_molecule_scenarios_use_the_sandbox_image() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    for scenario in (repo / "molecule").glob("*/molecule.yml"):
+        assert f"image: {sandbox.IMAGE}\n" in scenario.read_text(), scenario
