@@ -142,11 +142,40 @@ class CudaCompat(_Data):
     vllm: VllmTable
 
 
+class GpuModel(_Data):
+    match: str
+    compute_capability: str
+    memory_gib: int
+
+
+class GpuTable(_Data):
+    """data/gpus.yml."""
+
+    schema_version: int
+    gpus: list[GpuModel]
+
+    def find(self, name: str) -> GpuModel:
+        """The first row whose words are all words of `name` (rows go specific to general)."""
+        words = set(name.upper().replace("-", " ").split())
+        for gpu in self.gpus:
+            if set(gpu.match.upper().split()) <= words:
+                return gpu
+        known = ", ".join(g.match for g in self.gpus)
+        raise CompatError(f"GPU '{name}' is not in data/gpus.yml (known: {known}); give "
+                          "--compute-capability instead")
+
+
+def load_gpu_table(path: Path = DATA_DIR / "gpus.yml") -> GpuTable:
+    return GpuTable.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
 class CompatTable(_Data):
-    """What decide() needs: the compatibility data and the project's pinned GPU stack."""
+    """What decide() needs: the compatibility data and the project's pinned GPU stack
+    (and, for fit planning, the GPU table)."""
 
     cuda: CudaCompat
     gpu_stack: StackProfile
+    gpus: GpuTable | None = None
 
 
 def load_cuda_compat(path: Path = CUDA_COMPAT_PATH,
@@ -157,7 +186,7 @@ def load_cuda_compat(path: Path = CUDA_COMPAT_PATH,
     stack = compat.profiles.get(GPU_PROFILE)
     if stack is None:
         raise CompatError(f"{stack_path}: no '{GPU_PROFILE}' profile to take the pinned vLLM from")
-    return CompatTable(cuda=cuda, gpu_stack=stack)
+    return CompatTable(cuda=cuda, gpu_stack=stack, gpus=load_gpu_table())
 
 
 # --- the decision ----------------------------------------------------------------------
@@ -356,33 +385,6 @@ def decide(driver_version: str, gpu_compute_capability: str | None,
                           index_url=build.index_url, min_driver=need),
         vllm=VllmChoice(version=vllm_version),
         reasons=reasons)
-
-
-class GpuModel(_Data):
-    match: str
-    compute_capability: str
-    memory_gib: int
-
-
-class GpuTable(_Data):
-    """data/gpus.yml."""
-
-    schema_version: int
-    gpus: list[GpuModel]
-
-    def find(self, name: str) -> GpuModel:
-        """The first row whose words are all words of `name` (rows go specific to general)."""
-        words = set(name.upper().replace("-", " ").split())
-        for gpu in self.gpus:
-            if set(gpu.match.upper().split()) <= words:
-                return gpu
-        known = ", ".join(g.match for g in self.gpus)
-        raise CompatError(f"GPU '{name}' is not in data/gpus.yml (known: {known}); give "
-                          "--compute-capability instead")
-
-
-def load_gpu_table(path: Path = DATA_DIR / "gpus.yml") -> GpuTable:
-    return GpuTable.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
 def least_demanding_build(table: CompatTable) -> TorchChoice:

@@ -51,6 +51,13 @@ class PipSettings(Strict):
     no_index: bool | None = None
 
 
+class GpuSettings(Strict):
+    """The GPUs of a host, as nvidia-smi names them, for fit planning before it is reached."""
+
+    name: str | None = None
+    count: Annotated[int, Field(ge=1)] | None = None
+
+
 class HostSettings(Strict):
     """Settings that `defaults`, a group or a host may set; the most specific wins."""
 
@@ -62,6 +69,7 @@ class HostSettings(Strict):
         default=None, description="gpu: NVIDIA driver + CUDA torch; cpu: CPU builds (sandbox)")
     python: PythonSettings | None = None
     pip: PipSettings | None = None
+    gpu: GpuSettings | None = None
     vars: dict[str, Any] | None = Field(
         default=None, description="extra Ansible variables, passed through unchanged")
 
@@ -131,6 +139,7 @@ class ResolvedHost:
     profile: str
     python: PythonSettings
     pip: PipSettings
+    gpu: GpuSettings
     port_map: dict[int, int]
     vars: dict[str, Any]
 
@@ -186,6 +195,7 @@ def _resolve(defaults: HostSettings, group_name: str, group: Group, name: str,
         profile=flat.get("profile", "gpu"),
         python=PythonSettings(**_merge(*(layer.python for layer in layers))),
         pip=PipSettings(**_merge(*(layer.pip for layer in layers))),
+        gpu=GpuSettings(**_merge(*(layer.gpu for layer in layers))),
         port_map=dict(host.port_map or {}),
         vars=variables,
     )

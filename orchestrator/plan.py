@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.compat import CompatTable, least_demanding_build
 from orchestrator.config import Deployment, LoadedFleet, ResolvedHost
 from orchestrator.errors import PlanError
+from orchestrator.fit import fit
 from orchestrator.knowledge import Knowledge, StackProfile
 
 STAGES = ("preflight", "drivers", "python_env", "models", "services", "verify")
@@ -73,20 +74,21 @@ def _model_dir_on_host(dep: Deployment) -> str:
     return f"{MODELS_ROOT}/{dep.name}"
 
 
-def _vllm_args(dep: Deployment, profile: str) -> list[str]:
+def _vllm_args(dep: Deployment, profile: str, fitted: dict[str, str]) -> list[str]:
+    """The command line: the operator's options first, the fit's decisions where unset."""
     opts = dep.options
     args = ["--model", _model_dir_on_host(dep),
             "--served-model-name", _served_name(dep),
             "--host", "0.0.0.0",
             "--port", str(dep.port)]
-    if opts.max_model_len:
-        args += ["--max-model-len", str(opts.max_model_len)]
-    if opts.gpu_memory_utilization and profile == "gpu":
-        args += ["--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
-    if opts.tensor_parallel_size:
-        args += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
-    if opts.dtype:
-        args += ["--dtype", opts.dtype]
+    chosen = {"--max-model-len": opts.max_model_len,
+              "--gpu-memory-utilization": (opts.gpu_memory_utilization
+                                           if profile == "gpu" else None),
+              "--tensor-parallel-size": opts.tensor_parallel_size,
+              "--dtype": opts.dtype}
+    for flag, value in chosen.items():
+        if value or flag in fitted:
+            args += [flag, str(value) if value else fitted[flag]]
     # On CPUs the compiled mode only adds start-up time (measured 30-50 s eager
     # against 45-85 s compiled), so eager is the CPU default.
     if opts.enforce_eager if opts.enforce_eager is not None else profile == "cpu":
@@ -111,6 +113,34 @@ def _model_entry(dep: Deployment) -> dict[str, Any]:
     else:
         entry.update(source="modelscope", revision=dep.revision or "master")
     return entry
+
+
+def _fit_deployment(dep: Deployment, host: ResolvedHost, knowledge: Knowledge,
+                    gpu_table: CompatTable, reasons: list[str]) -> dict[str, str]:
+    """vLLM flags from fit planning on a GPU host whose GPUs the fleet names; PlanError
+    (with what would fit) when the model does not fit."""
+    if host.profile != "gpu" or dep.engine != "vllm":
+        return {}
+    if not host.gpu.name or dep.model not in knowledge.catalog.models:
+        why = ("the fleet does not name the host's GPUs (gpu: {name, count})" if not
+               host.gpu.name else f"{dep.model} is not in the catalog")
+        reasons.append(f"{dep.name}: fit not checked: {why}")
+        return {}
+    floor = gpu_table.cuda.vllm.releases[gpu_table.gpu_stack.vllm_version]
+    result = fit(dep.model, host.gpu.name, host.gpu.count or 1, dep.options.max_model_len,
+                 dep.options.gpu_memory_utilization or 0.9, catalog=knowledge.catalog,
+                 gpus=gpu_table.gpus,
+                 engine_min_compute_capability=floor.min_compute_capability)
+    if not result.fits:
+        instead = f"; instead: {result.suggestions[0]}" if result.suggestions else ""
+        raise PlanError(f"deployment '{dep.name}' on host '{host.name}': {dep.model} does not "
+                        f"fit {host.gpu.count or 1}x {host.gpu.name}: {result.reasons[-1]}"
+                        f"{instead} (`orchestrate fit` shows the whole reasoning)")
+    reasons.append(f"{dep.name}: fits {result.count}x {result.gpu}: tensor parallel "
+                   f"{result.tensor_parallel}, {result.dtype}, {result.weights_gib} GiB weights, "
+                   f"{result.kv_cache_gib} GiB KV cache per GPU, max_model_len "
+                   f"{result.max_model_len}")
+    return dict(zip(result.vllm_args[::2], result.vllm_args[1::2], strict=True))
 
 
 def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
@@ -173,7 +203,9 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
         "vllm_remove_packages": list(stack.remove_packages),
         "model_weights_models": [_model_entry(d) for d in deployments],
         "vllm_deployments": [
-            {"name": d.name, "port": d.port, "args": _vllm_args(d, host.profile),
+            {"name": d.name, "port": d.port,
+             "args": _vllm_args(d, host.profile,
+                                _fit_deployment(d, host, knowledge, gpu_table, reasons)),
              "env": _vllm_env(d, host.profile)}
             for d in deployments if d.engine == "vllm"],
     }

@@ -85,3 +85,42 @@ def test_stage_selection() -> None:
     assert select_stages(None, ["drivers"]) == [s for s in STAGES if s != "drivers"]
     with pytest.raises(PlanError, match="unknown stage 'driver'"):
         select_stages(["driver"], None)
+
+
+FLEET_72B = """\
+groups:
+  big:
+    gpu: {name: NVIDIA H100 80GB HBM3, count: 4}
+    hosts: {h100-01: {address: 10.0.0.21}}
+  small:
+    gpu: {name: NVIDIA H100 80GB HBM3, count: 1}
+    hosts: {h100-02: {address: 10.0.0.22}}
+deployments:
+  - {name: big, model: Qwen/Qwen2.5-72B-Instruct, engine: vllm, hosts: big, port: 8000}
+  - {name: small, model: Qwen/Qwen2.5-72B-Instruct, engine: vllm, hosts: small, port: 8000}
+"""
+
+
+def test_fit_chooses_tensor_parallel_on_a_named_gpu_host(write) -> None:
+    loaded = load_fleet(write("fleet.yml", FLEET_72B))
+    host = make_plan(loaded, "big", load_knowledge(), load_cuda_compat()).hosts[0]
+    args = host.vars["vllm_deployments"][0]["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "4"
+    assert args[args.index("--dtype") + 1] == "bfloat16"
+    assert any(r.startswith("big: fits 4x") for r in host.reasons)
+
+
+def test_a_model_that_does_not_fit_stops_the_plan_with_what_would(write) -> None:
+    loaded = load_fleet(write("fleet.yml", FLEET_72B))
+    with pytest.raises(PlanError, match=r"does not fit 1x NVIDIA H100.*instead: 4x"):
+        make_plan(loaded, "small", load_knowledge(), load_cuda_compat())
+
+
+def test_the_operators_flags_win_over_the_fit(write) -> None:
+    text = FLEET_72B.replace("hosts: big, port: 8000}",
+                             "hosts: big, port: 8000, options: {max_model_len: 4096}}")
+    host = make_plan(load_fleet(write("fleet.yml", text)), "big", load_knowledge(),
+                     load_cuda_compat()).hosts[0]
+    args = host.vars["vllm_deployments"][0]["args"]
+    assert args.count("--max-model-len") == 1
+    assert args[args.index("--max-model-len") + 1] == "4096"
