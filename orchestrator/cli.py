@@ -135,7 +135,7 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
         if _uses_sandbox(hosts, fleet, inventory):
             _start_sandbox(the_plan)
         run_dir = render(the_plan, STATE_DIR / "runs", new_run_id(dt.datetime.now(), "up"),
-                         check=check)
+                         check=check, operator_inventory=inventory)
     out = err if as_json else console
     out.print(f"run {run_dir.run_id}: stages {', '.join(the_plan.stages)} on "
               f"{len(the_plan.hosts)} host(s) of '{hosts}'")

@@ -201,14 +201,18 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
         **gpu_vars,
         "vllm_requirement": stack.vllm_requirement,
         "vllm_remove_packages": list(stack.remove_packages),
-        "model_weights_models": [_model_entry(d) for d in deployments],
-        "vllm_deployments": [
+    }
+    # A host the fleet gives no deployment gets no deployment variables: an operator's
+    # own inventory (-i) may define them in group_vars, and an empty list here would
+    # override those and remove the instances they describe.
+    if deployments:
+        variables["model_weights_models"] = [_model_entry(d) for d in deployments]
+        variables["vllm_deployments"] = [
             {"name": d.name, "port": d.port,
              "args": _vllm_args(d, host.profile,
                                 _fit_deployment(d, host, knowledge, gpu_table, reasons)),
              "env": _vllm_env(d, host.profile)}
-            for d in deployments if d.engine == "vllm"],
-    }
+            for d in deployments if d.engine == "vllm"]
     if host.python.conda_installer_url:
         variables["python_env_conda_installer_url"] = host.python.conda_installer_url
     if host.profile == "cpu":

@@ -38,6 +38,13 @@ class RunDir:
     tags: list[str]
     skip_tags: list[str]
     check: bool
+    # The operator's own inventory (-i), read first so that its group_vars and
+    # host_vars apply; the planned host_vars in `inventory` take precedence.
+    operator_inventory: Path | None = None
+
+    def inventories(self) -> list[str]:
+        own = [str(self.operator_inventory)] if self.operator_inventory else []
+        return [*own, str(self.inventory)]
 
     @property
     def artifacts(self) -> Path:
@@ -63,7 +70,8 @@ def new_run_id(now: dt.datetime, command: str) -> str:
     return f"{now.strftime('%Y%m%d-%H%M%S-%f')}-{command}"
 
 
-def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False) -> RunDir:
+def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
+           operator_inventory: Path | None = None) -> RunDir:
     """Write the run directory for `plan`; stage selection becomes tags on site.yml."""
     # Absolute: ansible-runner runs ansible-playbook from the project directory.
     path = (runs_root / run_id).resolve()
@@ -86,9 +94,12 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False) -> 
 
     everything = tuple(plan.stages) == STAGES
     run = RunDir(path=path, run_id=run_id, inventory=inventory, playbook=PLAYBOOK,
-                 tags=[] if everything else list(plan.stages), skip_tags=[], check=check)
-    replay = ["ansible-playbook", "-i", str(inventory), str(ROOT / PLAYBOOK),
-              *run.ansible_args()]
+                 tags=[] if everything else list(plan.stages), skip_tags=[], check=check,
+                 operator_inventory=operator_inventory.resolve() if operator_inventory
+                 else None)
+    replay = ["ansible-playbook", *[arg for source in run.inventories()
+                                    for arg in ("-i", source)],
+              str(ROOT / PLAYBOOK), *run.ansible_args()]
     (path / "command.txt").write_text(
         f"# Same run by hand, from {ROOT}:\nANSIBLE_CONFIG={ROOT / 'ansible.cfg'} "
         f"{shlex.join(replay)}\n", encoding="utf-8")

@@ -124,3 +124,13 @@ def test_the_operators_flags_win_over_the_fit(write) -> None:
     args = host.vars["vllm_deployments"][0]["args"]
     assert args.count("--max-model-len") == 1
     assert args[args.index("--max-model-len") + 1] == "4096"
+
+
+def test_hosts_without_fleet_deployments_get_no_deployment_variables(write) -> None:
+    inventory = write("hosts.yml", "all:\n  children:\n    gpu:\n      hosts:\n"
+                                   "        node-a: {ansible_host: 192.0.2.10}\n")
+    host = make_plan(load_fleet(None, inventory), "gpu", load_knowledge(),
+                     load_cuda_compat()).hosts[0]
+    # Left to the operator's own group_vars; an empty list would remove their instances.
+    assert "vllm_deployments" not in host.vars
+    assert "model_weights_models" not in host.vars

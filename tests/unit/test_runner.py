@@ -76,3 +76,23 @@ def test_failure_message_uses_the_loop_label() -> None:
     res = {"results": [{"item": {"name": "qwen7b", "args": ["--model", "/m"]},
                         "_ansible_item_label": "qwen7b", "failed": True, "msg": "boom"}]}
     assert failure_message(res) == "item 'qwen7b': boom"
+
+
+def test_operator_inventory_group_vars_apply_and_planned_vars_win(tmp_path: Path) -> None:
+    own = tmp_path / "own"
+    (own / "group_vars").mkdir(parents=True)
+    (own / "hosts.yml").write_text("all:\n  children:\n    test:\n      hosts:\n"
+                                   "        local-1: {ansible_connection: local}\n")
+    (own / "group_vars" / "test.yml").write_text(
+        "operator_only: from the operator inventory\nboth: from the operator inventory\n")
+    plan = local_plan()
+    plan = plan.model_copy(update={"hosts": [plan.hosts[0].model_copy(
+        update={"vars": {"both": "planned"}})]})
+    run = render(plan, tmp_path / "runs", "precedence", operator_inventory=own / "hosts.yml")
+    run = run.__class__(**{**vars(run), "playbook": str(DATA / "precedence-playbook.yml")})
+
+    result = run_playbook(run, lambda _: None)
+
+    assert result.ok, result.failures
+    assert run.inventories() == [str(own / "hosts.yml"), str(run.inventory)]
+    assert f"-i {own / 'hosts.yml'} -i {run.inventory}" in (run.path / "command.txt").read_text()
