@@ -19,9 +19,9 @@ def plan_table(plan: Plan, console: Console) -> None:
     for column in ("host", "profile", "address", "deployments", "why"):
         table.add_column(column, overflow="fold")
     for host in plan.hosts:
+        planned = host.vars.get("vllm_deployments", [])
         deployments = "\n".join(
-            f"{d['name']}: vllm {command_line(d['args'])}" for d in host.vars["vllm_deployments"]
-        ) or "-"
+            f"{d['name']}: vllm {command_line(d['args'])}" for d in planned) or "-"
         conn = host.connection
         table.add_row(host.name, host.profile,
                       f"{conn['ansible_user']}@{conn['ansible_host']}:{conn['ansible_port']}",

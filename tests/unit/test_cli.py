@@ -121,3 +121,10 @@ def test_fit_72b_on_one_h100_refuses_and_suggests(tmp_path: Path) -> None:
 def test_fit_unknown_model_is_one_line(tmp_path: Path) -> None:
     proc = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-4B-Instruct", "--gpu", "Tesla T4")
     assert proc.returncode == 2 and "not in the catalog" in proc.stderr
+
+
+def test_plan_table_for_an_inventory_without_deployments(tmp_path: Path) -> None:
+    proc = run(tmp_path, "plan", "--hosts", "gpu_cluster", "-i",
+               str(REPO / "inventory/gpu-cluster/hosts.yml"))
+    assert proc.returncode == 0, proc.stderr
+    assert "gpu-01" in proc.stdout and "Traceback" not in proc.stderr
