@@ -54,7 +54,8 @@ def _errors() -> Iterator[None]:
     """Every known failure ends as one line and its exit code, never a traceback."""
     try:
         yield
-    except (OrchestrateError, sandbox.SandboxError) as exc:
+    except (OrchestrateError, sandbox.SandboxError, OSError) as exc:
+        # OSError: a run directory that cannot be written (disk full, permissions).
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(getattr(exc, "exit_code", 1)) from None
 
@@ -89,7 +90,6 @@ def _plan(hosts: str, fleet: Path | None, inventory: Path | None,
 
 def _start_sandbox(plan: Plan) -> None:
     wheelhouse = sandbox_fleet.sandbox_wheelhouse(load_knowledge(), _log)
-    sandbox.ensure_image(_log)
     sandbox.up(STATE_DIR / "sandbox", count=len(plan.hosts),
                ssh_base_port=sandbox_fleet.SSH_BASE_PORT,
                service_ports=[sandbox_fleet.VLLM_PORT],
@@ -139,15 +139,16 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
     out = err if as_json else console
     out.print(f"run {run_dir.run_id}: stages {', '.join(the_plan.stages)} on "
               f"{len(the_plan.hosts)} host(s) of '{hosts}'")
-    with report.LiveProgress(out, [h.name for h in the_plan.hosts]) as progress:
-        result = run_playbook(run_dir, progress)
-    report.run_summary(result, out, str(run_dir.path))
+    with _errors():
+        with report.LiveProgress(out, [h.name for h in the_plan.hosts]) as progress:
+            result = run_playbook(run_dir, progress)
+        report.run_summary(result, out, str(run_dir.path))
 
-    probes = None
-    if not check and "verify" in the_plan.stages:
-        probes = probe_plan(the_plan)
-        report.probe_table(probes, out)
-        (run_dir.path / "probes.json").write_text(probes.model_dump_json(indent=2) + "\n")
+        probes = None
+        if not check and "verify" in the_plan.stages:
+            probes = probe_plan(the_plan)
+            report.probe_table(probes, out)
+            (run_dir.path / "probes.json").write_text(probes.model_dump_json(indent=2) + "\n")
     if as_json:
         print(json.dumps({"run_id": run_dir.run_id, "run_dir": str(run_dir.path),
                           "ansible": report.run_json(result),

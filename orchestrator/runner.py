@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import ansible_runner
+import ansible_runner.exceptions
 
+from orchestrator.errors import OrchestrateError
 from orchestrator.render import ROOT, RunDir
 
 MESSAGE_LINES = 14
@@ -153,22 +155,26 @@ def run_playbook(run: RunDir, on_progress: Callable[[Progress], None], *,
                "PATH": os.pathsep.join([str(Path(sys.executable).parent),
                                         os.environ.get("PATH", "")]),
                **(env or {})}
-    runner = ansible_runner.run(
-        private_data_dir=str(run.path),
-        project_dir=str(ROOT),
-        playbook=run.playbook,
-        inventory=run.inventories(),
-        cmdline=" ".join(run.ansible_args()) or None,
-        forks=forks,
-        ident="ansible",
-        artifact_dir=str(run.artifacts),
-        event_handler=interpreter,
-        quiet=True,
-        envvars=envvars,
-        # Secrets reach Ansible through the process environment: never write
-        # runner's env/ files, which would keep them beside the artifacts.
-        suppress_env_files=True,
-    )
+    try:
+        runner = ansible_runner.run(
+            private_data_dir=str(run.path),
+            project_dir=str(ROOT),
+            playbook=run.playbook,
+            inventory=run.inventories(),
+            cmdline=" ".join(run.ansible_args()) or None,
+            forks=forks,
+            ident="ansible",
+            artifact_dir=str(run.artifacts),
+            event_handler=interpreter,
+            quiet=True,
+            envvars=envvars,
+            # Secrets reach Ansible through the process environment: never write
+            # runner's env/ files, which would keep them beside the artifacts.
+            suppress_env_files=True,
+        )
+    except ansible_runner.exceptions.AnsibleRunnerException as exc:
+        raise OrchestrateError(f"ansible-runner could not start the run in {run.path}: "
+                               f"{exc}") from None
     _drop_saved_environment(run.artifacts / "ansible" / "command")
     return interpreter.result(runner.status, runner.rc)
 
