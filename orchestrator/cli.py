@@ -188,7 +188,7 @@ def facts_parse(
             raise ConfigError(f"cannot read: {exc}", file=str(file)) from None
     parsed = parse_nvidia_smi(text, columns=columns.split(",") if columns else None)
     if as_json:
-        print(parsed.model_dump_json(indent=2))
+        print(json.dumps(parsed.to_dict(), indent=2))
     else:
         console.print(summarize(parsed), highlight=False)
         if parsed.error:

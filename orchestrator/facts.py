@@ -8,16 +8,17 @@ by character offsets, and answers with an "unrecognized" error instead of guessi
 when the labels it needs are not there.
 
 Pure functions: the caller runs nvidia-smi (stdout and stderr together) and passes
-the text in.
+the text in. Standard library only, and Python 3.9 compatible: the same file is the
+module_utils of the `nvidia_gpu_facts` Ansible module (roles/gpu_check), which runs it
+on the hosts (RHEL 9 ships Python 3.9), so hosts and planner read nvidia-smi alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import xml.etree.ElementTree as ET
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
+from typing import Any, Literal
 
 ErrorKind = Literal[
     "driver_not_loaded",
@@ -29,11 +30,8 @@ ErrorKind = Literal[
 ]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class GpuInfo(_Frozen):
+@dataclasses.dataclass(frozen=True)
+class GpuInfo:
     index: int
     name: str
     uuid: str | None = None
@@ -42,24 +40,31 @@ class GpuInfo(_Frozen):
     mig_mode: str | None = None
 
 
-class MigDevice(_Frozen):
+@dataclasses.dataclass(frozen=True)
+class MigDevice:
     gpu_index: int
     profile: str | None
     uuid: str
 
 
-class SmiError(_Frozen):
+@dataclasses.dataclass(frozen=True)
+class SmiError:
     kind: ErrorKind
     message: str
     next_step: str
 
 
-class GpuFacts(_Frozen):
+@dataclasses.dataclass(frozen=True)
+class GpuFacts:
     driver_version: str | None = None
     cuda_version: str | None = None
-    gpus: list[GpuInfo] = []
-    mig_devices: list[MigDevice] = []
+    gpus: list[GpuInfo] = dataclasses.field(default_factory=list)
+    mig_devices: list[MigDevice] = dataclasses.field(default_factory=list)
     error: SmiError | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of `orchestrate facts parse --json` and of the Ansible fact."""
+        return dataclasses.asdict(self)
 
 
 NEXT_STEPS: dict[ErrorKind, str] = {
@@ -404,7 +409,8 @@ def parse_query_csv(text: str, *, columns: list[str] | None = None) -> GpuFacts:
         row = _csv_row(line)
         if len(row) != len(names):
             return _unrecognized(f"CSV row has {len(row)} fields, header has {len(names)}")
-        records.append(dict(zip(names, row, strict=True)))
+        # Lengths checked above; zip(strict=) is Python 3.10+, hosts may run 3.9.
+        records.append(dict(zip(names, row)))  # noqa: B905
     gpus: dict[int, GpuInfo] = {}
     for position, record in enumerate(records):
         index_text = record.get("index", str(position))
@@ -479,7 +485,7 @@ def parse_nvidia_smi(text: str, *, columns: list[str] | None = None) -> GpuFacts
     error = _error("device_handle", "\n".join(broken))
     if facts.error is not None:
         return GpuFacts(error=error)
-    return facts.model_copy(update={"error": error})
+    return dataclasses.replace(facts, error=error)
 
 
 def summarize(facts: GpuFacts) -> str:

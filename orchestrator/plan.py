@@ -154,11 +154,16 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
         build = least_demanding_build(gpu_table)
         torch_requirement, torch_index = build.requirement, build.index_url
         gpu_vars["gpu_check_min_driver"] = build.min_driver
+        if host.gpu.name:
+            gpu_vars["gpu_check_expected_name"] = host.gpu.name
+            gpu_vars["gpu_check_expected_count"] = host.gpu.count or 1
     reasons = [f"profile {host.profile}: {stack.vllm_requirement} with {torch_requirement}"
                + (f" from {torch_index}" if torch_index else "")]
     if gpu_vars:
-        reasons.append(f"CUDA {build.cuda} build: the drivers stage requires NVIDIA driver >= "
-                       f"{build.min_driver}")
+        reasons.append(f"torch CUDA {build.cuda} build: the drivers stage requires NVIDIA "
+                       f"driver >= {build.min_driver}")
+    else:
+        reasons.append("torch CPU build: profile cpu, the host has no GPU to use")
 
     disk_gib = float(ENV_DISK_GIB[host.profile])
     for dep in deployments:
