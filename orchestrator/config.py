@@ -38,7 +38,11 @@ class PythonSettings(Strict):
 
     manager: Literal["venv", "conda"] | None = None
     version: Annotated[str, Field(pattern=r"^3\.\d+$")] | None = None
+    # The environment's path; with per_deployment, the directory holding one per deployment.
     path: str | None = None
+    # One environment per deployment (<path>/<deployment>), so that deployments upgrade
+    # vLLM independently; default: one environment per host, shared.
+    per_deployment: bool | None = None
     conda_installer_url: str | None = None
 
 

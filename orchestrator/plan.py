@@ -23,6 +23,7 @@ STAGES = ("preflight", "drivers", "python_env", "models", "services", "verify")
 # Where things live on a host; role defaults hold the same values so that the
 # playbooks work without the orchestrator.
 ENV_PATH = "/opt/qwen-serve/env"
+ENVS_ROOT = "/opt/qwen-serve/envs"  # python.per_deployment: <root>/<deployment>
 MODELS_ROOT = "/var/lib/qwen-serve/models"
 
 # Room for the Python environment with torch and vLLM, measured installed size
@@ -154,9 +155,11 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
         build = least_demanding_build(gpu_table)
         torch_requirement, torch_index = build.requirement, build.index_url
         gpu_vars["gpu_check_min_driver"] = build.min_driver
+        gpu_vars["pytorch_require_cuda"] = True
         if host.gpu.name:
             gpu_vars["gpu_check_expected_name"] = host.gpu.name
             gpu_vars["gpu_check_expected_count"] = host.gpu.count or 1
+            gpu_vars["pytorch_expected_gpus"] = host.gpu.count or 1
     reasons = [f"profile {host.profile}: {stack.vllm_requirement} with {torch_requirement}"
                + (f" from {torch_index}" if torch_index else "")]
     if gpu_vars:
@@ -165,7 +168,17 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     else:
         reasons.append("torch CPU build: profile cpu, the host has no GPU to use")
 
-    disk_gib = float(ENV_DISK_GIB[host.profile])
+    env_path = host.python.path or ENV_PATH
+    deployment_envs: dict[str, str] = {}
+    if host.python.per_deployment:
+        root = host.python.path or ENVS_ROOT
+        deployment_envs = {d.name: f"{root}/{d.name}" for d in deployments
+                           if d.engine == "vllm"}
+        if deployment_envs:
+            env_path = next(iter(deployment_envs.values()))
+            reasons.append(f"one Python environment per deployment under {root}: "
+                           + ", ".join(deployment_envs.values()))
+    disk_gib = float(ENV_DISK_GIB[host.profile]) * max(1, len(deployment_envs))
     for dep in deployments:
         if dep.engine != "vllm":
             raise PlanError(f"deployment '{dep.name}': engine '{dep.engine}' is not provisioned "
@@ -190,12 +203,12 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     if host.become and host.ssh_user != "root":
         conn["ansible_become"] = True
 
-    env_path = host.python.path or ENV_PATH
     variables: dict[str, Any] = {
         "orchestrate_profile": host.profile,
         "preflight_min_free_gib": int(disk_gib + 0.999),
         "python_env_manager": host.python.manager or "venv",
         "python_env_path": env_path,
+        **({"python_env_paths": list(deployment_envs.values())} if deployment_envs else {}),
         "python_env_python_version": python_version,
         "python_env_pip_index_url": host.pip.index_url,
         "python_env_pip_extra_index_urls": list(host.pip.extra_index_urls or []),
@@ -216,7 +229,8 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
             {"name": d.name, "port": d.port,
              "args": _vllm_args(d, host.profile,
                                 _fit_deployment(d, host, knowledge, gpu_table, reasons)),
-             "env": _vllm_env(d, host.profile)}
+             "env": _vllm_env(d, host.profile),
+             **({"env_path": deployment_envs[d.name]} if d.name in deployment_envs else {})}
             for d in deployments if d.engine == "vllm"]
     if host.python.conda_installer_url:
         variables["python_env_conda_installer_url"] = host.python.conda_installer_url

@@ -134,3 +134,35 @@ def test_hosts_without_fleet_deployments_get_no_deployment_variables(write) -> N
     # Left to the operator's own group_vars; an empty list would remove their instances.
     assert "vllm_deployments" not in host.vars
     assert "model_weights_models" not in host.vars
+
+
+def test_per_deployment_environments(write) -> None:
+    fleet = write("fleet.yml", """\
+groups:
+  g:
+    gpu: {name: NVIDIA H100 80GB HBM3, count: 1}
+    python: {per_deployment: true}
+    hosts: {h: {address: 10.0.0.5}}
+deployments:
+  - {name: chat, model: Qwen/Qwen2.5-7B-Instruct, engine: vllm, hosts: g, port: 8000}
+  - {name: coder, model: Qwen/Qwen2.5-Coder-7B-Instruct, engine: vllm, hosts: g, port: 8001}
+""")
+    host = make_plan(load_fleet(fleet), "g", load_knowledge(), load_cuda_compat()).hosts[0]
+    envs = ["/opt/qwen-serve/envs/chat", "/opt/qwen-serve/envs/coder"]
+    assert host.vars["python_env_paths"] == envs
+    assert [d["env_path"] for d in host.vars["vllm_deployments"]] == envs
+    # Two environments of 16 GiB and two sets of 7B weights.
+    assert host.vars["preflight_min_free_gib"] >= 2 * 16 + 2 * 14
+    assert any("one Python environment per deployment" in r for r in host.reasons)
+
+
+def test_torch_build_reason_per_profile() -> None:
+    gpu = make_plan(load_fleet(REPO / "templates" / "fleet.yml"), "gpu-cluster",
+                    load_knowledge(), load_cuda_compat()).hosts[0]
+    cpu = make_plan(sandbox_fleet(Path("/k"), Path("/m")), "sandbox", load_knowledge(),
+                    load_cuda_compat()).hosts[0]
+    assert any(r.startswith("torch CUDA 13.0 build") for r in gpu.reasons)
+    assert gpu.vars["pytorch_require_cuda"] is True
+    assert gpu.vars["pytorch_expected_gpus"] == 1
+    assert any(r.startswith("torch CPU build") for r in cpu.reasons)
+    assert "pytorch_require_cuda" not in cpu.vars
