@@ -95,6 +95,17 @@ class EngineOptions(Strict):
     tensor_parallel_size: Annotated[int, Field(ge=1)] | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     enforce_eager: bool | None = None
+    pipeline_parallel_size: Annotated[int, Field(ge=1)] | None = None
+    # Forces vLLM's quantization method; by default vLLM reads it from the model's config
+    # (and picks the faster Marlin kernels for AWQ/GPTQ where the GPU has them).
+    quantization: Literal["awq", "awq_marlin", "gptq", "gptq_marlin", "fp8"] | None = None
+    # Qwen2.5's tool calls are Hermes-style <tool_call> JSON (vLLM's docs for Qwen).
+    tool_calling: bool | None = None
+    tool_call_parser: str = "hermes"
+    # vLLM's own default applies when unset.
+    prefix_caching: bool | None = None
+    # Where the server listens; the control machine's probes must reach it.
+    bind_address: str = "0.0.0.0"
     kv_cache_space_gib: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="vLLM CPU build only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     extra_args: list[str] = Field(default_factory=list)
@@ -120,10 +131,16 @@ class Deployment(Strict):
         default=None, description="model directory on the control machine, copied to hosts "
                                   "instead of downloading `model`")
     revision: str | None = None
+    # Name of the Ansible variable holding the API key, kept Vault-encrypted in the fleet's
+    # secrets file (or the operator's inventory): only that name is ever written here.
+    api_key_var: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     options: EngineOptions = Field(default_factory=EngineOptions)
 
 
 class Fleet(Strict):
+    # An Ansible Vault-encrypted YAML file of secrets (API keys by their api_key_var names),
+    # given to every run as extra variables; opened with --vault-password-file.
+    secrets: str | None = None
     defaults: HostSettings = Field(default_factory=HostSettings)
     groups: dict[GroupName, Group] = Field(default_factory=dict)
     deployments: list[Deployment] = Field(default_factory=list)
@@ -378,7 +395,7 @@ def _inventory_groups(doc: YamlDocument) -> dict[str, Any]:
 # --- entry point ---------------------------------------------------------------------------
 
 def _paths_relative_to(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Relative ssh_key and model_dir paths mean: next to the fleet file, wherever the
+    """Relative ssh_key, model_dir and secrets paths mean: next to the fleet file, wherever the
     command runs from (Ansible itself runs from the project directory)."""
     def fix(path: str) -> str:
         return path if path.startswith(("/", "~")) else str(base / path)
@@ -397,6 +414,8 @@ def _paths_relative_to(raw: dict[str, Any], base: Path) -> dict[str, Any]:
                    if isinstance(group, dict) and isinstance(group.get("hosts"), dict)
                    else settings(group) if isinstance(group, dict) else group)
             for name, group in out["groups"].items()}
+    if isinstance(out.get("secrets"), str):
+        out["secrets"] = fix(out["secrets"])
     if isinstance(out.get("deployments"), list):
         out["deployments"] = [
             {**d, "model_dir": fix(d["model_dir"])} if isinstance(d, dict)

@@ -41,6 +41,9 @@ class ProbeTarget(_Out):
     engine: str
     base_url: str
     served_model_name: str
+    # The Ansible variable (in the fleet's secrets) holding the deployment's API key.
+    api_key_var: str | None = None
+    tool_calling: bool = False
 
 
 class HostPlan(_Out):
@@ -57,6 +60,8 @@ class Plan(_Out):
     group: str
     stages: list[str]
     hosts: list[HostPlan]
+    # The fleet's Vault-encrypted secrets file, given to Ansible as extra variables.
+    secrets_file: str | None = None
 
 
 def select_stages(only: list[str] | None, skip: list[str] | None) -> list[str]:
@@ -80,13 +85,15 @@ def _vllm_args(dep: Deployment, profile: str, fitted: dict[str, str]) -> list[st
     opts = dep.options
     args = ["--model", _model_dir_on_host(dep),
             "--served-model-name", _served_name(dep),
-            "--host", "0.0.0.0",
+            "--host", opts.bind_address,
             "--port", str(dep.port)]
     chosen = {"--max-model-len": opts.max_model_len,
               "--gpu-memory-utilization": (opts.gpu_memory_utilization
                                            if profile == "gpu" else None),
               "--tensor-parallel-size": opts.tensor_parallel_size,
-              "--dtype": opts.dtype}
+              "--pipeline-parallel-size": opts.pipeline_parallel_size,
+              "--dtype": opts.dtype,
+              "--quantization": opts.quantization}
     for flag, value in chosen.items():
         if value or flag in fitted:
             args += [flag, str(value) if value else fitted[flag]]
@@ -94,6 +101,11 @@ def _vllm_args(dep: Deployment, profile: str, fitted: dict[str, str]) -> list[st
     # against 45-85 s compiled), so eager is the CPU default.
     if opts.enforce_eager if opts.enforce_eager is not None else profile == "cpu":
         args.append("--enforce-eager")
+    if opts.tool_calling:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", opts.tool_call_parser]
+    if opts.prefix_caching is not None:
+        args.append("--enable-prefix-caching" if opts.prefix_caching
+                    else "--no-enable-prefix-caching")
     return args + list(opts.extra_args)
 
 
@@ -230,6 +242,8 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
              "args": _vllm_args(d, host.profile,
                                 _fit_deployment(d, host, knowledge, gpu_table, reasons)),
              "env": _vllm_env(d, host.profile),
+             # A reference Ansible resolves from the Vault-encrypted secrets at run time.
+             **({"api_key": "{{ " + d.api_key_var + " }}"} if d.api_key_var else {}),
              **({"env_path": deployment_envs[d.name]} if d.name in deployment_envs else {})}
             for d in deployments if d.engine == "vllm"]
     if host.python.conda_installer_url:
@@ -241,7 +255,8 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
 
     probes = [ProbeTarget(deployment=d.name, engine=d.engine,
                           base_url=f"http://{host.address}:{host.port_map.get(d.port, d.port)}",
-                          served_model_name=_served_name(d)) for d in deployments]
+                          served_model_name=_served_name(d), api_key_var=d.api_key_var,
+                          tool_calling=bool(d.options.tool_calling)) for d in deployments]
     return HostPlan(name=host.name, group=group, profile=host.profile, connection=conn,
                     vars=variables, probes=probes, reasons=reasons)
 
@@ -254,7 +269,8 @@ def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: 
         deployments = [d for d in loaded.fleet.deployments
                        if host.name in {h.name for h in loaded.hosts_of(d.hosts)}]
         plans.append(_plan_host(host, deployments, knowledge, gpu_table, group))
-    return Plan(group=group, stages=list(stages or STAGES), hosts=plans)
+    return Plan(group=group, stages=list(stages or STAGES), hosts=plans,
+                secrets_file=loaded.fleet.secrets)
 
 
 def command_line(args: list[str]) -> str:

@@ -7,7 +7,7 @@ what came back) and, on failure, what the operator should do next.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -48,7 +48,8 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list[ProbeResult]:
+def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client,
+                 api_key: str | None = None) -> list[ProbeResult]:
     def result(probe: str, passed: bool, evidence: str,
                next_step: str | None = None) -> ProbeResult:
         return ProbeResult(host=host, deployment=target.deployment, probe=probe, passed=passed,
@@ -58,6 +59,14 @@ def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list[P
     logs = f"on {host}: systemctl status {unit}; journalctl -u {unit} -n 100"
     url = target.base_url
     out: list[ProbeResult] = []
+    if target.api_key_var:
+        if api_key is None:
+            out.append(result("api_key", False,
+                              f"no secret '{target.api_key_var}' in the fleet's secrets file",
+                              f"add {target.api_key_var} to the secrets file (ansible-vault "
+                              "edit FILE) and give --vault-password-file"))
+            return out
+        client.headers["Authorization"] = f"Bearer {api_key}"
     try:
         health = client.get(f"{url}/health")
     except httpx.HTTPError as exc:
@@ -72,6 +81,15 @@ def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list[P
 
     try:
         models = client.get(f"{url}/v1/models")
+        if models.status_code == 401:
+            out.append(result("models", False, f"GET {url}/v1/models -> 401",
+                              "the API refused the key: "
+                              + (f"the secret '{target.api_key_var}' differs from the key "
+                                 f"in /etc/vllm/{target.deployment}.env on {host}; rerun the "
+                                 "services stage" if target.api_key_var else
+                                 "the service wants an API key the fleet does not give "
+                                 "(set api_key_var on the deployment)")))
+            return out
         ids = [m.get("id") for m in models.json().get("data", [])]
     except (httpx.HTTPError, ValueError, AttributeError) as exc:
         out.append(result("models", False, f"GET {url}/v1/models: {exc}",
@@ -81,6 +99,8 @@ def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list[P
                       f"GET {url}/v1/models -> {models.status_code} {ids}",
                       f"expected '{target.served_model_name}' to be served; check "
                       f"--served-model-name in `systemctl cat {unit}` on {host}"))
+    if target.api_key_var:
+        out.append(_api_key_probe(url, client, result, unit, host))
 
     body = {"model": target.served_model_name, "temperature": 0, "max_tokens": 16,
             "messages": [{"role": "user", "content": CHAT_PROMPT}]}
@@ -99,7 +119,67 @@ def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list[P
         f"answer={_short(content)!r}",
         f"the model answered nothing; {logs}"))
     out.append(_stream_probe(url, body, client, result, logs))
+    if target.tool_calling:
+        out.append(_tool_probe(url, target.served_model_name, client, result, logs))
     return out
+
+
+TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "required": ["city"],
+                   "properties": {"city": {"type": "string", "enum": ["Paris", "Tokyo"]}}}}}
+
+
+def _tool_probe(url: str, model: str, client: httpx.Client,
+                result: Callable[..., ProbeResult], logs: str) -> ProbeResult:
+    """Tool calling as the deployment enables it: `tool_choice: auto` is accepted (vLLM
+    answers 400 without --enable-auto-tool-choice), and `required` returns a well-formed
+    call of the offered function (vLLM constrains the output, so any model passes that
+    serves tools correctly; the enum keeps the arguments short)."""
+    body = {"model": model, "temperature": 0, "max_tokens": 64, "tools": [TOOL],
+            "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    request = f"POST {url}/v1/chat/completions with tools"
+    try:
+        auto = client.post(f"{url}/v1/chat/completions", json={**body, "tool_choice": "auto"})
+        required = client.post(f"{url}/v1/chat/completions",
+                               json={**body, "tool_choice": "required"})
+        calls = required.json()["choices"][0]["message"].get("tool_calls") or []
+        arguments = json.loads(calls[0]["function"]["arguments"]) if calls else None
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        return result("tool_call", False, f"{request}: {type(exc).__name__}: {exc}",
+                      f"the tool-calling request failed; {logs}")
+    name = calls[0]["function"]["name"] if calls else None
+    passed = (auto.status_code == 200 and required.status_code == 200
+              and name == "get_weather" and isinstance(arguments, dict)
+              and arguments.get("city") in ("Paris", "Tokyo"))
+    return result("tool_call", passed,
+                  f"{request}: tool_choice=auto -> {auto.status_code}"
+                  + (f" {_short(auto.text)}" if auto.status_code != 200 else "")
+                  + f"; tool_choice=required -> {required.status_code}, call {name}"
+                  f"({json.dumps(arguments)})",
+                  "tool calling is not served as planned: check --enable-auto-tool-choice "
+                  f"and --tool-call-parser in the unit's command line; {logs}")
+
+
+def _api_key_probe(url: str, client: httpx.Client, result: Callable[..., ProbeResult],
+                   unit: str, host: str) -> ProbeResult:
+    """The API refuses a request without the key and one with a wrong key."""
+    statuses: dict[str, int | str] = {}
+    for label, wrong in (("no key", None), ("wrong key", "Bearer wrong")):
+        request = client.build_request("GET", f"{url}/v1/models")
+        del request.headers["Authorization"]
+        if wrong:
+            request.headers["Authorization"] = wrong
+        try:
+            statuses[label] = client.send(request).status_code
+        except httpx.HTTPError as exc:
+            statuses[label] = type(exc).__name__
+    enforced = all(code == 401 for code in statuses.values())
+    return result("api_key", enforced,
+                  "GET /v1/models " + ", ".join(f"{k} -> {v}" for k, v in statuses.items())
+                  + ", with the key -> 200",
+                  f"the API answers without the right key: check VLLM_API_KEY in "
+                  f"/etc/vllm/{unit.split('@', 1)[1]}.env on {host} and `systemctl restart {unit}`")
 
 
 def _stream_probe(url: str, body: dict[str, object], client: httpx.Client,
@@ -134,8 +214,10 @@ def _stream_probe(url: str, body: dict[str, object], client: httpx.Client,
 
 
 def probe_plan(plan: Plan, *, timeout: float = 60.0, workers: int = 16,
-               client_factory: Callable[[], httpx.Client] | None = None) -> ProbeReport:
-    """Probe every deployment of every host of `plan` in parallel."""
+               client_factory: Callable[[], httpx.Client] | None = None,
+               secrets: Mapping[str, str] | None = None) -> ProbeReport:
+    """Probe every deployment of every host of `plan` in parallel; `secrets` holds the API
+    keys by their api_key_var names."""
     def make_client() -> httpx.Client:
         return client_factory() if client_factory else httpx.Client(timeout=timeout)
 
@@ -144,7 +226,8 @@ def probe_plan(plan: Plan, *, timeout: float = 60.0, workers: int = 16,
     def run(job: tuple[str, ProbeTarget]) -> list[ProbeResult]:
         host, target = job
         with make_client() as client:
-            return _vllm_probes(host, target, client)
+            key = (secrets or {}).get(target.api_key_var) if target.api_key_var else None
+            return _vllm_probes(host, target, client, key)
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
         results = [r for rs in pool.map(run, jobs) for r in rs]

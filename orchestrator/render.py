@@ -41,6 +41,10 @@ class RunDir:
     # The operator's own inventory (-i), read first so that its group_vars and
     # host_vars apply; the planned host_vars in `inventory` take precedence.
     operator_inventory: Path | None = None
+    # The fleet's Vault-encrypted secrets (extra variables) and how to open them. Paths
+    # only: the secrets stay encrypted on disk and never enter the run directory.
+    secrets_file: Path | None = None
+    vault_password_file: Path | None = None
 
     def inventories(self) -> list[str]:
         own = [str(self.operator_inventory)] if self.operator_inventory else []
@@ -59,6 +63,10 @@ class RunDir:
             args += ["--skip-tags", ",".join(self.skip_tags)]
         if self.check:
             args += ["--check", "--diff"]
+        if self.secrets_file:
+            args += ["--extra-vars", f"@{self.secrets_file}"]
+        if self.vault_password_file:
+            args += ["--vault-password-file", str(self.vault_password_file)]
         return args
 
 
@@ -71,7 +79,8 @@ def new_run_id(now: dt.datetime, command: str) -> str:
 
 
 def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
-           operator_inventory: Path | None = None) -> RunDir:
+           operator_inventory: Path | None = None,
+           vault_password_file: Path | None = None) -> RunDir:
     """Write the run directory for `plan`; stage selection becomes tags on site.yml."""
     # Absolute: ansible-runner runs ansible-playbook from the project directory.
     path = (runs_root / run_id).resolve()
@@ -96,7 +105,11 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
     run = RunDir(path=path, run_id=run_id, inventory=inventory, playbook=PLAYBOOK,
                  tags=[] if everything else list(plan.stages), skip_tags=[], check=check,
                  operator_inventory=operator_inventory.resolve() if operator_inventory
-                 else None)
+                 else None,
+                 secrets_file=Path(plan.secrets_file).expanduser().resolve()
+                 if plan.secrets_file else None,
+                 vault_password_file=vault_password_file.expanduser().resolve()
+                 if vault_password_file else None)
     replay = ["ansible-playbook", *[arg for source in run.inventories()
                                     for arg in ("-i", source)],
               str(ROOT / PLAYBOOK), *run.ansible_args()]

@@ -7,8 +7,13 @@ plan, render, run and probe as a real one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
+from secrets import token_urlsafe
+
+import yaml
+from ansible.parsing.vault import VaultLib, VaultSecret
 
 from orchestrator import sandbox
 from orchestrator.config import Fleet, LoadedFleet
@@ -26,6 +31,7 @@ SERVED_MODEL = "tiny-qwen2"
 # stands in for the package mirror real hosts use.
 WHEELHOUSE_MOUNT = "/srv/wheelhouse"
 PYTHON_VERSION = "3.11"  # Debian 12's python3
+API_KEY_VAR = "vault_sandbox_api_key"
 
 
 def published_port(host_index: int, port: int) -> int:
@@ -53,7 +59,26 @@ def sandbox_wheelhouse(knowledge: Knowledge, log: Callable[[str], None]) -> Path
         log=log)
 
 
-def sandbox_fleet(ssh_key: Path, model_dir: Path) -> LoadedFleet:
+def sandbox_secrets(state_dir: Path) -> tuple[Path, Path]:
+    """The sandbox's Vault-encrypted secrets file (its API key) and the vault password file,
+    made once in state_dir, both 0600: the same path a real fleet's secrets take."""
+    secrets_file, password_file = state_dir / "secrets.yml", state_dir / "vault-password"
+    if secrets_file.exists() and password_file.exists():
+        return secrets_file, password_file
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    password = token_urlsafe(32)
+    plain = yaml.safe_dump({API_KEY_VAR: token_urlsafe(24)})
+    encrypted = VaultLib([("default", VaultSecret(password.encode()))]).encrypt(plain)
+    for path, content in ((password_file, password.encode() + b"\n"),
+                          (secrets_file, encrypted)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
+    return secrets_file, password_file
+
+
+def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = None
+                  ) -> LoadedFleet:
     hosts = {
         name: {"address": "127.0.0.1", "ssh_port": SSH_BASE_PORT + i - 1,
                "port_map": {VLLM_PORT: published_port(i, VLLM_PORT)}}
@@ -78,7 +103,9 @@ def sandbox_fleet(ssh_key: Path, model_dir: Path) -> LoadedFleet:
             "engine": "vllm",
             "hosts": GROUP,
             "port": VLLM_PORT,
-            "options": {"max_model_len": 1024, "kv_cache_space_gib": 1},
+            "options": {"max_model_len": 1024, "kv_cache_space_gib": 1, "tool_calling": True},
+            **({"api_key_var": API_KEY_VAR} if secrets_file else {}),
         }],
+        **({"secrets": str(secrets_file)} if secrets_file else {}),
     })
     return LoadedFleet(fleet=fleet, source="(built-in sandbox fleet)")

@@ -36,7 +36,8 @@ def test_example_fleet_plan_matches_golden() -> None:
 
 
 def test_sandbox_plan_matches_golden() -> None:
-    loaded = sandbox_fleet(Path("/state/id_ed25519"), Path("/cache/models/tiny-qwen2"))
+    loaded = sandbox_fleet(Path("/state/id_ed25519"), Path("/cache/models/tiny-qwen2"),
+                           Path("/state/secrets.yml"))
     plan = make_plan(loaded, "sandbox", load_knowledge(), load_cuda_compat())
     check_golden("plan-sandbox.json", plan.model_dump_json(indent=2) + "\n")
 

@@ -86,3 +86,99 @@ def test_empty_answer_fails_chat() -> None:
 def test_stream_without_done_fails() -> None:
     stream = run(stand_in_vllm(stream_done=False), "h1").results[3]
     assert not stream.passed and "[DONE] missing" in stream.evidence
+
+
+def keyed_plan() -> Plan:
+    return Plan(group="g", stages=["verify"], hosts=[
+        HostPlan(name="h", group="g", profile="cpu", connection={}, vars={}, reasons=[],
+                 probes=[ProbeTarget(deployment="d", engine="vllm", served_model_name="m",
+                                     base_url="http://h:8000", api_key_var="vault_key")])])
+
+
+def keyed(handler: Handler, key: str, *, enforce: bool = True) -> Handler:
+    """The stand-in behind vLLM's --api-key check: 401 on /v1/* without the right key."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        wrong = request.headers.get("Authorization") != f"Bearer {key}"
+        if enforce and wrong and request.url.path.startswith("/v1/"):
+            return httpx.Response(401, json={"error": "Unauthorized"})
+        return handler(request)
+    return handle
+
+
+def run_keyed(handler: Handler, secrets: dict[str, str]):
+    return probe_plan(keyed_plan(), secrets=secrets, client_factory=lambda: httpx.Client(
+        transport=httpx.MockTransport(handler)))
+
+
+def test_api_key_sent_and_enforced() -> None:
+    report = run_keyed(keyed(stand_in_vllm(), "s3cret"), {"vault_key": "s3cret"})
+    assert report.passed, report.results
+    key = next(r for r in report.results if r.probe == "api_key")
+    assert key.evidence == ("GET /v1/models no key -> 401, wrong key -> 401, "
+                            "with the key -> 200")
+    assert all("s3cret" not in r.evidence for r in report.results)
+
+
+def test_an_api_that_ignores_the_key_fails_the_api_key_probe() -> None:
+    report = run_keyed(keyed(stand_in_vllm(), "s3cret", enforce=False), {"vault_key": "s3cret"})
+    key = next(r for r in report.results if r.probe == "api_key")
+    assert not key.passed and "no key -> 200" in key.evidence
+    assert key.next_step and "/etc/vllm/d.env" in key.next_step
+
+
+def test_a_missing_secret_is_reported_not_sent() -> None:
+    report = run_keyed(keyed(stand_in_vllm(), "s3cret"), {})
+    assert [(r.probe, r.passed) for r in report.results] == [("api_key", False)]
+    assert "vault_key" in report.results[0].evidence
+
+
+def test_a_wrong_key_in_the_secrets_fails_the_models_probe() -> None:
+    report = run_keyed(keyed(stand_in_vllm(), "s3cret"), {"vault_key": "other"})
+    models = next(r for r in report.results if r.probe == "models")
+    assert not models.passed
+    assert models.evidence.endswith("-> 401")
+    assert models.next_step and "differs from the key" in models.next_step
+
+
+def tools_plan() -> Plan:
+    return Plan(group="g", stages=["verify"], hosts=[
+        HostPlan(name="h", group="g", profile="cpu", connection={}, vars={}, reasons=[],
+                 probes=[ProbeTarget(deployment="d", engine="vllm", served_model_name="m",
+                                     base_url="http://h:8000", tool_calling=True)])])
+
+
+def with_tools(handler: Handler, *, auto_enabled: bool = True) -> Handler:
+    """The stand-in's tool calling, shaped as vLLM answers (400 for auto without the flag)."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else {}
+        if "tools" not in body:
+            return handler(request)
+        if body["tool_choice"] == "auto" and not auto_enabled:
+            return httpx.Response(400, json={"error": {"message": '"auto" tool choice requires '
+                                                      '--enable-auto-tool-choice'}})
+        call = {"id": "c1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        return httpx.Response(200, json={"choices": [{"message": {
+            "content": None, "tool_calls": [call] if body["tool_choice"] == "required" else []},
+            "finish_reason": "tool_calls"}]})
+    return handle
+
+
+def run_tools(handler: Handler):
+    return probe_plan(tools_plan(), client_factory=lambda: httpx.Client(
+        transport=httpx.MockTransport(handler)))
+
+
+def test_tool_calling_probe() -> None:
+    report = run_tools(with_tools(stand_in_vllm()))
+    tool = next(r for r in report.results if r.probe == "tool_call")
+    assert tool.passed, tool.evidence
+    assert 'call get_weather({"city": "Paris"})' in tool.evidence
+
+
+def test_tool_calling_without_the_flag_fails_with_the_servers_words() -> None:
+    report = run_tools(with_tools(stand_in_vllm(), auto_enabled=False))
+    tool = next(r for r in report.results if r.probe == "tool_call")
+    assert not tool.passed
+    assert "tool_choice=auto -> 400" in tool.evidence and "--enable-auto-tool-choice" in \
+        tool.evidence
