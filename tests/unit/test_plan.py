@@ -167,3 +167,34 @@ def test_torch_build_reason_per_profile() -> None:
     assert gpu.vars["pytorch_expected_gpus"] == 1
     assert any(r.startswith("torch CPU build") for r in cpu.reasons)
     assert "pytorch_require_cuda" not in cpu.vars
+
+
+def test_serving_options_become_flags_and_the_key_a_vault_reference(write) -> None:
+    fleet = write("fleet.yml", """\
+secrets: secrets.yml
+groups:
+  g:
+    gpu: {name: NVIDIA H100 80GB HBM3, count: 2}
+    hosts: {h: {address: 10.0.0.5}}
+deployments:
+  - name: chat
+    model: Qwen/Qwen2.5-7B-Instruct
+    engine: vllm
+    hosts: g
+    port: 8000
+    api_key_var: vault_chat_key
+    options: {tool_calling: true, prefix_caching: false, pipeline_parallel_size: 2,
+              bind_address: 10.0.0.5}
+""")
+    plan = make_plan(load_fleet(fleet), "g", load_knowledge(), load_cuda_compat())
+    dep = plan.hosts[0].vars["vllm_deployments"][0]
+    args = dep["args"]
+    assert args[args.index("--host") + 1] == "10.0.0.5"
+    assert args[args.index("--pipeline-parallel-size") + 1] == "2"
+    assert args[args.index("--tool-call-parser") + 1] == "hermes"
+    assert "--enable-auto-tool-choice" in args and "--no-enable-prefix-caching" in args
+    assert dep["api_key"] == "{{ vault_chat_key }}"
+    assert plan.hosts[0].probes[0].api_key_var == "vault_chat_key"
+    assert plan.hosts[0].probes[0].tool_calling is True
+    # Relative to the fleet file, like ssh_key and model_dir.
+    assert plan.secrets_file == str(fleet.parent / "secrets.yml")
