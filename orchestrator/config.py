@@ -104,8 +104,15 @@ class EngineOptions(Strict):
     tool_call_parser: str = "hermes"
     # vLLM's own default applies when unset.
     prefix_caching: bool | None = None
-    # Where the server listens; the control machine's probes must reach it.
-    bind_address: str = "0.0.0.0"
+    # Where the server listens. Default: vLLM on every address (it has an API key and the
+    # control machine's probes must reach it); Ollama, which has no authentication, on
+    # loopback only (its HTTP probes are then skipped; the services stage checks it).
+    bind_address: str | None = None
+    # Ollama: the GGUF file inside model_dir to import (air-gapped), instead of a pull.
+    gguf_file: Annotated[str, Field(pattern=r"^[^/]+\.gguf$")] | None = None
+    # Ollama: GPU memory the model takes, where the catalog cannot tell (GGUF imports,
+    # tags outside the catalog); used to split GPUs shared with vLLM.
+    gpu_memory_gib: Annotated[float, Field(gt=0)] | None = None
     kv_cache_space_gib: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="vLLM CPU build only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     extra_args: list[str] = Field(default_factory=list)

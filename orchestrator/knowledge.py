@@ -198,6 +198,14 @@ class StackProfile(_Data):
         return f"{self.vllm_package}=={self.vllm_version}"
 
 
+class OllamaMemory(_Data):
+    """What an Ollama model takes on the GPU (catalog.yml ollama_memory, sources there)."""
+
+    bits_per_weight: float = Field(gt=0)
+    context_tokens: int = Field(gt=0)
+    overhead_gib: float = Field(ge=0)
+
+
 class Catalog(_Data):
     """data/catalog.yml. Rows name an architecture and a quantization format by key; both
     are resolved here, and a row's hf_id / modelscope_id default to its key."""
@@ -205,6 +213,7 @@ class Catalog(_Data):
     schema_version: int
     architectures: dict[str, Architecture]
     quantizations: dict[str, Quantization]
+    ollama_memory: OllamaMemory
     models: dict[str, CatalogModel]
 
     @model_validator(mode="before")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.compat import CompatTable, least_demanding_build
 from orchestrator.config import Deployment, LoadedFleet, ResolvedHost
 from orchestrator.errors import PlanError
-from orchestrator.fit import fit
+from orchestrator.fit import fit, kv_bytes_per_token
 from orchestrator.knowledge import Knowledge, StackProfile
 
 STAGES = ("preflight", "drivers", "python_env", "models", "services", "verify")
@@ -44,6 +44,8 @@ class ProbeTarget(_Out):
     # The Ansible variable (in the fleet's secrets) holding the deployment's API key.
     api_key_var: str | None = None
     tool_calling: bool = False
+    # Bound to the host's loopback: not reachable from the control machine over HTTP.
+    loopback_only: bool = False
 
 
 class HostPlan(_Out):
@@ -72,6 +74,32 @@ def select_stages(only: list[str] | None, skip: list[str] | None) -> list[str]:
     return [s for s in chosen if s not in (skip or [])]
 
 
+def _bind(dep: Deployment) -> str:
+    return dep.options.bind_address or ("127.0.0.1" if dep.engine == "ollama" else "0.0.0.0")
+
+
+def _ollama_vars(host: ResolvedHost, deployments: list[Deployment],
+                 knowledge: Knowledge) -> dict[str, Any]:
+    """One Ollama server per host serves every Ollama deployment on it."""
+    if not deployments:
+        return {}
+    ports = {d.port for d in deployments}
+    binds = {_bind(d) for d in deployments}
+    if len(ports) > 1 or len(binds) > 1:
+        raise PlanError(f"host '{host.name}': its Ollama deployments "
+                        f"({', '.join(d.name for d in deployments)}) share one Ollama server, "
+                        "so they need the same port and bind_address")
+    variables: dict[str, Any] = {
+        "ollama_models": [_ollama_model(d, knowledge) for d in deployments],
+        "ollama_port": ports.pop(),
+        "ollama_host": binds.pop(),
+    }
+    if host.profile == "cpu":
+        variables.update(ollama_gpu_devices=[], ollama_device_allow=[],
+                         ollama_wait_for_devices=[])
+    return variables
+
+
 def _served_name(dep: Deployment) -> str:
     return dep.served_model_name or dep.model
 
@@ -85,7 +113,7 @@ def _vllm_args(dep: Deployment, profile: str, fitted: dict[str, str]) -> list[st
     opts = dep.options
     args = ["--model", _model_dir_on_host(dep),
             "--served-model-name", _served_name(dep),
-            "--host", opts.bind_address,
+            "--host", opts.bind_address or "0.0.0.0",
             "--port", str(dep.port)]
     chosen = {"--max-model-len": opts.max_model_len,
               "--gpu-memory-utilization": (opts.gpu_memory_utilization
@@ -128,8 +156,87 @@ def _model_entry(dep: Deployment) -> dict[str, Any]:
     return entry
 
 
+def _ollama_model(dep: Deployment, knowledge: Knowledge) -> dict[str, str]:
+    """The ollama_models entry: a tag to pull, or a GGUF file to import."""
+    if dep.model_dir:
+        if not dep.options.gguf_file:
+            raise PlanError(f"deployment '{dep.name}': an Ollama deployment with model_dir "
+                            "needs options.gguf_file, the GGUF file in it to import")
+        return {"name": dep.served_model_name or dep.name,
+                "gguf": f"{_model_dir_on_host(dep)}/{dep.options.gguf_file}"}
+    row = knowledge.catalog.models.get(dep.model)
+    if row is not None:
+        if not row.ollama_tag:
+            raise PlanError(f"deployment '{dep.name}': {dep.model} has no Ollama build "
+                            "(catalog: ollama_tag); use its Instruct model or a GGUF file")
+        return {"name": row.ollama_tag}
+    if ":" in dep.model and "/" not in dep.model:  # already a tag, e.g. qwen2.5:7b
+        return {"name": dep.model}
+    raise PlanError(f"deployment '{dep.name}': '{dep.model}' is neither a catalog model nor an "
+                    "Ollama tag (name:size); give the tag or model_dir with options.gguf_file")
+
+
+def _ollama_gib(dep: Deployment, knowledge: Knowledge) -> float | None:
+    """GPU memory an Ollama model takes (catalog.yml ollama_memory), or None if unknown."""
+    if dep.options.gpu_memory_gib:
+        return dep.options.gpu_memory_gib
+    row = knowledge.catalog.models.get(dep.model)
+    if row is None or dep.model_dir:
+        return None
+    mem = knowledge.catalog.ollama_memory
+    weights = row.params * mem.bits_per_weight / 8
+    kv = kv_bytes_per_token(row.architecture, 1) * mem.context_tokens
+    return round((weights + kv) / 2**30 + mem.overhead_gib, 2)
+
+
+def _split_gpu_memory(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
+                      gpu_table: CompatTable, reasons: list[str]) -> dict[str, float]:
+    """gpu_memory_utilization per vLLM deployment on GPUs shared with other deployments, so
+    that the second to start does not fail on "free memory less than desired"."""
+    vllm = [d for d in deployments if d.engine == "vllm"]
+    ollama = [d for d in deployments if d.engine == "ollama"]
+    if host.profile != "gpu" or len(vllm) + len(ollama) < 2 or not vllm:
+        return {}
+    unset = [d for d in vllm if d.options.gpu_memory_utilization is None]
+    gpu_row = (gpu_table.gpus.find(host.gpu.name)
+               if host.gpu.name and gpu_table.gpus is not None else None)
+    if gpu_row is None:
+        if (len(vllm) > 1 and unset) or ollama:
+            raise PlanError(
+                f"host '{host.name}': {', '.join(d.name for d in deployments)} share its GPUs; "
+                "name them (gpu: {name, count}) so the plan can split their memory, or set "
+                "options.gpu_memory_utilization on every vLLM deployment (together at most 0.9, "
+                "less what Ollama takes)")
+        return {}
+    count = host.gpu.count or 1
+    total = gpu_row.memory_gib * count
+    taken = []
+    for dep in ollama:
+        gib = _ollama_gib(dep, knowledge)
+        if gib is None:
+            raise PlanError(f"deployment '{dep.name}' shares {host.name}'s GPUs with vLLM: give "
+                            "options.gpu_memory_gib (the catalog cannot size this model)")
+        taken.append((dep.name, gib))
+    fixed = sum(d.options.gpu_memory_utilization or 0 for d in vllm)
+    budget = 0.9 - sum(g for _, g in taken) / total - fixed
+    if budget <= 0 or (unset and budget / len(unset) < 0.05):
+        raise PlanError(f"host '{host.name}': {count}x {host.gpu.name} ({total} GiB) has no room "
+                        "for the vLLM deployments beside "
+                        + ", ".join(f"{n} (~{g} GiB)" for n, g in taken)
+                        + "; use more GPUs, a smaller model, or separate hosts")
+    share = round(budget / len(unset), 2) if unset else 0.0
+    split = {d.name: d.options.gpu_memory_utilization or share for d in vllm}
+    reasons.append(
+        f"GPU memory split on {count}x {host.gpu.name} ({total} GiB): "
+        + ", ".join([f"ollama {n} ~{g} GiB" for n, g in taken]
+                    + [f"vLLM {n} gpu_memory_utilization {u}" for n, u in split.items()])
+        + ", 10% left free")
+    return split
+
+
 def _fit_deployment(dep: Deployment, host: ResolvedHost, knowledge: Knowledge,
-                    gpu_table: CompatTable, reasons: list[str]) -> dict[str, str]:
+                    gpu_table: CompatTable, reasons: list[str],
+                    utilization: float | None = None) -> dict[str, str]:
     """vLLM flags from fit planning on a GPU host whose GPUs the fleet names; PlanError
     (with what would fit) when the model does not fit."""
     if host.profile != "gpu" or dep.engine != "vllm":
@@ -141,7 +248,8 @@ def _fit_deployment(dep: Deployment, host: ResolvedHost, knowledge: Knowledge,
         return {}
     floor = gpu_table.cuda.vllm.releases[gpu_table.gpu_stack.vllm_version]
     result = fit(dep.model, host.gpu.name, host.gpu.count or 1, dep.options.max_model_len,
-                 dep.options.gpu_memory_utilization or 0.9, catalog=knowledge.catalog,
+                 utilization or dep.options.gpu_memory_utilization or 0.9,
+                 catalog=knowledge.catalog,
                  gpus=gpu_table.gpus,
                  engine_min_compute_capability=floor.min_compute_capability)
     if not result.fits:
@@ -192,10 +300,11 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
                            + ", ".join(deployment_envs.values()))
     disk_gib = float(ENV_DISK_GIB[host.profile]) * max(1, len(deployment_envs))
     for dep in deployments:
-        if dep.engine != "vllm":
-            raise PlanError(f"deployment '{dep.name}': engine '{dep.engine}' is not provisioned "
-                            "yet (only vllm in this release)")
         known = knowledge.catalog.models.get(dep.model)
+        if dep.engine == "ollama" and not dep.model_dir:
+            reasons.append(f"{dep.name}: Ollama serves {_ollama_model(dep, knowledge)['name']}, "
+                           "pulled from the Ollama library (or the mirror)")
+            continue
         if dep.model_dir:
             reasons.append(f"{dep.name}: weights copied from {dep.model_dir} on the control "
                            "machine")
@@ -236,11 +345,16 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     # own inventory (-i) may define them in group_vars, and an empty list here would
     # override those and remove the instances they describe.
     if deployments:
-        variables["model_weights_models"] = [_model_entry(d) for d in deployments]
+        split = _split_gpu_memory(host, deployments, knowledge, gpu_table, reasons)
+        variables["model_weights_models"] = [_model_entry(d) for d in deployments
+                                             if d.engine == "vllm" or d.model_dir]
+        variables.update(_ollama_vars(host, [d for d in deployments if d.engine == "ollama"],
+                                      knowledge))
         variables["vllm_deployments"] = [
             {"name": d.name, "port": d.port,
              "args": _vllm_args(d, host.profile,
-                                _fit_deployment(d, host, knowledge, gpu_table, reasons)),
+                                _fit_deployment(d, host, knowledge, gpu_table, reasons,
+                                                split.get(d.name))),
              "env": _vllm_env(d, host.profile),
              # A reference Ansible resolves from the Vault-encrypted secrets at run time.
              **({"api_key": "{{ " + d.api_key_var + " }}"} if d.api_key_var else {}),
@@ -255,8 +369,12 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
 
     probes = [ProbeTarget(deployment=d.name, engine=d.engine,
                           base_url=f"http://{host.address}:{host.port_map.get(d.port, d.port)}",
-                          served_model_name=_served_name(d), api_key_var=d.api_key_var,
-                          tool_calling=bool(d.options.tool_calling)) for d in deployments]
+                          served_model_name=(_ollama_model(d, knowledge)["name"]
+                                             if d.engine == "ollama" else _served_name(d)),
+                          api_key_var=d.api_key_var,
+                          tool_calling=bool(d.options.tool_calling),
+                          loopback_only=_bind(d) in ("127.0.0.1", "::1", "localhost"))
+              for d in deployments]
     return HostPlan(name=host.name, group=group, profile=host.profile, connection=conn,
                     vars=variables, probes=probes, reasons=reasons)
 

@@ -213,6 +213,58 @@ def _stream_probe(url: str, body: dict[str, object], client: httpx.Client,
                   f"the stream did not end properly; {logs}")
 
 
+def _ollama_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list[ProbeResult]:
+    def result(probe: str, passed: bool, evidence: str,
+               next_step: str | None = None) -> ProbeResult:
+        return ProbeResult(host=host, deployment=target.deployment, probe=probe, passed=passed,
+                           evidence=evidence, next_step=None if passed else next_step)
+
+    logs = f"on {host}: systemctl status ollama; journalctl -u ollama -n 100"
+    url, model = target.base_url, target.served_model_name
+    out: list[ProbeResult] = []
+    try:
+        version = client.get(f"{url}/api/version")
+        out.append(result("version", version.status_code == 200,
+                          f"GET {url}/api/version -> {version.status_code} {_short(version.text)}",
+                          f"Ollama is up but unhealthy; {logs}"))
+        tags = client.get(f"{url}/api/tags")
+        names = [m.get("name") for m in tags.json().get("models", [])]
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        out.append(result("version" if not out else "tags", False,
+                          f"GET {url}/api/...: {type(exc).__name__}: {exc}",
+                          f"Ollama does not answer; {logs}"))
+        return out
+    listed = model in names or f"{model}:latest" in names
+    out.append(result("tags", listed, f"GET {url}/api/tags -> {tags.status_code} {names}",
+                      f"'{model}' is not in Ollama's models: rerun the services stage, or "
+                      f"`ollama pull {model}` on {host}"))
+    if not listed:
+        return out
+    options = {"temperature": 0, "num_predict": 16}
+    for probe, path, body in (
+            ("generate", "/api/generate", {"prompt": CHAT_PROMPT}),
+            ("chat", "/api/chat", {"messages": [{"role": "user", "content": CHAT_PROMPT}]})):
+        request = f"POST {url}{path} {json.dumps({'model': model, **body})}"
+        try:
+            answer = client.post(f"{url}{path}", json={"model": model, "stream": False,
+                                                       "options": options, **body})
+            data = answer.json()
+            raw = ((data.get("message") or {}).get("content") if probe == "chat"
+                   else data.get("response"))
+            text = raw if isinstance(raw, str) else ""
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            out.append(result(f"ollama_{probe}", False, f"{request}: {type(exc).__name__}: "
+                              f"{exc}", f"Ollama failed to answer; {logs}"))
+            continue
+        out.append(result(
+            f"ollama_{probe}", answer.status_code == 200 and bool(text.strip())
+            and data.get("done") is True,
+            f"{request} -> {answer.status_code}, done={data.get('done')}, "
+            f"done_reason={data.get('done_reason')}, answer={_short(text)!r}",
+            f"the model answered nothing; {logs}"))
+    return out
+
+
 def probe_plan(plan: Plan, *, timeout: float = 60.0, workers: int = 16,
                client_factory: Callable[[], httpx.Client] | None = None,
                secrets: Mapping[str, str] | None = None) -> ProbeReport:
@@ -221,11 +273,14 @@ def probe_plan(plan: Plan, *, timeout: float = 60.0, workers: int = 16,
     def make_client() -> httpx.Client:
         return client_factory() if client_factory else httpx.Client(timeout=timeout)
 
-    jobs = [(h.name, t) for h in plan.hosts for t in h.probes]
+    # A loopback-bound service is checked on its host by the services stage, not from here.
+    jobs = [(h.name, t) for h in plan.hosts for t in h.probes if not t.loopback_only]
 
     def run(job: tuple[str, ProbeTarget]) -> list[ProbeResult]:
         host, target = job
         with make_client() as client:
+            if target.engine == "ollama":
+                return _ollama_probes(host, target, client)
             key = (secrets or {}).get(target.api_key_var) if target.api_key_var else None
             return _vllm_probes(host, target, client, key)
 

@@ -198,3 +198,84 @@ deployments:
     assert plan.hosts[0].probes[0].tool_calling is True
     # Relative to the fleet file, like ssh_key and model_dir.
     assert plan.secrets_file == str(fleet.parent / "secrets.yml")
+
+
+SHARED = """\
+groups:
+  g:
+    gpu: {name: NVIDIA H100 80GB HBM3, count: 1}
+    hosts: {h: {address: 10.0.0.5}}
+deployments:
+  - {name: chat, model: Qwen/Qwen2.5-7B-Instruct, engine: vllm, hosts: g, port: 8000}
+  - {name: coder, model: Qwen/Qwen2.5-Coder-7B-Instruct, engine: vllm, hosts: g, port: 8001}
+"""
+
+
+def _utilization(args: list[str]) -> str:
+    return args[args.index("--gpu-memory-utilization") + 1]
+
+
+def test_two_vllm_deployments_split_the_gpu(write) -> None:
+    host = make_plan(load_fleet(write("fleet.yml", SHARED)), "g", load_knowledge(),
+                     load_cuda_compat()).hosts[0]
+    assert [_utilization(d["args"]) for d in host.vars["vllm_deployments"]] == ["0.45", "0.45"]
+    assert any(r.startswith("GPU memory split on 1x NVIDIA H100") for r in host.reasons)
+
+
+def test_ollama_beside_vllm_gets_its_room_from_the_catalog(write) -> None:
+    text = SHARED.replace("model: Qwen/Qwen2.5-Coder-7B-Instruct, engine: vllm, hosts: g, "
+                          "port: 8001", "model: Qwen/Qwen2.5-7B-Instruct, engine: ollama, "
+                          "hosts: g, port: 11434")
+    host = make_plan(load_fleet(write("fleet.yml", text)), "g", load_knowledge(),
+                     load_cuda_compat()).hosts[0]
+    # qwen2.5:7b at 5.2 bits per weight (4.6 GiB) + 4096 tokens of KV (0.22 GiB) + 1 GiB.
+    assert any("ollama coder ~5.83 GiB" in r for r in host.reasons), host.reasons
+    assert _utilization(host.vars["vllm_deployments"][0]["args"]) == str(
+        round(0.9 - 5.83 / 80, 2))
+    assert host.vars["ollama_models"] == [{"name": "qwen2.5:7b"}]
+    assert host.vars["ollama_host"] == "127.0.0.1"
+    ollama = next(p for p in host.probes if p.engine == "ollama")
+    assert ollama.loopback_only and ollama.served_model_name == "qwen2.5:7b"
+
+
+def test_shared_gpus_that_the_fleet_does_not_name_are_refused(write) -> None:
+    text = SHARED.replace("    gpu: {name: NVIDIA H100 80GB HBM3, count: 1}\n", "")
+    with pytest.raises(PlanError, match="share its GPUs; name them"):
+        make_plan(load_fleet(write("fleet.yml", text)), "g", load_knowledge(),
+                  load_cuda_compat())
+
+
+def test_no_room_beside_ollama_is_refused(write) -> None:
+    text = SHARED.replace("NVIDIA H100 80GB HBM3", "Tesla T4").replace(
+        "model: Qwen/Qwen2.5-Coder-7B-Instruct, engine: vllm, hosts: g, port: 8001",
+        "model: qwen2.5:72b, engine: ollama, hosts: g, port: 11434, "
+        "options: {gpu_memory_gib: 47}")
+    with pytest.raises(PlanError, match=r"has no room for the vLLM deployments beside "
+                                        r"coder \(~47.0 GiB\)"):
+        make_plan(load_fleet(write("fleet.yml", text)), "g", load_knowledge(),
+                  load_cuda_compat())
+
+
+def test_ollama_gguf_import_on_a_cpu_host(write, tmp_path) -> None:
+    fleet = write("fleet.yml", f"""\
+groups:
+  g:
+    profile: cpu
+    hosts: {{h: {{address: 10.0.0.5}}}}
+deployments:
+  - name: local
+    model: Qwen/Qwen2.5-0.5B-Instruct-GGUF
+    model_dir: {tmp_path}
+    engine: ollama
+    hosts: g
+    port: 11434
+    options: {{gguf_file: qwen2.5-0.5b-instruct-q4_k_m.gguf, bind_address: 0.0.0.0}}
+""")
+    host = make_plan(load_fleet(fleet), "g", load_knowledge(), load_cuda_compat()).hosts[0]
+    assert host.vars["ollama_models"] == [{
+        "name": "local",
+        "gguf": "/var/lib/qwen-serve/models/local/qwen2.5-0.5b-instruct-q4_k_m.gguf"}]
+    assert host.vars["model_weights_models"][0]["source"] == "local"
+    assert host.vars["ollama_gpu_devices"] == [] and host.vars["ollama_device_allow"] == []
+    assert host.vars["vllm_deployments"] == []
+    assert not host.probes[0].loopback_only

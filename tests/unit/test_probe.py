@@ -182,3 +182,50 @@ def test_tool_calling_without_the_flag_fails_with_the_servers_words() -> None:
     assert not tool.passed
     assert "tool_choice=auto -> 400" in tool.evidence and "--enable-auto-tool-choice" in \
         tool.evidence
+
+
+def ollama_plan(loopback: bool = False) -> Plan:
+    return Plan(group="g", stages=["verify"], hosts=[
+        HostPlan(name="h", group="g", profile="cpu", connection={}, vars={}, reasons=[],
+                 probes=[ProbeTarget(deployment="o", engine="ollama",
+                                     served_model_name="qwen2.5:7b", base_url="http://h:11434",
+                                     loopback_only=loopback)])])
+
+
+def stand_in_ollama(*, models: tuple[str, ...] = ("qwen2.5:7b",)) -> Handler:
+    """Ollama's API as its docs show it (docs/api.md): version, tags, generate, chat."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/version":
+            return httpx.Response(200, json={"version": "0.32.7"})
+        if request.url.path == "/api/tags":
+            return httpx.Response(200, json={"models": [{"name": m} for m in models]})
+        body = json.loads(request.content)
+        assert body["stream"] is False and body["options"]["temperature"] == 0
+        if request.url.path == "/api/generate":
+            return httpx.Response(200, json={"response": "Hello!", "done": True,
+                                             "done_reason": "stop"})
+        return httpx.Response(200, json={"message": {"role": "assistant", "content": "Hi."},
+                                         "done": True, "done_reason": "stop"})
+    return handle
+
+
+def test_ollama_probes() -> None:
+    report = probe_plan(ollama_plan(), client_factory=lambda: httpx.Client(
+        transport=httpx.MockTransport(stand_in_ollama())))
+    assert [(r.probe, r.passed) for r in report.results] == [
+        ("version", True), ("tags", True), ("ollama_generate", True), ("ollama_chat", True)]
+    assert "answer='Hi.'" in report.results[3].evidence
+
+
+def test_ollama_without_the_model_says_how_to_get_it() -> None:
+    report = probe_plan(ollama_plan(), client_factory=lambda: httpx.Client(
+        transport=httpx.MockTransport(stand_in_ollama(models=()))))
+    tags = report.results[-1]
+    assert (tags.probe, tags.passed) == ("tags", False)
+    assert tags.next_step and "ollama pull qwen2.5:7b" in tags.next_step
+
+
+def test_a_loopback_only_ollama_is_not_probed_over_the_network() -> None:
+    report = probe_plan(ollama_plan(loopback=True), client_factory=lambda: httpx.Client(
+        transport=httpx.MockTransport(stand_in_ollama())))
+    assert report.results == []
