@@ -40,7 +40,7 @@ def test_wrong_password_names_the_file_not_the_content(tmp_path: Path) -> None:
 def test_plain_text_secrets_are_refused(tmp_path: Path) -> None:
     plain = tmp_path / "secrets.yml"
     plain.write_text("vault_api_key: s3cret\n")
-    with pytest.raises(ConfigError, match="not Ansible Vault-encrypted.*ansible-vault encrypt"):
+    with pytest.raises(ConfigError, match=r"not Ansible Vault-encrypted.*ansible-vault encrypt"):
         load_secrets(plain, None)
 
 
