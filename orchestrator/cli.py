@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator import report, sandbox, sandbox_fleet
+from orchestrator import bench as benchmark
+from orchestrator import htmlreport, report, sandbox, sandbox_fleet
 from orchestrator.compat import decide, load_cuda_compat, load_gpu_table
 from orchestrator.config import LoadedFleet, load_fleet
 from orchestrator.errors import ConfigError, OrchestrateError
@@ -88,6 +89,14 @@ def _plan(hosts: str, fleet: Path | None, inventory: Path | None,
                      select_stages(only, skip))
 
 
+def _report_dir(command: str, the_plan: Plan) -> Path:
+    """A fresh run directory for a command that runs no playbook (probe, bench)."""
+    path = (STATE_DIR / "runs" / new_run_id(dt.datetime.now(), command)).resolve()
+    path.mkdir(parents=True)
+    (path / "plan.json").write_text(the_plan.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def _start_sandbox(plan: Plan) -> None:
     wheelhouse = sandbox_fleet.sandbox_wheelhouse(load_knowledge(), _log)
     sandbox.up(STATE_DIR / "sandbox", count=len(plan.hosts),
@@ -149,6 +158,8 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
             probes = probe_plan(the_plan)
             report.probe_table(probes, out)
             (run_dir.path / "probes.json").write_text(probes.model_dump_json(indent=2) + "\n")
+        html = htmlreport.write_report(run_dir.path, command="up", plan=the_plan, probes=probes)
+        out.print(f"report: {html}", highlight=False)
     if as_json:
         print(json.dumps({"run_id": run_dir.run_id, "run_dir": str(run_dir.path),
                           "ansible": report.run_json(result),
@@ -168,7 +179,54 @@ def probe(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = Non
         print(json.dumps({**result.model_dump(), "passed": result.passed}, indent=2))
     else:
         report.probe_table(result, console)
+    with _errors():
+        run_path = _report_dir("probe", the_plan)
+        (run_path / "probes.json").write_text(result.model_dump_json(indent=2) + "\n")
+        html = htmlreport.write_report(run_path, command="probe", plan=the_plan, probes=result)
+    (err if as_json else console).print(f"report: {html}", highlight=False)
     if not result.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
+    deployment: Annotated[list[str] | None, typer.Option(
+        "--deployment", help="Only this deployment; repeatable (default: all).")] = None,
+    concurrency: Annotated[str, typer.Option(
+        help="Requests in flight, one level after another: comma-separated.")] = "1,4,16",
+    requests: Annotated[int, typer.Option(help="Measured requests per level, after one "
+                                          "warm-up request per worker.")] = 64,
+    input_tokens: Annotated[int, typer.Option(help="Words of synthetic text per prompt "
+                                              "(about one token each).")] = 128,
+    output_tokens: Annotated[int, typer.Option(help="Tokens each answer is asked for.")] = 128,
+    as_json: JsonOpt = False,
+) -> None:
+    """Probe, then load-test each deployment (streamed chat completions at each concurrency);
+    exit 1 if a probe or a request failed. Report and JSON in the run directory."""
+    with _errors():
+        workload = benchmark.make_workload(concurrency, requests, input_tokens, output_tokens)
+        the_plan = benchmark.only_deployments(_plan(hosts, fleet, inventory), deployment)
+        run_path = _report_dir("bench", the_plan)
+    out = err if as_json else console
+    probes = probe_plan(the_plan)
+    report.probe_table(probes, out)
+    result = benchmark.bench_plan(the_plan, workload, probes, _log)
+    report.bench_table(result, out)
+    with _errors():
+        (run_path / "probes.json").write_text(probes.model_dump_json(indent=2) + "\n")
+        (run_path / "bench.json").write_text(result.model_dump_json(indent=2) + "\n")
+        html = htmlreport.write_report(run_path, command="bench", plan=the_plan, probes=probes,
+                                       bench=result)
+    out.print(f"report: {html}", highlight=False)
+    passed = probes.passed and result.passed
+    if as_json:
+        print(json.dumps({"run_id": run_path.name, "run_dir": str(run_path),
+                          "report": str(html), "passed": passed,
+                          "probes": {**probes.model_dump(), "passed": probes.passed},
+                          "bench": {**result.model_dump(), "passed": result.passed}},
+                         indent=2))
+    if not passed:
         raise typer.Exit(1)
 
 

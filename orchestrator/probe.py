@@ -1,7 +1,8 @@
 """Verification probes run from the control machine, in parallel, each bounded by a timeout.
 
-Each probe answers one question with pass or fail, the evidence (what was asked,
-what came back) and, on failure, what the operator should do next.
+Each probe answers one question with pass or fail (skip where it does not apply), the
+evidence (what was asked, what came back) and, on failure, what the operator should do
+next.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from orchestrator.plan import Plan, ProbeTarget
 
@@ -24,9 +26,26 @@ class ProbeResult(BaseModel):
     host: str
     deployment: str
     probe: str
+    # False only for a failed probe: a skipped one does not fail its host.
     passed: bool
     evidence: str
     next_step: str | None = None
+    # "skip": the probe does not apply here (GPU probes on a CPU host), the evidence says
+    # why. Follows `passed` when not given.
+    status: Literal["pass", "fail", "skip"] = "pass"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _status_from_passed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "status" not in data and "passed" in data:
+            return {**data, "status": "pass" if data["passed"] else "fail"}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProbeResult:
+        if (self.status == "fail") == self.passed:
+            raise ValueError(f"status {self.status!r} with passed={self.passed}")
+        return self
 
 
 class ProbeReport(BaseModel):

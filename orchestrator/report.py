@@ -7,8 +7,10 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
+from orchestrator.bench import BenchReport
 from orchestrator.plan import Plan, command_line
 from orchestrator.probe import ProbeReport
 from orchestrator.runner import Progress, RunResult
@@ -113,7 +115,8 @@ def probe_table(report: ProbeReport, console: Console) -> None:
     for column in ("host", "deployment", "probe", "result", "evidence"):
         table.add_column(column, overflow="fold")
     for r in report.results:
-        verdict = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"
+        verdict = {"pass": "[green]pass[/green]", "skip": "[yellow]skip[/yellow]",
+                   "fail": "[red]FAIL[/red]"}[r.status]
         evidence = r.evidence if r.passed else f"{r.evidence}\nnext: {r.next_step}"
         table.add_row(r.host, r.deployment, r.probe, verdict, evidence)
     console.print(table)
@@ -123,6 +126,33 @@ def probe_table(report: ProbeReport, console: Console) -> None:
                       else f"[red]probes failed on: {', '.join(failed)}[/red]")
     else:
         console.print("no deployments to probe")
+
+
+def _ms(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def bench_table(bench: BenchReport, console: Console) -> None:
+    w = bench.workload
+    table = Table(title=f"Benchmark of '{bench.group}': {w.requests} requests per level, "
+                        f"{w.input_tokens} words in, {w.output_tokens} tokens out")
+    for column in ("host", "deployment", "conc.", "req/s", "out tok/s", "TTFT p50/p95/p99 ms",
+                   "ITL p50/p95/p99 ms", "errors"):
+        table.add_column(column, overflow="fold")
+    for d in bench.deployments:
+        if d.skipped:
+            table.add_row(d.host, d.deployment, "-", "-", "-", "-", "-",
+                          f"[red]skipped[/red]: {escape(d.skipped)}")
+        for lv in d.levels:
+            t, i = lv.ttft_ms, lv.itl_ms
+            errors = (f"[red]{lv.errors}/{lv.requests}[/red] {escape(lv.error_messages[0])}"
+                      if lv.errors else f"0/{lv.requests}")
+            table.add_row(d.host, f"{d.deployment} ({d.engine})", str(lv.concurrency),
+                          f"{lv.requests_per_s:.2f}",
+                          f"{lv.output_tokens_per_s:.1f} ({lv.tokens_from})",
+                          f"{_ms(t.p50)}/{_ms(t.p95)}/{_ms(t.p99)}",
+                          f"{_ms(i.p50, 2)}/{_ms(i.p95, 2)}/{_ms(i.p99, 2)}", errors)
+    console.print(table)
 
 
 def run_json(result: RunResult) -> dict[str, Any]:
