@@ -26,6 +26,7 @@ from orchestrator.plan import STAGES, Plan, make_plan, select_stages
 from orchestrator.probe import probe_plan
 from orchestrator.render import ROOT, new_run_id, render
 from orchestrator.runner import run_playbook
+from orchestrator.vault import load_secrets
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Provision GPU hosts to serve Qwen2.5 with vLLM, and prove they work.")
@@ -48,6 +49,9 @@ OnlyOpt = Annotated[list[str] | None, typer.Option("--only", help=f"Run only thi
                                                    f"({', '.join(STAGES)}); repeatable.")]
 SkipOpt = Annotated[list[str] | None, typer.Option("--skip", help="Skip this stage; "
                                                    "repeatable.")]
+VaultOpt = Annotated[Path | None, typer.Option(
+    "--vault-password-file", envvar="ANSIBLE_VAULT_PASSWORD_FILE",
+    help="Opens the fleet's Vault-encrypted secrets file (API keys).")]
 
 
 @contextmanager
@@ -73,8 +77,10 @@ def _uses_sandbox(hosts: str, fleet: Path | None, inventory: Path | None) -> boo
 def _load(hosts: str, fleet: Path | None, inventory: Path | None) -> LoadedFleet:
     if _uses_sandbox(hosts, fleet, inventory):
         # Absolute: ansible-playbook runs from the project directory, not from here.
-        key = sandbox.ensure_ssh_key((STATE_DIR / "sandbox").resolve())
-        return sandbox_fleet.sandbox_fleet(key, sandbox_fleet.sandbox_model())
+        state = (STATE_DIR / "sandbox").resolve()
+        secrets_file, _ = sandbox_fleet.sandbox_secrets(state)
+        return sandbox_fleet.sandbox_fleet(sandbox.ensure_ssh_key(state),
+                                           sandbox_fleet.sandbox_model(), secrets_file)
     path = fleet or (DEFAULT_FLEET if DEFAULT_FLEET.exists() or inventory is None else None)
     if path is not None and not path.exists() and fleet is None:
         raise ConfigError("no fleet file here: run `orchestrate init` to write one, pass "
@@ -87,6 +93,17 @@ def _plan(hosts: str, fleet: Path | None, inventory: Path | None,
     loaded = _load(hosts, fleet, inventory)
     return make_plan(loaded, hosts, load_knowledge(), load_cuda_compat(),
                      select_stages(only, skip))
+
+
+def _secrets(hosts: str, fleet: Path | None, inventory: Path | None, the_plan: Plan,
+             password_file: Path | None) -> tuple[dict[str, str], Path | None]:
+    """The API keys of the plan's secrets file, opened before anything runs so that a
+    wrong password fails first; and the password file Ansible gets (the sandbox's own)."""
+    if _uses_sandbox(hosts, fleet, inventory):
+        password_file = sandbox_fleet.sandbox_secrets((STATE_DIR / "sandbox").resolve())[1]
+    if the_plan.secrets_file is None:
+        return {}, password_file
+    return load_secrets(Path(the_plan.secrets_file), password_file), password_file
 
 
 def _report_dir(command: str, the_plan: Plan) -> Path:
@@ -137,14 +154,18 @@ def plan(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None
 def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
        check: Annotated[bool, typer.Option("--check", help="Ansible check mode with diff: "
                                            "show changes, make none.")] = False,
-       only: OnlyOpt = None, skip: SkipOpt = None, as_json: JsonOpt = False) -> None:
+       only: OnlyOpt = None, skip: SkipOpt = None, as_json: JsonOpt = False,
+       vault_password_file: VaultOpt = None) -> None:
     """Provision the hosts (stage by stage), then probe every deployment."""
     with _errors():
         the_plan = _plan(hosts, fleet, inventory, only, skip)
+        secrets, vault_password_file = _secrets(hosts, fleet, inventory, the_plan,
+                                                vault_password_file)
         if _uses_sandbox(hosts, fleet, inventory):
             _start_sandbox(the_plan)
         run_dir = render(the_plan, STATE_DIR / "runs", new_run_id(dt.datetime.now(), "up"),
-                         check=check, operator_inventory=inventory)
+                         check=check, operator_inventory=inventory,
+                         vault_password_file=vault_password_file)
     out = err if as_json else console
     out.print(f"run {run_dir.run_id}: stages {', '.join(the_plan.stages)} on "
               f"{len(the_plan.hosts)} host(s) of '{hosts}'")
@@ -155,7 +176,7 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
 
         probes = None
         if not check and "verify" in the_plan.stages:
-            probes = probe_plan(the_plan)
+            probes = probe_plan(the_plan, secrets=secrets)
             report.probe_table(probes, out)
             (run_dir.path / "probes.json").write_text(probes.model_dump_json(indent=2) + "\n")
         html = htmlreport.write_report(run_dir.path, command="up", plan=the_plan, probes=probes)
@@ -170,11 +191,12 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
 
 @app.command()
 def probe(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
-          as_json: JsonOpt = False) -> None:
+          as_json: JsonOpt = False, vault_password_file: VaultOpt = None) -> None:
     """Probe every deployment of the hosts over HTTP; exit 1 if any probe fails."""
     with _errors():
         the_plan = _plan(hosts, fleet, inventory)
-    result = probe_plan(the_plan)
+        secrets, _ = _secrets(hosts, fleet, inventory, the_plan, vault_password_file)
+    result = probe_plan(the_plan, secrets=secrets)
     if as_json:
         print(json.dumps({**result.model_dump(), "passed": result.passed}, indent=2))
     else:
@@ -201,17 +223,19 @@ def bench(
                                               "(about one token each).")] = 128,
     output_tokens: Annotated[int, typer.Option(help="Tokens each answer is asked for.")] = 128,
     as_json: JsonOpt = False,
+    vault_password_file: VaultOpt = None,
 ) -> None:
     """Probe, then load-test each deployment (streamed chat completions at each concurrency);
     exit 1 if a probe or a request failed. Report and JSON in the run directory."""
     with _errors():
         workload = benchmark.make_workload(concurrency, requests, input_tokens, output_tokens)
         the_plan = benchmark.only_deployments(_plan(hosts, fleet, inventory), deployment)
+        secrets, _ = _secrets(hosts, fleet, inventory, the_plan, vault_password_file)
         run_path = _report_dir("bench", the_plan)
     out = err if as_json else console
-    probes = probe_plan(the_plan)
+    probes = probe_plan(the_plan, secrets=secrets)
     report.probe_table(probes, out)
-    result = benchmark.bench_plan(the_plan, workload, probes, _log)
+    result = benchmark.bench_plan(the_plan, workload, probes, _log, secrets=secrets)
     report.bench_table(result, out)
     with _errors():
         (run_path / "probes.json").write_text(probes.model_dump_json(indent=2) + "\n")

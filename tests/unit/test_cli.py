@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,61 @@ def test_plan_table_for_an_inventory_without_deployments(tmp_path: Path) -> None
                str(REPO / "inventory/gpu-cluster/hosts.yml"))
     assert proc.returncode == 0, proc.stderr
     assert "gpu-01" in proc.stdout and "Traceback" not in proc.stderr
+
+
+SECRET_FLEET = """\
+secrets: secrets.yml
+groups:
+  g:
+    profile: cpu
+    hosts: {h: {address: 127.0.0.1}}
+deployments:
+  - name: chat
+    model: Qwen/Qwen2.5-0.5B-Instruct
+    engine: vllm
+    hosts: g
+    port: 9
+    api_key_var: vault_chat_key
+"""
+
+
+def _encrypted_fleet(tmp_path: Path) -> Path:
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    (tmp_path / "fleet.yml").write_text(SECRET_FLEET)
+    (tmp_path / "secrets.yml").write_bytes(
+        VaultLib([("default", VaultSecret(b"right"))]).encrypt("vault_chat_key: s3cret-key\n"))
+    (tmp_path / "pw").write_text("right\n")
+    (tmp_path / "wrong-pw").write_text("wrong\n")
+    return tmp_path
+
+
+def test_probe_without_the_vault_password_stops_before_probing(tmp_path: Path) -> None:
+    _encrypted_fleet(tmp_path)
+    proc = run(tmp_path, "probe", "--hosts", "g", "--no-ssh")
+    assert proc.returncode == 2, proc.stderr
+    assert "secrets.yml" in proc.stderr and "--vault-password-file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_wrong_vault_password_names_the_file_not_the_content(tmp_path: Path) -> None:
+    _encrypted_fleet(tmp_path)
+    proc = run(tmp_path, "up", "--hosts", "g", "--vault-password-file", "wrong-pw")
+    assert proc.returncode == 2, proc.stderr
+    assert "secrets.yml" in proc.stderr and "wrong-pw" in proc.stderr
+    assert "s3cret" not in proc.stderr + proc.stdout
+    assert not (tmp_path / ".orchestrate").exists()  # nothing rendered, nothing run
+
+
+def test_probe_takes_the_vault_password_file_from_ansibles_variable(tmp_path: Path) -> None:
+    """ANSIBLE_VAULT_PASSWORD_FILE opens the secrets file: the probes run (and fail on the
+    closed port), and the key is never printed."""
+    _encrypted_fleet(tmp_path)
+    env_run = subprocess.run(
+        [ORCHESTRATE, "probe", "--hosts", "g", "--json"], cwd=tmp_path,
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "ANSIBLE_VAULT_PASSWORD_FILE": str(tmp_path / "pw")})
+    assert env_run.returncode == 1, env_run.stderr  # nothing listens on port 9
+    results = json.loads(env_run.stdout)["results"]
+    assert results and all(r["host"] == "h" for r in results)
+    assert "s3cret" not in env_run.stdout + env_run.stderr
