@@ -44,6 +44,10 @@ class ProbeTarget(_Out):
     # The Ansible variable (in the fleet's secrets) holding the deployment's API key.
     api_key_var: str | None = None
     tool_calling: bool = False
+    # Whether the tool-call probe judges the call itself: catalog models (Qwen2.5 weights
+    # trained on Hermes-style calls) must make it; for a model outside the catalog (the
+    # sandbox's random-weight test model) the probe checks that the server takes tools.
+    tool_call_judged: bool = True
     # Bound to the host's loopback: not reachable from the control machine over HTTP.
     loopback_only: bool = False
 
@@ -373,6 +377,7 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
                                              if d.engine == "ollama" else _served_name(d)),
                           api_key_var=d.api_key_var,
                           tool_calling=bool(d.options.tool_calling),
+                          tool_call_judged=d.model in knowledge.catalog.models,
                           loopback_only=_bind(d) in ("127.0.0.1", "::1", "localhost"))
               for d in deployments]
     return HostPlan(name=host.name, group=group, profile=host.profile, connection=conn,

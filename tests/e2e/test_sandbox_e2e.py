@@ -49,7 +49,7 @@ def test_sandbox_up_probe_rerun_break_down(workdir: Path, artifacts_env: dict[st
     probes = result["probes"]["results"]
     assert {(p["host"], p["probe"]) for p in probes if p["passed"]} == {
         (h, p) for h in ("sandbox-1", "sandbox-2")
-        for p in ("health", "models", "chat", "chat_stream")}
+        for p in ("health", "models", "api_key", "chat", "chat_stream", "tool_call")}
     chat = [p for p in probes if p["probe"] == "chat"]
     assert all("answer=" in p["evidence"] and "answer=''" not in p["evidence"] for p in chat)
 

@@ -140,14 +140,16 @@ def test_a_wrong_key_in_the_secrets_fails_the_models_probe() -> None:
     assert models.next_step and "differs from the key" in models.next_step
 
 
-def tools_plan() -> Plan:
+def tools_plan(judged: bool = True) -> Plan:
     return Plan(group="g", stages=["verify"], hosts=[
         HostPlan(name="h", group="g", profile="cpu", connection={}, vars={}, reasons=[],
                  probes=[ProbeTarget(deployment="d", engine="vllm", served_model_name="m",
-                                     base_url="http://h:8000", tool_calling=True)])])
+                                     base_url="http://h:8000", tool_calling=True,
+                                     tool_call_judged=judged)])])
 
 
-def with_tools(handler: Handler, *, auto_enabled: bool = True) -> Handler:
+def with_tools(handler: Handler, *, auto_enabled: bool = True, garbled: bool = False
+               ) -> Handler:
     """The stand-in's tool calling, shaped as vLLM answers (400 for auto without the flag)."""
     def handle(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else {}
@@ -156,6 +158,10 @@ def with_tools(handler: Handler, *, auto_enabled: bool = True) -> Handler:
         if body["tool_choice"] == "auto" and not auto_enabled:
             return httpx.Response(400, json={"error": {"message": '"auto" tool choice requires '
                                                       '--enable-auto-tool-choice'}})
+        if garbled:  # what vLLM 0.32 answered for the sandbox's random-weight model
+            return httpx.Response(200, json={"choices": [{"message": {
+                "content": '<tool_call>\n{"name": "get_weather", "arguments": {" said said',
+                "tool_calls": []}, "finish_reason": "length"}]})
         call = {"id": "c1", "type": "function",
                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
         return httpx.Response(200, json={"choices": [{"message": {
@@ -164,9 +170,25 @@ def with_tools(handler: Handler, *, auto_enabled: bool = True) -> Handler:
     return handle
 
 
-def run_tools(handler: Handler):
-    return probe_plan(tools_plan(), client_factory=lambda: httpx.Client(
+def run_tools(handler: Handler, judged: bool = True):
+    return probe_plan(tools_plan(judged), client_factory=lambda: httpx.Client(
         transport=httpx.MockTransport(handler)))
+
+
+def test_a_catalog_model_that_makes_no_call_fails() -> None:
+    report = run_tools(with_tools(stand_in_vllm(), garbled=True))
+    tool = next(r for r in report.results if r.probe == "tool_call")
+    assert not tool.passed
+    assert "no call parsed from '<tool_call>" in tool.evidence
+
+
+def test_a_model_outside_the_catalog_is_held_to_the_server_taking_tools() -> None:
+    taken = run_tools(with_tools(stand_in_vllm(), garbled=True), judged=False)
+    tool = next(r for r in taken.results if r.probe == "tool_call")
+    assert tool.passed and "the call is not judged: m is not a catalog model" in tool.evidence
+    refused = run_tools(with_tools(stand_in_vllm(), auto_enabled=False, garbled=True),
+                        judged=False)
+    assert not next(r for r in refused.results if r.probe == "tool_call").passed
 
 
 def test_tool_calling_probe() -> None:
