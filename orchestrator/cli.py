@@ -21,6 +21,7 @@ from orchestrator.config import LoadedFleet, load_fleet
 from orchestrator.errors import ConfigError, OrchestrateError
 from orchestrator.facts import parse_nvidia_smi, summarize
 from orchestrator.fit import fit
+from orchestrator.hostprobe import probe_all
 from orchestrator.knowledge import load_knowledge
 from orchestrator.plan import STAGES, Plan, make_plan, select_stages
 from orchestrator.probe import probe_plan
@@ -176,7 +177,7 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
 
         probes = None
         if not check and "verify" in the_plan.stages:
-            probes = probe_plan(the_plan, secrets=secrets)
+            probes = probe_all(the_plan, secrets=secrets)
             report.probe_table(probes, out)
             (run_dir.path / "probes.json").write_text(probes.model_dump_json(indent=2) + "\n")
         html = htmlreport.write_report(run_dir.path, command="up", plan=the_plan, probes=probes)
@@ -191,12 +192,16 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
 
 @app.command()
 def probe(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
-          as_json: JsonOpt = False, vault_password_file: VaultOpt = None) -> None:
-    """Probe every deployment of the hosts over HTTP; exit 1 if any probe fails."""
+          as_json: JsonOpt = False, vault_password_file: VaultOpt = None,
+          ssh: Annotated[bool, typer.Option("--ssh/--no-ssh", help="Also probe the hosts "
+                                            "over SSH.")] = True) -> None:
+    """Probe the hosts over SSH (GPUs, torch, weights, services) and every deployment over
+    HTTP; exit 1 if any probe fails."""
     with _errors():
         the_plan = _plan(hosts, fleet, inventory)
         secrets, _ = _secrets(hosts, fleet, inventory, the_plan, vault_password_file)
-    result = probe_plan(the_plan, secrets=secrets)
+    result = (probe_all(the_plan, secrets=secrets) if ssh
+              else probe_plan(the_plan, secrets=secrets))
     if as_json:
         print(json.dumps({**result.model_dump(), "passed": result.passed}, indent=2))
     else:

@@ -280,6 +280,87 @@ def parse_xml(text: str) -> GpuFacts:
     return GpuFacts(driver_version=driver, cuda_version=cuda, gpus=gpus)
 
 
+# ---------------------------------------------------------------- health (-q -x)
+
+# Clock event reasons that say the GPU is held back by heat or by its power delivery,
+# not by load or settings (nvml.h nvmlClocksEventReason*; the XML's tag suffixes).
+HARDWARE_SLOWDOWNS = ("hw_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown",
+                      "sw_thermal_slowdown")
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuHealth:
+    index: int
+    name: str
+    ecc_mode: str | None = None
+    # Uncorrectable ECC errors since the driver loaded (volatile); None: not reported,
+    # e.g. ECC off or a GPU without ECC.
+    ecc_volatile_uncorrected: int | None = None
+    # Active clock event (throttle) reasons by their XML names: gpu_idle, sw_power_cap, ...
+    clock_event_reasons: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthReport:
+    gpus: list[GpuHealth] = dataclasses.field(default_factory=list)
+    error: SmiError | None = None
+
+
+def _count(value: str | None) -> int | None:
+    text = _text(value)
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def _volatile_uncorrected(volatile: ET.Element | None) -> int | None:
+    """Drivers before 515 list single_bit/double_bit counts with a total; later ones
+    sram_/dram_ counts, the uncorrectable ones named so (570+ split SRAM into parity and
+    SEC-DED)."""
+    if volatile is None:
+        return None
+    double = volatile.find("double_bit")
+    if double is not None:
+        total = _count(double.findtext("total"))
+        if total is not None:
+            return total
+        counts = [_count(child.text) for child in double]
+    else:
+        counts = [_count(child.text) for child in volatile if "uncorrectable" in child.tag]
+    known = [c for c in counts if c is not None]
+    return sum(known) if known else None
+
+
+def parse_xml_health(text: str) -> HealthReport:
+    """ECC and clock event (throttle) reasons per GPU from `nvidia-smi -q -x`: the
+    <clocks_event_reasons> of drivers 535+ or the <clocks_throttle_reasons> before them."""
+    fatal = _fatal(text)
+    if fatal is not None:
+        return HealthReport(error=fatal.error)
+    body = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("WARNING:"))
+    try:
+        root = ET.fromstring(body.strip())
+    except ET.ParseError as exc:
+        return HealthReport(error=_error("unrecognized", f"nvidia-smi XML does not parse: {exc}"))
+    if root.tag != "nvidia_smi_log":
+        return HealthReport(error=_error("unrecognized",
+                                         f"XML root is <{root.tag}>, not <nvidia_smi_log>"))
+    gpus: list[GpuHealth] = []
+    for position, gpu in enumerate(root.findall("gpu")):
+        reasons = gpu.find("clocks_event_reasons")
+        if reasons is None:
+            reasons = gpu.find("clocks_throttle_reasons")
+        active = [child.tag.split("_reason_", 1)[-1] for child in
+                  (reasons if reasons is not None else [])
+                  if (child.text or "").strip() == "Active"]
+        gpus.append(GpuHealth(
+            index=position, name=_text(gpu.findtext("product_name")) or "?",
+            ecc_mode=_text(gpu.findtext("ecc_mode/current_ecc")),
+            ecc_volatile_uncorrected=_volatile_uncorrected(gpu.find("ecc_errors/volatile")),
+            clock_event_reasons=active))
+    if not gpus:
+        return HealthReport(error=_error("unrecognized", "nvidia-smi XML without <gpu> entries"))
+    return HealthReport(gpus=gpus)
+
+
 # ---------------------------------------------------------------- -q (text)
 
 _Q_PAIR = re.compile(r"\s*(?P<key>\S.*?)\s+:(?:\s(?P<value>.*))?")

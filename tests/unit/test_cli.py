@@ -180,7 +180,7 @@ def test_probe_takes_the_vault_password_file_from_ansibles_variable(tmp_path: Pa
     closed port), and the key is never printed."""
     _encrypted_fleet(tmp_path)
     env_run = subprocess.run(
-        [ORCHESTRATE, "probe", "--hosts", "g", "--json"], cwd=tmp_path,
+        [ORCHESTRATE, "probe", "--hosts", "g", "--no-ssh", "--json"], cwd=tmp_path,
         capture_output=True, text=True, check=False,
         env={**os.environ, "ANSIBLE_VAULT_PASSWORD_FILE": str(tmp_path / "pw")})
     assert env_run.returncode == 1, env_run.stderr  # nothing listens on port 9
