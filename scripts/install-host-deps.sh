@@ -4,7 +4,7 @@
 # Python's venv module. Debian/Ubuntu only; safe to run again (apt skips what is there).
 set -euo pipefail
 
-packages=(podman runc slirp4netns debootstrap openssh-client iproute2 python3-venv make)
+packages=(podman runc slirp4netns debootstrap openssh-client iproute2 python3-venv make zstd)
 
 missing=()
 for pkg in "${packages[@]}"; do
