@@ -15,7 +15,6 @@ import importlib
 import ipaddress
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -270,8 +269,6 @@ def collect(config: dict[str, Any]) -> dict[str, Any]:
     # Quick reads first, torch-check (imports torch, touches every GPU) last: a host
     # that runs out of time loses the slowest evidence only.
     out: dict[str, Any] = {
-        "collector": 1,
-        "python": platform.python_version(),
         "listening": listening(),
         "models": [model(m, config["marker"]) for m in config["models"]],
         "units": [unit(u, clock, limit) for u in config["units"]],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shlex
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +42,9 @@ from orchestrator.plan import ENV_PATH, HostPlan, Plan
 from orchestrator.probe import ProbeReport, ProbeResult, probe_plan
 
 SSH_TIMEOUT = 30.0
+# Beyond a host's timeout before it is reported and left behind: paramiko's connection
+# set-up (TCP, banner, authentication) has its own timeouts, which may add up past it.
+SSH_GRACE = 10.0
 # roles/model_weights default (model_weights_marker); a host's vars may name another.
 MARKER = ".qwen-serve-complete"
 # A unit restarted more often than this since it was started is crashing in a loop;
@@ -63,6 +67,11 @@ _WEIGHTS_NOTE = ("sizes checked here; sha256 was checked at install by the model
 
 Collector = Callable[[HostPlan, float], dict[str, Any]]
 
+# paramiko logs its transport thread's failures (a host that sends no banner) with their
+# tracebacks; with no handler anywhere, Python's last-resort handler would print those on
+# the terminal. The failure reaches the operator as the ssh probe's evidence instead.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
 
 class CollectError(Exception):
     """SSH or the remote collector failed; carries the operator's next step."""
@@ -83,10 +92,15 @@ class Service:
 # ---------------------------------------------------------------- what to collect
 
 def _arg(args: list[Any], flag: str) -> str | None:
-    for i, value in enumerate(args[:-1]):
-        if value == flag:
-            return str(args[i + 1])
-    return None
+    """The value of `flag` as vLLM's argparse reads it: the last one given wins, and
+    `--flag value` and `--flag=value` are the same."""
+    found = None
+    for i, value in enumerate(map(str, args)):
+        if value == flag and i + 1 < len(args):
+            found = str(args[i + 1])
+        elif value.startswith(flag + "="):
+            found = value[len(flag) + 1:]
+    return found
 
 
 def services(host: HostPlan) -> list[Service]:
@@ -154,7 +168,8 @@ def ssh_options(variables: Mapping[str, Any]) -> dict[str, str]:
 def _client(host: HostPlan) -> paramiko.SSHClient:
     client = paramiko.SSHClient()
     options = ssh_options(host.vars)
-    if options.get("stricthostkeychecking", "").lower() in ("no", "off", "accept-new"):
+    strict = options.get("stricthostkeychecking", "").lower()
+    if strict in ("no", "off"):
         # As ssh does with this option; what it learns is kept in memory, never saved.
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
         return client
@@ -163,7 +178,10 @@ def _client(host: HostPlan) -> paramiko.SSHClient:
         path = Path(name).expanduser()
         if path.is_file():
             client.load_system_host_keys(str(path))
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    # accept-new takes an unknown host's key (in memory only) but still refuses a known
+    # host whose key changed (BadHostKeyException).
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy() if strict == "accept-new"
+                                       else paramiko.RejectPolicy())
     return client
 
 
@@ -186,16 +204,16 @@ def run_collector(host: HostPlan, timeout: float = SSH_TIMEOUT) -> dict[str, Any
              f"{user + '@' if user else ''}{address} true` from this machine; fix the fleet's "
              "address, ssh_port, ssh_user or ssh_key")
     deadline = time.monotonic() + timeout
-    # Leave the collector a few seconds less than the connection so its own report of
-    # what ran out of time gets back.
-    program = collector_program(collector_config(host, max(1.0, timeout - 5.0)))
     client = _client(host)
     try:
         try:
+            # Half the time for the banner: when the banner's wait and the handshake's run
+            # out together, paramiko says "No existing session" instead of naming the
+            # banner that never came.
             client.connect(address, port=port, username=user,
                            key_filename=str(Path(key).expanduser()) if key else None,
-                           look_for_keys=not key, timeout=timeout, banner_timeout=timeout,
-                           auth_timeout=timeout)
+                           look_for_keys=not key, timeout=timeout,
+                           banner_timeout=timeout / 2, auth_timeout=timeout)
         except paramiko.BadHostKeyException as exc:
             raise CollectError(f"ssh {where}: {exc}",
                                f"{host.name}'s host key changed: if the host was reinstalled, "
@@ -216,6 +234,10 @@ def run_collector(host: HostPlan, timeout: float = SSH_TIMEOUT) -> dict[str, Any
             raise CollectError(f"ssh {where}: {exc}", reach) from None
         except (OSError, EOFError) as exc:
             raise CollectError(f"ssh {where}: {type(exc).__name__}: {exc}", reach) from None
+        # What is left after connecting, less a few seconds, so that the collector's own
+        # report of what ran out of time still gets back.
+        program = collector_program(collector_config(
+            host, max(1.0, deadline - time.monotonic() - 5.0)))
         rc, out, err = _execute(client, f"{shlex.quote(_python(host))} -", program, deadline)
     except TimeoutError:
         raise CollectError(f"ssh {where}: no complete answer within {timeout:.0f} s",
@@ -355,6 +377,11 @@ def gpu_evidence(gpu: Mapping[str, Any]) -> tuple[GpuFacts, HealthReport | None,
     return facts, health, label
 
 
+def _truthy(value: Any) -> bool:
+    # Inventory values arrive as YAML booleans or as the strings Ansible's bool filter reads.
+    return value is True or str(value).strip().lower() in ("true", "yes", "on", "1")
+
+
 def _driver_too_old(driver: str | None, minimum: str) -> bool:
     try:
         return driver is None or parse_driver_version(driver) < parse_driver_version(minimum)
@@ -377,6 +404,10 @@ def gpu_results(host: HostPlan, facts: GpuFacts | None, health: HealthReport | N
     minimum = str(v.get("gpu_check_min_driver") or "")
     count = int(v.get("gpu_check_expected_count") or 0)
     name = str(v.get("gpu_check_expected_name") or "")
+    # The exact version or branch roles/nvidia_driver installs, where it manages the driver.
+    managed = _truthy(v.get("nvidia_driver_manage"))
+    exact = str(v.get("nvidia_driver_version") or "") if managed else ""
+    branch = "" if exact or not managed else str(v.get("nvidia_driver_branch") or "")
     problems: list[str] = []
     steps: list[str] = []
     if minimum and _driver_too_old(facts.driver_version, minimum):
@@ -384,6 +415,13 @@ def gpu_results(host: HostPlan, facts: GpuFacts | None, health: HealthReport | N
                         "planned torch CUDA build needs")
         steps.append(f"install driver branch {minimum.split('.')[0]} or newer (drivers stage) "
                      "and reboot")
+    driver = facts.driver_version or ""
+    if (exact and driver != exact) or (branch and driver.split(".")[0] != branch):
+        problems.append(f"driver {facts.driver_version} is not the planned "
+                        + (f"{exact} (nvidia_driver_version)" if exact
+                           else f"branch {branch} (nvidia_driver_branch)"))
+        steps.append("rerun the drivers stage (`orchestrate up --only drivers`), then reboot "
+                     f"{host.name} so that the installed driver is the one loaded")
     mismatch = []
     if count and len(facts.gpus) != count:
         mismatch.append(f"{len(facts.gpus)} GPU(s), the plan says {count}")
@@ -397,6 +435,8 @@ def gpu_results(host: HostPlan, facts: GpuFacts | None, health: HealthReport | N
         problems.append(f"{facts.error.kind}: {' '.join(facts.error.message.split())}")
         steps.append(facts.error.next_step)
     planned = ", ".join([f"driver >= {minimum}"] * bool(minimum)
+                        + [f"driver {exact}"] * bool(exact)
+                        + [f"driver branch {branch}"] * bool(branch)
                         + [f"{count} GPU(s)"] * bool(count) + [name] * bool(name))
     out = [_result(host, "", "gpu", not problems,
                    f"{source}: {summarize(facts)}"
@@ -465,7 +505,8 @@ def stack_result(host: HostPlan, deployment: str, env: Mapping[str, Any],
     except ValueError:
         info = None
     if not isinstance(info, dict) or "error" in info or run["rc"] != 0:
-        said = info.get("error") if isinstance(info, dict) else _output(run).strip()[-300:]
+        said = ((info.get("error") if isinstance(info, dict) else None)
+                or _output(run).strip()[-300:])
         return _result(host, deployment, "stack", False,
                        f"{check} exited {run['rc']}: {said}", rerun)
     requirement = str(v.get("pytorch_requirement") or "")
@@ -608,6 +649,13 @@ def service_results(host: HostPlan, service: Service, unit: Mapping[str, Any] | 
             state = _result(host, service.deployment, "service", False,
                             f"{facts}: restarting in a loop",
                             f"it crashes and systemd starts it again: {logs}")
+        elif p.get("Result") == "start-limit-hit":
+            state = _result(host, service.deployment, "service", False,
+                            f"{facts}: it crashed in a loop until systemd stopped restarting "
+                            "it (StartLimitBurst)",
+                            f"{logs}; fix the cause, then `systemctl reset-failed "
+                            f"{service.unit}` and `systemctl start {service.unit}` (or rerun "
+                            "the services stage)")
         else:
             state = _result(host, service.deployment, "service", False,
                             f"{facts}: not running",
@@ -684,10 +732,14 @@ def probe_host(host: HostPlan, timeout: float = SSH_TIMEOUT,
     try:
         return interpret(host, evidence)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # The collector is sent from this very orchestrator, so this is no version skew:
+        # something else answered on the host's python3 (see ansible_python_interpreter).
         return _ssh_failure(host, f"the probe collector's answer is not understood: "
                             f"{type(exc).__name__}: {exc}",
-                            "the collector and this orchestrator differ in version: "
-                            "reinstall the orchestrator")
+                            f"check that `{_python(host)}` on {host.name} is a plain "
+                            "CPython 3.9+ (ansible_python_interpreter); if it is, report this "
+                            "with the evidence; `orchestrate probe --no-ssh` still runs the "
+                            "HTTP probes")
 
 
 def probe_hosts(plan: Plan, *, timeout: float = SSH_TIMEOUT, workers: int = 16,
@@ -699,7 +751,7 @@ def probe_hosts(plan: Plan, *, timeout: float = SSH_TIMEOUT, workers: int = 16,
     pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(plan.hosts))))
     try:
         futures = [pool.submit(probe_host, h, timeout, collect) for h in plan.hosts]
-        wait(futures, timeout=timeout + 10.0)
+        wait(futures, timeout=timeout + SSH_GRACE)
         out: list[ProbeResult] = []
         for host, future in zip(plan.hosts, futures, strict=True):
             if future.done():
