@@ -26,4 +26,4 @@ def test_scenario(scenario: str, artifacts_env: dict[str, str]) -> None:
 
 
 def test_the_required_scenarios_exist() -> None:
-    assert {"python_env", "vllm", "nvidia_driver"} <= set(SCENARIOS)
+    assert {"python_env", "vllm", "ollama", "nvidia_driver"} <= set(SCENARIOS)
