@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from rich.markup import escape
 
 from orchestrator import bench as benchmark
 from orchestrator import htmlreport, report, sandbox, sandbox_fleet
+from orchestrator import mirror as weights_mirror
 from orchestrator.compat import decide, load_cuda_compat, load_gpu_table
 from orchestrator.config import LoadedFleet, load_fleet
 from orchestrator.errors import ConfigError, OrchestrateError
@@ -23,7 +25,7 @@ from orchestrator.facts import parse_nvidia_smi, summarize
 from orchestrator.fit import fit
 from orchestrator.hostprobe import probe_all
 from orchestrator.knowledge import load_knowledge
-from orchestrator.plan import STAGES, Plan, make_plan, select_stages
+from orchestrator.plan import STAGES, Plan, make_plan, select_stages, weights_origins
 from orchestrator.probe import probe_plan
 from orchestrator.render import ROOT, new_run_id, render
 from orchestrator.runner import run_playbook
@@ -344,6 +346,59 @@ def fit_command(
             console.print(f"  instead: {escape(line)}", highlight=False)
     if not result.fits:
         raise typer.Exit(2)
+
+
+@app.command()
+def mirror(
+    hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
+    directory: Annotated[Path | None, typer.Option(
+        "--dir", help="Mirror directory (default: the fleet's mirror.dir, else "
+                      ".orchestrate/mirror).")] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="Then serve the mirror to the hosts "
+                                        "over HTTP until interrupted.")] = False,
+    listen: Annotated[str | None, typer.Option(
+        "--listen", help="[HOST:]PORT to serve on (default: every address, on the port of "
+                         "the fleet's mirror.url).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fetch the weights the group's hosts need once onto this machine (ModelScope with the
+    real client, token from MODELSCOPE_API_TOKEN, or model_dir), checked by size and sha256;
+    with mirror.url in the fleet, hosts take them from here."""
+    with _errors():
+        loaded = _load(hosts, fleet, inventory)
+        # Refuses what `orchestrate plan` refuses, before anything is downloaded.
+        make_plan(loaded, hosts, load_knowledge(), load_cuda_compat())
+        settings = loaded.fleet.mirror
+        where = (directory or weights_mirror.mirror_dir(settings, STATE_DIR / "mirror")).resolve()
+        address = weights_mirror.parse_listen(listen, settings) if serve else None
+        staged = weights_mirror.stage_weights(
+            weights_origins(loaded, hosts), where,
+            endpoint=weights_mirror.modelscope_endpoint(settings),
+            token=os.environ.get("MODELSCOPE_API_TOKEN") or None, log=_log)
+    out = err if as_json else console
+    if as_json:
+        print(json.dumps({"dir": str(where), "models": [s.to_dict() for s in staged],
+                          "origin_bytes": sum(s.origin_bytes for s in staged)}, indent=2))
+    else:
+        report.mirror_table(staged, str(where), console)
+    if settings is None:
+        out.print("the fleet sets no mirror.url: hosts still fetch from the origin; add "
+                  f"`mirror: {{url: http://THIS-MACHINE:{weights_mirror.DEFAULT_PORT}}}` to use "
+                  "this mirror (docs/airgapped.md)", highlight=False)
+    if address is None:
+        return
+    with _errors():
+        server = weights_mirror.MirrorServer(
+            where, *address, on_request=lambda r: _log(f"{r.client} {r.status} {r.bytes} B "
+                                                        f"{r.path}"))
+    out.print(f"serving {where} on {address[0]}:{server.address[1]} (Ctrl-C stops)",
+              highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
 
 
 @app.command()

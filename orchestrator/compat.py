@@ -250,6 +250,14 @@ def min_driver_for_cuda(cuda: str, cuda_compat: CudaCompat) -> str | None:
     return min(rows, key=lambda r: parse_driver_version(r.min_driver)).min_driver
 
 
+def lowest_driver_branch(cuda: str, cuda_compat: CudaCompat) -> int | None:
+    """The lowest NVIDIA driver branch (535, 580, ...) NVIDIA lists for a toolkit of this
+    CUDA major.minor or newer: the oldest branch a driver install can take to run it."""
+    branches = [parse_driver_version(r.min_driver)[0] for r in cuda_compat.nvidia.toolkits
+                if _cuda_key(r.cuda) >= _cuda_key(cuda)]
+    return min(branches) if branches else None
+
+
 def max_cuda_for_driver(driver_version: str, cuda_compat: CudaCompat) -> str | None:
     """The newest CUDA major.minor whose toolkit driver the given driver meets, or None."""
     driver = parse_driver_version(driver_version)

@@ -9,6 +9,7 @@ winning, as Ansible's group_vars and host_vars do.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -62,6 +63,29 @@ class GpuSettings(Strict):
     count: Annotated[int, Field(ge=1)] | None = None
 
 
+class DriverSettings(Strict):
+    """Whether the toolkit installs the NVIDIA driver (role nvidia_driver) on GPU hosts;
+    by default the driver is the host owners' and the drivers stage only checks it."""
+
+    manage: bool | None = None
+    # Driver branch ("580"); default: the lowest branch that runs the planned torch build.
+    branch: str | None = None
+    # distro: the distribution's packages; cuda: NVIDIA's CUDA repository (role default:
+    # distro on Debian and Ubuntu, cuda on RHEL/Rocky).
+    source: Literal["distro", "cuda"] | None = None
+    open_kernel_modules: bool | None = None
+
+    @field_validator("branch", mode="before")
+    @classmethod
+    def _branch_number(cls, value: Any) -> Any:
+        # `branch: 580` is how an operator writes it; YAML reads that as a number.
+        text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+        if value is not None and not re.fullmatch(r"[0-9]{3,4}", text):
+            raise ValueError('expected a driver branch, the first number of a driver version '
+                             '(580 for 580.95.05)')
+        return text if value is not None else None
+
+
 class HostSettings(Strict):
     """Settings that `defaults`, a group or a host may set; the most specific wins."""
 
@@ -74,6 +98,7 @@ class HostSettings(Strict):
     python: PythonSettings | None = None
     pip: PipSettings | None = None
     gpu: GpuSettings | None = None
+    driver: DriverSettings | None = None
     vars: dict[str, Any] | None = Field(
         default=None, description="extra Ansible variables, passed through unchanged")
 
@@ -144,10 +169,25 @@ class Deployment(Strict):
     options: EngineOptions = Field(default_factory=EngineOptions)
 
 
+class MirrorSettings(Strict):
+    """`orchestrate mirror`: the weights a plan needs, fetched once onto the control machine
+    and served from there, so that hosts never reach the origin (also the air-gapped mode)."""
+
+    # How the hosts reach the mirror server (`orchestrate mirror --serve`, or any HTTP
+    # server of `dir`); with it set, every host takes its weights from there.
+    url: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")]
+    # The mirror directory on the control machine; default .orchestrate/mirror.
+    dir: str | None = None
+    # The ModelScope hub the weights are downloaded from.
+    modelscope_endpoint: Annotated[str, Field(pattern=r"^https?://\S+$")] = \
+        "https://modelscope.cn"
+
+
 class Fleet(Strict):
     # An Ansible Vault-encrypted YAML file of secrets (API keys by their api_key_var names),
     # given to every run as extra variables; opened with --vault-password-file.
     secrets: str | None = None
+    mirror: MirrorSettings | None = None
     defaults: HostSettings = Field(default_factory=HostSettings)
     groups: dict[GroupName, Group] = Field(default_factory=dict)
     deployments: list[Deployment] = Field(default_factory=list)
@@ -168,6 +208,10 @@ class ResolvedHost:
     python: PythonSettings
     pip: PipSettings
     gpu: GpuSettings
+    driver: DriverSettings
+    # Each driver setting -> the fleet key that set it (the most specific layer), so that
+    # a plan refusing the setting can name it.
+    driver_keys: dict[str, tuple[str, ...]]
     port_map: dict[int, int]
     vars: dict[str, Any]
 
@@ -177,6 +221,13 @@ class LoadedFleet:
     fleet: Fleet
     source: str
     documents: tuple[YamlDocument, ...] = ()
+
+    def locate(self, loc: tuple[str, ...]) -> str:
+        """'file:line: key' of a key of the fleet, for errors found after loading."""
+        for doc in self.documents:
+            if loc in doc.lines:
+                return f"{doc.path}:{doc.lines[loc]}: {dotted(loc)}"
+        return f"{self.source}: {dotted(loc)}"
 
     def group_names(self) -> list[str]:
         return sorted(self.fleet.groups)
@@ -212,6 +263,11 @@ def _resolve(defaults: HostSettings, group_name: str, group: Group, name: str,
     variables: dict[str, Any] = {}
     for layer in layers:
         variables.update(layer.vars or {})
+    driver_keys: dict[str, tuple[str, ...]] = {}
+    for prefix, layer in ((("defaults",), defaults), (("groups", group_name), group),
+                          (("groups", group_name, "hosts", name), host)):
+        for key in (layer.driver.model_dump(exclude_none=True) if layer.driver else {}):
+            driver_keys[key] = (*prefix, "driver", key)
     return ResolvedHost(
         name=name,
         group=group_name,
@@ -224,6 +280,8 @@ def _resolve(defaults: HostSettings, group_name: str, group: Group, name: str,
         python=PythonSettings(**_merge(*(layer.python for layer in layers))),
         pip=PipSettings(**_merge(*(layer.pip for layer in layers))),
         gpu=GpuSettings(**_merge(*(layer.gpu for layer in layers))),
+        driver=DriverSettings(**_merge(*(layer.driver for layer in layers))),
+        driver_keys=driver_keys,
         port_map=dict(host.port_map or {}),
         vars=variables,
     )
@@ -402,8 +460,8 @@ def _inventory_groups(doc: YamlDocument) -> dict[str, Any]:
 # --- entry point ---------------------------------------------------------------------------
 
 def _paths_relative_to(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Relative ssh_key, model_dir and secrets paths mean: next to the fleet file, wherever the
-    command runs from (Ansible itself runs from the project directory)."""
+    """Relative ssh_key, model_dir, secrets and mirror.dir paths mean: next to the fleet file,
+    wherever the command runs from (Ansible itself runs from the project directory)."""
     def fix(path: str) -> str:
         return path if path.startswith(("/", "~")) else str(base / path)
 
@@ -423,6 +481,8 @@ def _paths_relative_to(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             for name, group in out["groups"].items()}
     if isinstance(out.get("secrets"), str):
         out["secrets"] = fix(out["secrets"])
+    if isinstance(out.get("mirror"), dict) and isinstance(out["mirror"].get("dir"), str):
+        out["mirror"] = {**out["mirror"], "dir": fix(out["mirror"]["dir"])}
     if isinstance(out.get("deployments"), list):
         out["deployments"] = [
             {**d, "model_dir": fix(d["model_dir"])} if isinstance(d, dict)

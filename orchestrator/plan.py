@@ -7,13 +7,21 @@ installed. Every decision carries a reason an operator can read.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shlex
-from typing import Any
+from pathlib import PurePosixPath
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.compat import CompatTable, least_demanding_build
-from orchestrator.config import Deployment, LoadedFleet, ResolvedHost
+from orchestrator.compat import (
+    CompatTable,
+    TorchChoice,
+    least_demanding_build,
+    lowest_driver_branch,
+)
+from orchestrator.config import Deployment, LoadedFleet, MirrorSettings, ResolvedHost
 from orchestrator.errors import PlanError
 from orchestrator.fit import fit, kv_bytes_per_token
 from orchestrator.knowledge import Knowledge, StackProfile
@@ -150,10 +158,76 @@ def _vllm_env(dep: Deployment, profile: str) -> dict[str, str]:
     return env
 
 
-def _model_entry(dep: Deployment) -> dict[str, Any]:
+# `orchestrate mirror` keeps a model as <mirror>/models/<key>/manifest.json beside its files in
+# <mirror>/models/<key>/files/, so that a repository's own manifest.json stays one of its files.
+MIRROR_MODELS = "models"
+
+
+class WeightsOrigin(_Out):
+    """Where a deployment's weights come from, and their place (key) in the mirror."""
+
+    key: str
+    source: Literal["modelscope", "local"]
+    model_id: str
+    revision: str | None = None
+    local_dir: str | None = None
+    deployments: tuple[str, ...] = ()
+
+
+def _path_part(text: str) -> str:
+    """One path component from free text: no separator, never hidden, never '..'."""
+    part = re.sub(r"[^A-Za-z0-9._-]", "_", text) or "_"
+    return "_" + part[1:] if part.startswith(".") else part
+
+
+def _has_weights(dep: Deployment) -> bool:
+    """vLLM loads a model directory; Ollama only for a GGUF import (model_dir)."""
+    return dep.engine == "vllm" or bool(dep.model_dir)
+
+
+def weights_origin(dep: Deployment) -> WeightsOrigin:
+    if dep.model_dir:
+        path = dep.model_dir.rstrip("/") or "/"
+        # The path's digest: two directories of the same name stay apart.
+        digest = hashlib.sha256(path.encode()).hexdigest()[:12]
+        return WeightsOrigin(key=f"local/{_path_part(PurePosixPath(path).name)}-{digest}",
+                             source="local", model_id=dep.model, local_dir=dep.model_dir,
+                             deployments=(dep.name,))
+    revision = dep.revision or "master"
+    return WeightsOrigin(key="/".join(["modelscope", *map(_path_part, dep.model.split("/")),
+                                       _path_part(revision)]),
+                         source="modelscope", model_id=dep.model, revision=revision,
+                         deployments=(dep.name,))
+
+
+def weights_origins(loaded: LoadedFleet, group: str) -> list[WeightsOrigin]:
+    """The weights that the hosts of `group` need, each once: what `orchestrate mirror` stages."""
+    names = {h.name for h in loaded.hosts_of(group)}
+    found: dict[str, WeightsOrigin] = {}
+    for dep in loaded.fleet.deployments:
+        if not _has_weights(dep) or not names & {h.name for h in loaded.hosts_of(dep.hosts)}:
+            continue
+        origin = weights_origin(dep)
+        seen = found.get(origin.key)
+        if seen is not None:
+            origin = seen.model_copy(update={"deployments": (*seen.deployments, dep.name)})
+        found[origin.key] = origin
+    return list(found.values())
+
+
+def mirror_urls(base_url: str, key: str) -> tuple[str, str]:
+    """The URLs of a mirrored model's files directory and of its manifest."""
+    base = f"{base_url.rstrip('/')}/{MIRROR_MODELS}/{key}"
+    return f"{base}/files/", f"{base}/manifest.json"
+
+
+def _model_entry(dep: Deployment, mirror: MirrorSettings | None) -> dict[str, Any]:
     entry: dict[str, Any] = {"name": dep.name, "model_id": dep.model,
                              "dest": _model_dir_on_host(dep)}
-    if dep.model_dir:
+    if mirror is not None:
+        files, manifest = mirror_urls(mirror.url, weights_origin(dep).key)
+        entry.update(source="mirror", url=files, manifest_url=manifest)
+    elif dep.model_dir:
         entry.update(source="local", local_dir=dep.model_dir)
     else:
         entry.update(source="modelscope", revision=dep.revision or "master")
@@ -268,8 +342,41 @@ def _fit_deployment(dep: Deployment, host: ResolvedHost, knowledge: Knowledge,
     return dict(zip(result.vllm_args[::2], result.vllm_args[1::2], strict=True))
 
 
+def _driver_vars(host: ResolvedHost, build: TorchChoice, gpu_table: CompatTable,
+                 loaded: LoadedFleet, reasons: list[str]) -> dict[str, Any]:
+    """nvidia_driver role variables where the fleet has the toolkit install the driver
+    (driver.manage): the branch given, or the lowest one that runs the planned torch build."""
+    driver = host.driver
+    if not driver.manage:
+        return {}
+    lowest = lowest_driver_branch(build.cuda, gpu_table.cuda)
+    # least_demanding_build took build.min_driver from a row of this CUDA version.
+    assert lowest is not None
+    torch = f"torch {build.version}+{build.cuda_build}"
+    if driver.branch is None:
+        branch = str(lowest)
+        reasons.append(f"NVIDIA driver branch {branch} installed by the drivers stage "
+                       f"(driver.manage): the lowest branch that runs CUDA {build.cuda}, which "
+                       f"{torch} needs (driver >= {build.min_driver})")
+    else:
+        branch = driver.branch
+        where = loaded.locate(host.driver_keys["branch"])
+        if int(branch) < lowest:
+            raise PlanError(f"{where}: driver branch {branch} cannot run {torch}: CUDA "
+                            f"{build.cuda} needs driver >= {build.min_driver}, branch {lowest} "
+                            f"or newer; raise the branch, or remove it to install {lowest}")
+        reasons.append(f"NVIDIA driver branch {branch} installed by the drivers stage (set at "
+                       f"{where}): runs {torch}, which needs driver >= {build.min_driver}")
+    variables: dict[str, Any] = {"nvidia_driver_manage": True, "nvidia_driver_branch": branch}
+    if driver.source is not None:
+        variables["nvidia_driver_source"] = driver.source
+    if driver.open_kernel_modules is not None:
+        variables["nvidia_driver_open_kernel_modules"] = driver.open_kernel_modules
+    return variables
+
+
 def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
-               gpu_table: CompatTable, group: str) -> HostPlan:
+               gpu_table: CompatTable, group: str, loaded: LoadedFleet) -> HostPlan:
     stack: StackProfile | None = knowledge.compat.profiles.get(host.profile)
     if stack is None:
         raise PlanError(f"host '{host.name}': no software stack for profile '{host.profile}'")
@@ -286,12 +393,17 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
             gpu_vars["pytorch_expected_gpus"] = host.gpu.count or 1
     reasons = [f"profile {host.profile}: {stack.vllm_requirement} with {torch_requirement}"
                + (f" from {torch_index}" if torch_index else "")]
+    driver_vars: dict[str, Any] = {}
     if gpu_vars:
         reasons.append(f"torch CUDA {build.cuda} build: the drivers stage requires NVIDIA "
                        f"driver >= {build.min_driver}")
+        driver_vars = _driver_vars(host, build, gpu_table, loaded, reasons)
     else:
         reasons.append("torch CPU build: profile cpu, the host has no GPU to use")
+        if host.driver.manage:
+            reasons.append("driver.manage ignored: a cpu-profile host gets no NVIDIA driver")
 
+    mirror = loaded.fleet.mirror
     env_path = host.python.path or ENV_PATH
     deployment_envs: dict[str, str] = {}
     if host.python.per_deployment:
@@ -319,6 +431,10 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
             disk_gib += known.weights_gib
             reasons.append(f"{dep.name}: {dep.model} is {known.params_billion}B parameters, "
                            f"{known.weights_gib:.1f} GiB of {known.dtype} weights on disk")
+        if mirror is not None:
+            reasons.append(f"{dep.name}: weights from the mirror, "
+                           f"{mirror_urls(mirror.url, weights_origin(dep).key)[1]} "
+                           "(`orchestrate mirror` stages them there once for every host)")
 
     python_version = host.python.version or stack.python_min
     conn: dict[str, Any] = {"ansible_host": host.address, "ansible_port": host.ssh_port,
@@ -342,6 +458,7 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
         "pytorch_requirement": torch_requirement,
         "pytorch_index_url": None if host.pip.no_index else torch_index,
         **gpu_vars,
+        **driver_vars,
         "vllm_requirement": stack.vllm_requirement,
         "vllm_remove_packages": list(stack.remove_packages),
     }
@@ -350,8 +467,8 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     # override those and remove the instances they describe.
     if deployments:
         split = _split_gpu_memory(host, deployments, knowledge, gpu_table, reasons)
-        variables["model_weights_models"] = [_model_entry(d) for d in deployments
-                                             if d.engine == "vllm" or d.model_dir]
+        variables["model_weights_models"] = [_model_entry(d, mirror) for d in deployments
+                                             if _has_weights(d)]
         variables.update(_ollama_vars(host, [d for d in deployments if d.engine == "ollama"],
                                       knowledge))
         variables["vllm_deployments"] = [
@@ -391,7 +508,7 @@ def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: 
     for host in hosts:
         deployments = [d for d in loaded.fleet.deployments
                        if host.name in {h.name for h in loaded.hosts_of(d.hosts)}]
-        plans.append(_plan_host(host, deployments, knowledge, gpu_table, group))
+        plans.append(_plan_host(host, deployments, knowledge, gpu_table, group, loaded))
     return Plan(group=group, stages=list(stages or STAGES), hosts=plans,
                 secrets_file=loaded.fleet.secrets)
 

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.bench import BenchReport
+from orchestrator.mirror import Staged
 from orchestrator.plan import Plan, command_line
 from orchestrator.probe import ProbeReport
 from orchestrator.runner import Progress, RunResult
@@ -163,3 +164,16 @@ def run_json(result: RunResult) -> dict[str, Any]:
         "hosts": {h: vars(s) for h, s in sorted(result.stats.items())},
         "failures": [vars(f) for f in result.failures],
     }
+
+
+def mirror_table(staged: list[Staged], directory: str, console: Console) -> None:
+    table = Table(title=f"Mirror {directory}")
+    for column in ("model", "origin", "deployments", "files", "size", "from origin now"):
+        table.add_column(column, overflow="fold")
+    for s in staged:
+        table.add_row(s.key, escape(s.origin), ", ".join(s.deployments), str(s.files),
+                      f"{s.total_bytes} B ({s.total_bytes / 2**30:.2f} GiB)",
+                      f"{s.origin_bytes} B" + (" (already staged)" if s.already_staged else ""))
+    console.print(table)
+    console.print(f"bytes taken from the origin by this run: "
+                  f"{sum(s.origin_bytes for s in staged)}", highlight=False)
