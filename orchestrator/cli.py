@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +19,7 @@ from orchestrator import bench as benchmark
 from orchestrator import htmlreport, report, sandbox, sandbox_fleet
 from orchestrator import mirror as weights_mirror
 from orchestrator.compat import decide, load_cuda_compat, load_gpu_table
-from orchestrator.config import LoadedFleet, load_fleet
+from orchestrator.config import LoadedFleet, MirrorSettings, load_fleet
 from orchestrator.errors import ConfigError, OrchestrateError
 from orchestrator.facts import parse_nvidia_smi, summarize
 from orchestrator.fit import fit
@@ -82,8 +82,11 @@ def _load(hosts: str, fleet: Path | None, inventory: Path | None) -> LoadedFleet
         # Absolute: ansible-playbook runs from the project directory, not from here.
         state = (STATE_DIR / "sandbox").resolve()
         secrets_file, _ = sandbox_fleet.sandbox_secrets(state)
+        _log(f"note: {sandbox_fleet.STANDIN_NOTE}")
         return sandbox_fleet.sandbox_fleet(sandbox.ensure_ssh_key(state),
-                                           sandbox_fleet.sandbox_model(), secrets_file)
+                                           sandbox_fleet.sandbox_model(), secrets_file,
+                                           sandbox_fleet.sandbox_ollama_release(),
+                                           mirror_dir=state / "mirror")
     path = fleet or (DEFAULT_FLEET if DEFAULT_FLEET.exists() or inventory is None else None)
     if path is not None and not path.exists() and fleet is None:
         raise ConfigError("no fleet file here: run `orchestrate init` to write one, pass "
@@ -93,9 +96,32 @@ def _load(hosts: str, fleet: Path | None, inventory: Path | None) -> LoadedFleet
 
 def _plan(hosts: str, fleet: Path | None, inventory: Path | None,
           only: list[str] | None = None, skip: list[str] | None = None) -> Plan:
+    return _loaded_plan(hosts, fleet, inventory, only, skip)[1]
+
+
+def _loaded_plan(hosts: str, fleet: Path | None, inventory: Path | None,
+                 only: list[str] | None = None, skip: list[str] | None = None
+                 ) -> tuple[LoadedFleet, Plan]:
     loaded = _load(hosts, fleet, inventory)
-    return make_plan(loaded, hosts, load_knowledge(), load_cuda_compat(),
-                     select_stages(only, skip))
+    return loaded, make_plan(loaded, hosts, load_knowledge(), load_cuda_compat(),
+                             select_stages(only, skip))
+
+
+def _stage_mirror(loaded: LoadedFleet, hosts: str, the_plan: Plan, check: bool
+                  ) -> list[weights_mirror.Staged]:
+    """What `up` stages before the playbooks: the plan's weights, when the fleet keeps its
+    mirror here and the run has a models stage that changes hosts."""
+    settings = loaded.fleet.mirror
+    if settings is None or not settings.stage or check or "models" not in the_plan.stages:
+        return []
+    return weights_mirror.stage_weights(
+        weights_origins(loaded, hosts), _mirror_path(settings),
+        endpoint=weights_mirror.modelscope_endpoint(settings),
+        token=os.environ.get("MODELSCOPE_API_TOKEN") or None, log=_log)
+
+
+def _mirror_path(settings: MirrorSettings | None) -> Path:
+    return weights_mirror.mirror_dir(settings, STATE_DIR / "mirror").resolve()
 
 
 def _secrets(hosts: str, fleet: Path | None, inventory: Path | None, the_plan: Plan,
@@ -121,7 +147,7 @@ def _start_sandbox(plan: Plan) -> None:
     wheelhouse = sandbox_fleet.sandbox_wheelhouse(load_knowledge(), _log)
     sandbox.up(STATE_DIR / "sandbox", count=len(plan.hosts),
                ssh_base_port=sandbox_fleet.SSH_BASE_PORT,
-               service_ports=[sandbox_fleet.VLLM_PORT],
+               service_ports=[sandbox_fleet.VLLM_PORT, sandbox_fleet.OLLAMA_PORT],
                mounts={wheelhouse: sandbox_fleet.WHEELHOUSE_MOUNT}, log=_log)
 
 
@@ -159,23 +185,39 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
                                            "show changes, make none.")] = False,
        only: OnlyOpt = None, skip: SkipOpt = None, as_json: JsonOpt = False,
        vault_password_file: VaultOpt = None) -> None:
-    """Provision the hosts (stage by stage), then probe every deployment."""
+    """Provision the hosts (stage by stage), then probe every deployment. With `mirror:` in
+    the fleet, the weights are staged there first (fetched once, for every host) and, with
+    mirror.listen, served from this machine while the playbooks run."""
     with _errors():
-        the_plan = _plan(hosts, fleet, inventory, only, skip)
+        loaded, the_plan = _loaded_plan(hosts, fleet, inventory, only, skip)
         secrets, vault_password_file = _secrets(hosts, fleet, inventory, the_plan,
                                                 vault_password_file)
+        settings = loaded.fleet.mirror
+        listen = (weights_mirror.parse_listen(settings.listen, settings, key="mirror.listen")
+                  if settings is not None and settings.listen else None)
+        # Before any host is changed: a bad file from the origin stops the run here.
+        staged = _stage_mirror(loaded, hosts, the_plan, check)
         if _uses_sandbox(hosts, fleet, inventory):
             _start_sandbox(the_plan)
         run_dir = render(the_plan, STATE_DIR / "runs", new_run_id(dt.datetime.now(), "up"),
                          check=check, operator_inventory=inventory,
                          vault_password_file=vault_password_file)
     out = err if as_json else console
+    if staged:
+        report.mirror_table(staged, str(_mirror_path(settings)), out)
     out.print(f"run {run_dir.run_id}: stages {', '.join(the_plan.stages)} on "
               f"{len(the_plan.hosts)} host(s) of '{hosts}'")
+    traffic = None
     with _errors():
-        with report.LiveProgress(out, [h.name for h in the_plan.hosts]) as progress:
-            result = run_playbook(run_dir, progress)
+        with ExitStack() as serving:
+            if listen is not None:
+                traffic = serving.enter_context(
+                    weights_mirror.serving(_mirror_path(settings), listen, _log))
+            with report.LiveProgress(out, [h.name for h in the_plan.hosts]) as progress:
+                result = run_playbook(run_dir, progress)
         report.run_summary(result, out, str(run_dir.path))
+        if traffic is not None:
+            report.mirror_traffic(traffic, out)
 
         probes = None
         if not check and "verify" in the_plan.stages:
@@ -185,8 +227,14 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
         html = htmlreport.write_report(run_dir.path, command="up", plan=the_plan, probes=probes)
         out.print(f"report: {html}", highlight=False)
     if as_json:
+        mirrored = None if settings is None else {
+            "dir": str(_mirror_path(settings)), "url": settings.url,
+            "models": [s.to_dict() for s in staged],
+            "origin_bytes": sum(s.origin_bytes for s in staged),
+            "served": traffic.to_dict() if traffic is not None else None}
         print(json.dumps({"run_id": run_dir.run_id, "run_dir": str(run_dir.path),
                           "ansible": report.run_json(result),
+                          "mirror": mirrored,
                           "probes": probes.model_dump() if probes else None}, indent=2))
     if not result.ok or (probes is not None and not probes.passed):
         raise typer.Exit(1)
@@ -325,6 +373,8 @@ def fit_command(
     gpu: Annotated[str, typer.Option("--gpu", help="GPU name, e.g. 'NVIDIA A10'.")],
     count: Annotated[int, typer.Option("--count", min=1, help="GPUs on the host.")] = 1,
     max_model_len: Annotated[int | None, typer.Option("--max-model-len")] = None,
+    nodes: Annotated[int, typer.Option("--nodes", min=1, help="Hosts of --count GPUs each, "
+                                       "one instance across them (Ray).")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Does the model fit these GPUs under vLLM, how, and if not, what would; exit 2 if not."""
@@ -334,12 +384,13 @@ def fit_command(
         floor = gpu_table.cuda.vllm.releases[gpu_table.gpu_stack.vllm_version]
         result = fit(model, gpu, count, max_model_len, catalog=knowledge.catalog,
                      gpus=load_gpu_table(),
-                     engine_min_compute_capability=floor.min_compute_capability)
+                     engine_min_compute_capability=floor.min_compute_capability, nodes=nodes)
     if as_json:
         print(result.model_dump_json(indent=2))
     else:
         verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
-        console.print(f"{escape(model)} on {count}x {escape(gpu)}: {verdict}")
+        hosts = f"{nodes} hosts x " if nodes > 1 else ""
+        console.print(f"{escape(model)} on {hosts}{count}x {escape(gpu)}: {verdict}")
         for line in result.reasons:
             console.print(f"  - {escape(line)}", highlight=False)
         for line in result.suggestions:
@@ -357,8 +408,12 @@ def mirror(
     serve: Annotated[bool, typer.Option("--serve", help="Then serve the mirror to the hosts "
                                         "over HTTP until interrupted.")] = False,
     listen: Annotated[str | None, typer.Option(
-        "--listen", help="[HOST:]PORT to serve on (default: every address, on the port of "
-                         "the fleet's mirror.url).")] = None,
+        "--listen", help="[HOST:]PORT to serve on (default: mirror.listen, else every "
+                         "address on the port of the fleet's mirror.url).")] = None,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Re-hash every staged file against its manifest and fetch a "
+                         "damaged one again from the origin (staged models are otherwise "
+                         "trusted by their manifest).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch the weights the group's hosts need once onto this machine (ModelScope with the
@@ -369,12 +424,13 @@ def mirror(
         # Refuses what `orchestrate plan` refuses, before anything is downloaded.
         make_plan(loaded, hosts, load_knowledge(), load_cuda_compat())
         settings = loaded.fleet.mirror
-        where = (directory or weights_mirror.mirror_dir(settings, STATE_DIR / "mirror")).resolve()
-        address = weights_mirror.parse_listen(listen, settings) if serve else None
+        where = directory.resolve() if directory else _mirror_path(settings)
+        address = (weights_mirror.parse_listen(
+            listen or (settings.listen if settings else None), settings) if serve else None)
         staged = weights_mirror.stage_weights(
             weights_origins(loaded, hosts), where,
             endpoint=weights_mirror.modelscope_endpoint(settings),
-            token=os.environ.get("MODELSCOPE_API_TOKEN") or None, log=_log)
+            token=os.environ.get("MODELSCOPE_API_TOKEN") or None, log=_log, verify=verify)
     out = err if as_json else console
     if as_json:
         print(json.dumps({"dir": str(where), "models": [s.to_dict() for s in staged],

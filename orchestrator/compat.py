@@ -1,5 +1,6 @@
-"""GPU compatibility: which torch CUDA build (and wheel index) a host with a given NVIDIA
-driver and GPU can run under the project's pinned vLLM, or why none.
+"""GPU compatibility: which vLLM release and torch CUDA build (and wheel index) a host with a
+given NVIDIA driver and GPU can run: the project's pinned vLLM, else the newest older release
+the driver runs, or why none.
 
 The knowledge is data (data/cuda_compat.yml, every block with its source); this module
 only models it, loads it, and decides. decide() is pure: no files, no commands.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -126,6 +127,8 @@ class VllmRelease(_Data):
     min_compute_capability: str
     source: Source
     floor_source: Source | None = None
+    # The command-line flags the plan emits that this release's argument parser accepts.
+    cli_flags: list[str] | None = None
 
 
 class VllmTable(_Data):
@@ -287,30 +290,127 @@ def _branch(driver: str) -> str:
     return f"R{driver.split('.')[0]}"
 
 
+def _release_key(version: str) -> tuple[int, ...]:
+    """'0.8.5.post1' -> (0, 8, 5, 1): the numbers of a vLLM version, compared in order."""
+    return tuple(int(n) for n in re.findall(r"\d+", version))
+
+
+def _candidates(table: CompatTable) -> list[tuple[str, VllmRelease]]:
+    """The vLLM releases a host may get, preferred first: the gpu profile's pin, then the
+    older rows of cuda_compat.yml, newest first (rows newer than the pin are not offered)."""
+    pin = table.gpu_stack.vllm_version
+    row = table.cuda.vllm.releases.get(pin)
+    if row is None:
+        raise CompatError(f"vLLM {pin} (the gpu profile's pin) has no row in "
+                          "cuda_compat.yml: add its torch pin and CUDA builds with a source")
+    if row.torch != table.gpu_stack.torch_version:
+        raise CompatError(f"the gpu profile pins torch {table.gpu_stack.torch_version} but "
+                          f"vLLM {pin} requires torch=={row.torch}")
+    older = sorted(((v, r) for v, r in table.cuda.vllm.releases.items()
+                    if _release_key(v) < _release_key(pin)),
+                   key=lambda pair: _release_key(pair[0]), reverse=True)
+    return [(pin, row), *older]
+
+
+class _ReleaseFit(NamedTuple):
+    """How one vLLM release fits a host: its best torch build, or why none."""
+
+    version: str
+    row: VllmRelease
+    choice: tuple[TorchBuild, str] | None
+    rejected: list[str]
+    needed: list[str]  # drivers its builds that suit the GPU need
+    gpu_refusal: str | None
+
+
+def _fit_release(version: str, row: VllmRelease, driver: tuple[int, int, int],
+                 capability: tuple[int, int] | None, capability_text: str | None,
+                 data: CudaCompat) -> _ReleaseFit:
+    release = _torch_release(row.torch, data)
+    if release is None:
+        raise CompatError(f"torch {row.torch} (pinned by vLLM {version}) has no row in "
+                          "cuda_compat.yml's PyTorch table")
+    if capability is not None and capability < parse_compute_capability(
+            row.min_compute_capability):
+        return _ReleaseFit(version, row, None, [], [],
+                           f"GPU compute capability {capability_text} is below vLLM {version}'s "
+                           f"minimum {row.min_compute_capability}")
+    eligible: list[tuple[TorchBuild, str]] = []
+    rejected: list[str] = []
+    needed: list[str] = []
+    for build in sorted(release.builds, key=lambda b: _cuda_key(b.cuda)):
+        need = min_driver_for_cuda(build.cuda, data)
+        label = f"{build.tag} ({build.channel})"
+        if build.tag not in row.cuda_builds:
+            rejected.append(f"{label}: vLLM {version} publishes no wheel for it")
+            continue
+        if need is None:
+            rejected.append(f"{label}: CUDA {build.cuda} is not in NVIDIA's driver table")
+            continue
+        if capability is not None:
+            if build_runs_on(build, capability) is False:
+                rejected.append(f"{label}: has no kernels for compute capability "
+                                f"{capability_text}")
+                continue
+            floors = [f for f in data.vllm.engine_floors.cuda_by_compute_capability
+                      if capability >= parse_compute_capability(f.min_compute_capability)
+                      and _cuda_key(build.cuda) < _cuda_key(f.min_cuda)]
+            if floors:
+                rejected.append(f"{label}: compute capability {capability_text} needs "
+                                f"CUDA >= {floors[0].min_cuda}")
+                continue
+        needed.append(need)
+        if driver < parse_driver_version(need):
+            rejected.append(f"{label}: needs driver >= {need} ({_branch(need)})")
+            continue
+        eligible.append((build, need))
+    choice = max(eligible, key=lambda pair: _cuda_key(pair[0].cuda)) if eligible else None
+    return _ReleaseFit(version, row, choice, rejected, needed, None)
+
+
+def _why_not(fit: _ReleaseFit) -> str:
+    if fit.gpu_refusal is not None:
+        return fit.gpu_refusal
+    if fit.needed:
+        lowest = min(fit.needed, key=parse_driver_version)
+        return f"needs driver >= {lowest} ({_branch(lowest)})"
+    return (f"no torch {fit.row.torch} CUDA build can serve vLLM {fit.version} on this GPU ("
+            + "; ".join(fit.rejected) + ")")
+
+
+def _refusal(fits: list[_ReleaseFit], shown: str, max_cuda: str | None,
+             capability_text: str | None) -> CompatError:
+    detail = "; ".join(f"vLLM {f.version}: {_why_not(f)}" for f in fits)
+    runnable = [(min(f.needed, key=parse_driver_version), f) for f in fits if f.needed]
+    if runnable:
+        lowest, fit = min(runnable, key=lambda pair: parse_driver_version(pair[0]))
+        return CompatError(
+            f"no supported combination for NVIDIA driver {shown}"
+            + (f" (CUDA <= {max_cuda})" if max_cuda else "")
+            + f": vLLM {fit.version} with torch {fit.row.torch} needs driver >= {lowest}; "
+            f"install the {_branch(lowest)} driver branch or newer ({detail})")
+    if all(f.gpu_refusal is not None for f in fits):
+        return CompatError(f"GPU compute capability {capability_text} is below the minimum of "
+                           f"every vLLM release in cuda_compat.yml ({detail}): this GPU cannot "
+                           "serve with vLLM")
+    return CompatError(f"no vLLM release in cuda_compat.yml can serve this GPU ({detail})")
+
+
 def decide(driver_version: str, gpu_compute_capability: str | None,
            table: CompatTable) -> Decision:
-    """Pick the torch CUDA build for the pinned vLLM on a host, or raise CompatError.
+    """Pick the vLLM release and torch CUDA build for a host, or raise CompatError.
 
-    Takes the project's pinned vLLM (the gpu profile) and the torch it pins, then the newest
-    CUDA build of that torch release that the vLLM release is built for, the driver runs,
-    and (when given) the GPU's compute capability is compiled for.
+    Tries the project's pinned vLLM (the gpu profile) first, then the older releases of
+    cuda_compat.yml, newest first; takes the first one with a torch build that the release is
+    built for, the driver runs and (when given) the GPU's compute capability is compiled for,
+    and of its builds the newest such. The reasons name every newer release skipped and why.
     """
     driver = parse_driver_version(driver_version)
     capability = (parse_compute_capability(gpu_compute_capability)
                   if gpu_compute_capability is not None else None)
     data = table.cuda
-    vllm_version = table.gpu_stack.vllm_version
-    vllm = data.vllm.releases.get(vllm_version)
-    if vllm is None:
-        raise CompatError(f"vLLM {vllm_version} (the gpu profile's pin) has no row in "
-                          "cuda_compat.yml: add its torch pin and CUDA builds with a source")
-    if vllm.torch != table.gpu_stack.torch_version:
-        raise CompatError(f"the gpu profile pins torch {table.gpu_stack.torch_version} but "
-                          f"vLLM {vllm_version} requires torch=={vllm.torch}")
-    release = _torch_release(vllm.torch, data)
-    if release is None:
-        raise CompatError(f"torch {vllm.torch} (pinned by vLLM {vllm_version}) has no row in "
-                          "cuda_compat.yml's PyTorch table")
+    candidates = _candidates(table)
+    pin = candidates[0][0]
 
     max_cuda = max_cuda_for_driver(driver_version, data)
     newest = max((r.cuda for r in data.nvidia.toolkits), key=_cuda_key)
@@ -322,67 +422,37 @@ def decide(driver_version: str, gpu_compute_capability: str | None,
                          "NVIDIA's table (newer toolkits are not recorded)")
     else:
         driver_reason = f"NVIDIA driver {shown} runs CUDA up to {max_cuda}"
-    reasons = [driver_reason,
-               f"vLLM {vllm_version} (project pin) requires torch=={vllm.torch} and is built "
-               f"for {', '.join(vllm.cuda_builds)}"]
 
+    fits: list[_ReleaseFit] = []
+    for version, row in candidates:
+        fits.append(_fit_release(version, row, driver, capability, gpu_compute_capability,
+                                 data))
+        if fits[-1].choice is not None:
+            break
+    chosen = fits[-1]
+    if chosen.choice is None:
+        raise _refusal(fits, shown, max_cuda, gpu_compute_capability)
+
+    vllm, version = chosen.row, chosen.version
+    reasons = [driver_reason]
+    reasons.extend(f"not vLLM {f.version} (torch {f.row.torch}, built for "
+                   f"{', '.join(f.row.cuda_builds)}): {_why_not(f)}" for f in fits[:-1])
+    role = ("project pin" if version == pin else
+            f"the newest release in cuda_compat.yml this host runs; the project pin is {pin}")
+    reasons.append(f"vLLM {version} ({role}) requires torch=={vllm.torch} and is built "
+                   f"for {', '.join(vllm.cuda_builds)}")
+    if version != pin and fits[0].needed:
+        want = min(fits[0].needed, key=parse_driver_version)
+        reasons.append(f"NVIDIA driver >= {want} ({_branch(want)}) would get the project pin, "
+                       f"vLLM {pin}")
     if capability is not None:
-        floor = parse_compute_capability(vllm.min_compute_capability)
-        if capability < floor:
-            raise CompatError(f"GPU compute capability {gpu_compute_capability} is below vLLM "
-                              f"{vllm_version}'s minimum {vllm.min_compute_capability}: "
-                              "this GPU cannot serve with the pinned vLLM")
         reasons.append(f"compute capability {gpu_compute_capability} meets vLLM "
-                       f"{vllm_version}'s minimum {vllm.min_compute_capability}")
+                       f"{version}'s minimum {vllm.min_compute_capability}")
     else:
         reasons.append("GPU compute capability unknown: architectures not checked")
-
-    eligible: list[tuple[TorchBuild, str]] = []
-    rejected: list[str] = []
-    needed: list[str] = []
-    for build in sorted(release.builds, key=lambda b: _cuda_key(b.cuda)):
-        need = min_driver_for_cuda(build.cuda, data)
-        label = f"{build.tag} ({build.channel})"
-        if build.tag not in vllm.cuda_builds:
-            rejected.append(f"{label}: vLLM {vllm_version} publishes no wheel for it")
-            continue
-        if need is None:
-            rejected.append(f"{label}: CUDA {build.cuda} is not in NVIDIA's driver table")
-            continue
-        if capability is not None:
-            runs = build_runs_on(build, capability)
-            if runs is False:
-                rejected.append(f"{label}: has no kernels for compute capability "
-                                f"{gpu_compute_capability}")
-                continue
-            floors = [f for f in data.vllm.engine_floors.cuda_by_compute_capability
-                      if capability >= parse_compute_capability(f.min_compute_capability)
-                      and _cuda_key(build.cuda) < _cuda_key(f.min_cuda)]
-            if floors:
-                rejected.append(f"{label}: compute capability {gpu_compute_capability} needs "
-                                f"CUDA >= {floors[0].min_cuda}")
-                continue
-        needed.append(need)
-        if driver < parse_driver_version(need):
-            rejected.append(f"{label}: needs driver >= {need} ({_branch(need)})")
-            continue
-        eligible.append((build, need))
-
-    if not eligible:
-        detail = "; ".join(rejected)
-        if needed:
-            lowest = min(needed, key=parse_driver_version)
-            raise CompatError(
-                f"no supported combination for NVIDIA driver {shown}"
-                + (f" (CUDA <= {max_cuda})" if max_cuda else "")
-                + f": vLLM {vllm_version} with torch {vllm.torch} needs driver >= {lowest}; "
-                f"install the {_branch(lowest)} driver branch or newer ({detail})")
-        raise CompatError(f"no torch {vllm.torch} CUDA build can serve vLLM {vllm_version} on "
-                          f"this GPU ({detail})")
-
-    build, need = max(eligible, key=lambda pair: _cuda_key(pair[0].cuda))
+    reasons.extend(f"not {line}" for line in chosen.rejected)
+    build, need = chosen.choice
     assert max_cuda is not None  # the driver meets `need`, a row of NVIDIA's table
-    reasons.extend(f"not {line}" for line in rejected)
     reasons.append(f"torch {vllm.torch}+{build.tag}: the newest build both vLLM and the driver "
                    f"support (CUDA {build.cuda} needs driver >= {need}), from {build.index_url}"
                    + (" [experimental PyTorch build]" if build.channel == "experimental" else ""))
@@ -391,7 +461,7 @@ def decide(driver_version: str, gpu_compute_capability: str | None,
         max_cuda=max_cuda,
         torch=TorchChoice(version=vllm.torch, cuda_build=build.tag, cuda=build.cuda,
                           index_url=build.index_url, min_driver=need),
-        vllm=VllmChoice(version=vllm_version),
+        vllm=VllmChoice(version=version),
         reasons=reasons)
 
 

@@ -61,6 +61,20 @@ class GpuSettings(Strict):
 
     name: str | None = None
     count: Annotated[int, Field(ge=1)] | None = None
+    # The host's NVIDIA driver version when known ("535.104.05"): the plan then picks the
+    # vLLM release and torch build that driver runs (orchestrator/compat.py decide()).
+    driver: str | None = None
+
+    @field_validator("driver", mode="before")
+    @classmethod
+    def _driver_version(cls, value: Any) -> Any:
+        # A two-part version (570.26) is a YAML float, and 570.10 would lose its zero.
+        if value is not None and not (isinstance(value, str)
+                                      and re.fullmatch(r"[0-9]{3,4}(\.[0-9]{1,4}){1,2}", value)):
+            raise ValueError('expected an NVIDIA driver version as a quoted string, e.g. '
+                             '"535.104.05" (nvidia-smi --query-gpu=driver_version '
+                             '--format=csv,noheader)')
+        return value
 
 
 class DriverSettings(Strict):
@@ -152,6 +166,18 @@ class EngineOptions(Strict):
         return value
 
 
+class RaySettings(Strict):
+    """The Ray cluster (roles/ray_cluster) a deployment that spans hosts runs on."""
+
+    # Name of the Ansible variable holding the cluster's token (32 characters or more,
+    # `openssl rand -hex 32`), kept Vault-encrypted in the fleet's secrets file like an
+    # api_key_var: only the name is ever written here.
+    auth_token_var: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    # The interface the hosts reach each other on: Ray's node address, NCCL and Gloo
+    # (a fabric such as ib0, or a cluster VLAN); default: the default route's interface.
+    network_interface: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:@-]{1,15}$")] | None = None
+
+
 class Deployment(Strict):
     name: DeploymentName
     model: Annotated[str, Field(min_length=1)]
@@ -166,6 +192,10 @@ class Deployment(Strict):
     # Name of the Ansible variable holding the API key, kept Vault-encrypted in the fleet's
     # secrets file (or the operator's inventory): only that name is ever written here.
     api_key_var: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    # Hosts one vLLM instance spans, on a Ray cluster of its group's hosts (tensor parallel
+    # inside each host, one pipeline stage per host); 1: an instance on every host.
+    nodes: Annotated[int, Field(ge=1, le=64)] = 1
+    ray: RaySettings | None = None
     options: EngineOptions = Field(default_factory=EngineOptions)
 
 
@@ -181,6 +211,14 @@ class MirrorSettings(Strict):
     # The ModelScope hub the weights are downloaded from.
     modelscope_endpoint: Annotated[str, Field(pattern=r"^https?://\S+$")] = \
         "https://modelscope.cn"
+    # `orchestrate up` stages what its plan needs into `dir` before any host is changed (a
+    # staged model is trusted by its manifest; `orchestrate mirror --verify` re-hashes).
+    # false: the mirror is kept on another machine, by `orchestrate mirror` run there.
+    stage: bool = True
+    # [HOST:]PORT: `orchestrate up` serves `dir` there while its playbooks run. Unset: the
+    # mirror is served by something else (`orchestrate mirror --serve` under systemd, nginx).
+    listen: Annotated[str | None,
+                      Field(pattern=r"^((\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):)?[0-9]{1,5}$")] = None
 
 
 class Fleet(Strict):
@@ -209,8 +247,8 @@ class ResolvedHost:
     pip: PipSettings
     gpu: GpuSettings
     driver: DriverSettings
-    # Each driver setting -> the fleet key that set it (the most specific layer), so that
-    # a plan refusing the setting can name it.
+    # Each driver setting (and "gpu.driver") -> the fleet key that set it (the most specific
+    # layer), so that a plan refusing the setting can name it.
     driver_keys: dict[str, tuple[str, ...]]
     port_map: dict[int, int]
     vars: dict[str, Any]
@@ -222,11 +260,12 @@ class LoadedFleet:
     source: str
     documents: tuple[YamlDocument, ...] = ()
 
-    def locate(self, loc: tuple[str, ...]) -> str:
+    def locate(self, loc: tuple[str | int, ...]) -> str:
         """'file:line: key' of a key of the fleet, for errors found after loading."""
+        parts = tuple(str(part) for part in loc)
         for doc in self.documents:
-            if loc in doc.lines:
-                return f"{doc.path}:{doc.lines[loc]}: {dotted(loc)}"
+            if parts in doc.lines:
+                return f"{doc.path}:{doc.lines[parts]}: {dotted(loc)}"
         return f"{self.source}: {dotted(loc)}"
 
     def group_names(self) -> list[str]:
@@ -268,6 +307,8 @@ def _resolve(defaults: HostSettings, group_name: str, group: Group, name: str,
                           (("groups", group_name, "hosts", name), host)):
         for key in (layer.driver.model_dump(exclude_none=True) if layer.driver else {}):
             driver_keys[key] = (*prefix, "driver", key)
+        if layer.gpu is not None and layer.gpu.driver is not None:
+            driver_keys["gpu.driver"] = (*prefix, "gpu", "driver")
     return ResolvedHost(
         name=name,
         group=group_name,
@@ -385,6 +426,8 @@ def _check_fleet(fleet: Fleet, doc: YamlDocument | None, source: str) -> None:
 
     names: set[str] = set()
     ports: dict[tuple[str, int], str] = {}
+    # host -> the deployment on it, for the check that one spanning hosts has them alone.
+    users: dict[str, list[tuple[int, Deployment]]] = {}
     for index, dep in enumerate(fleet.deployments):
         if dep.name in names:
             raise fail(("deployments", index, "name"), f"deployment name '{dep.name}' is "
@@ -402,6 +445,47 @@ def _check_fleet(fleet: Fleet, doc: YamlDocument | None, source: str) -> None:
                            f"port {dep.port} on host '{host_name}' is already used by "
                            f"deployment '{other}'")
             ports[(host_name, dep.port)] = dep.name
+            users.setdefault(host_name, []).append((index, dep))
+        _check_span(index, dep, list(group_hosts), fail)
+    spanning = [(i, d) for i, d in enumerate(fleet.deployments) if d.nodes > 1]
+    if len(spanning) > 1:
+        raise fail(("deployments", spanning[1][0], "nodes"),
+                   f"deployment '{spanning[0][1].name}' already spans hosts: the toolkit sets "
+                   "up one Ray cluster per fleet; give this deployment nodes: 1, or put it in "
+                   "a fleet of its own")
+    for _, dep in spanning:
+        for host_name, on_host in users.items():
+            others = [(i, d) for i, d in on_host if d.name != dep.name]
+            if others and len(others) < len(on_host):
+                raise fail(("deployments", others[0][0], "hosts"),
+                           f"host '{host_name}' belongs to deployment '{dep.name}', which "
+                           "spans hosts and takes all of their GPUs; give "
+                           f"'{others[0][1].name}' other hosts")
+
+
+def _check_span(index: int, dep: Deployment, hosts: list[str],
+                fail: typing.Callable[[tuple[Any, ...], str], ConfigError]) -> None:
+    """A deployment across hosts: vLLM on a Ray cluster of exactly its group's hosts."""
+    if dep.nodes == 1:
+        if dep.ray is not None:
+            raise fail(("deployments", index, "ray"),
+                       "ray applies only to a deployment that spans hosts (nodes: 2 or more)")
+        return
+    if dep.engine != "vllm":
+        raise fail(("deployments", index, "nodes"),
+                   f"only vLLM spans hosts (on a Ray cluster); {dep.engine} serves from one "
+                   "host: remove nodes")
+    if len(hosts) != dep.nodes:
+        raise fail(("deployments", index, "nodes"),
+                   f"nodes: {dep.nodes}, but group '{dep.hosts}' has {len(hosts)} host(s) "
+                   f"({', '.join(hosts)}): one instance spans every host of its group, the "
+                   f"first one ({hosts[0]}) as the Ray head; use a group of exactly "
+                   f"{dep.nodes} hosts, or nodes: {len(hosts)}")
+    pipeline = dep.options.pipeline_parallel_size
+    if pipeline is not None and pipeline != dep.nodes:
+        raise fail(("deployments", index, "options", "pipeline_parallel_size"),
+                   f"a deployment across {dep.nodes} hosts runs one pipeline stage per host "
+                   f"(pipeline_parallel_size {dep.nodes}); remove it or set {dep.nodes}")
 
 
 # --- Ansible inventories --------------------------------------------------------------------

@@ -47,6 +47,8 @@ GIB = 2**30
 RESERVE_GIB = 2.5
 # With tensor parallelism NCCL and vLLM's custom all-reduce buffers add to the non-torch
 # memory: 1.39 and 2.10 GiB logged on multi-GPU runs against <= 0.26 GiB on one GPU.
+# Pipeline parallelism across hosts has NCCL's send/receive buffers but no custom
+# all-reduce; the same reserve is kept for it, as a margin, rather than a guess below it.
 TENSOR_PARALLEL_RESERVE_GIB = 2.0
 # vLLM allocates the KV cache in blocks of 16 tokens (the CUDA default block_size).
 BLOCK_TOKENS = 16
@@ -87,6 +89,8 @@ class ModelSpec(_Out):
 class FitResult(_Out):
     model: str
     gpu: str
+    # GPUs per host, and hosts: one vLLM instance across `nodes` hosts runs tensor parallel
+    # inside each host and one pipeline stage per host (pipeline_parallel == nodes).
     count: int
     fits: bool
     tensor_parallel: int
@@ -105,13 +109,18 @@ class FitResult(_Out):
     reserve_gib: float
     reasons: list[str]
     suggestions: list[str] = []
+    nodes: int = 1
+    pipeline_parallel: int = 1
 
     @property
     def vllm_args(self) -> list[str]:
         """The `vllm serve` flags this fit decides (empty when it does not fit)."""
         if not self.fits:
             return []
-        return ["--tensor-parallel-size", str(self.tensor_parallel), "--dtype", self.dtype,
+        pipeline = (["--pipeline-parallel-size", str(self.pipeline_parallel)]
+                    if self.pipeline_parallel > 1 else [])
+        return ["--tensor-parallel-size", str(self.tensor_parallel), *pipeline,
+                "--dtype", self.dtype,
                 "--max-model-len", str(self.max_model_len),
                 "--gpu-memory-utilization", str(self.gpu_memory_utilization)]
 
@@ -243,10 +252,24 @@ def tensor_parallel_problem(arch: Architecture, tp: int,
     return None
 
 
-def kv_bytes_per_token(arch: Architecture, tp: int, dtype_bytes: int = 2) -> int:
-    """KV cache per token on one GPU: K and V, every layer, the GPU's KV heads x head_dim."""
+def kv_bytes_per_token(arch: Architecture, tp: int, dtype_bytes: int = 2,
+                       layers: int | None = None) -> int:
+    """KV cache per token on one GPU: K and V, every layer (of its pipeline stage), the
+    GPU's KV heads x head_dim."""
     kv_heads_per_gpu = max(1, arch.num_key_value_heads // tp)
-    return 2 * arch.num_hidden_layers * kv_heads_per_gpu * arch.head_dim * dtype_bytes
+    layers = arch.num_hidden_layers if layers is None else layers
+    return 2 * layers * kv_heads_per_gpu * arch.head_dim * dtype_bytes
+
+
+def pipeline_stages(layers: int, pp: int) -> list[int]:
+    """Decoder layers per pipeline stage as vLLM splits them (vllm/distributed/utils.py,
+    get_pp_indices): an even share each, one more each on the stages before the last for
+    the remainder."""
+    share, rest = divmod(layers, pp)
+    stages = [share] * pp
+    for i in range(2, rest + 2):
+        stages[-i] += 1
+    return stages
 
 
 def weights_per_gpu(arch: Architecture, total: int, tp: int, kv_weight_bytes: int) -> int:
@@ -265,15 +288,39 @@ def _kv_weight_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
     return arch.num_hidden_layers * per_layer * dtype_bytes
 
 
-def reserve_gib(tp: int) -> float:
-    return RESERVE_GIB + (TENSOR_PARALLEL_RESERVE_GIB if tp > 1 else 0.0)
+def reserve_gib(tp: int, pp: int = 1) -> float:
+    return RESERVE_GIB + (TENSOR_PARALLEL_RESERVE_GIB if tp * pp > 1 else 0.0)
+
+
+def _stage_weights(spec: ModelSpec, weights: int, pp: int,
+                   dtype_bytes: int) -> list[tuple[int, int, int]]:
+    """(layers, weight bytes, K/V projection bytes) of each pipeline stage. The first stage
+    also holds the token embedding and the last the LM head (vLLM's Qwen2 builds an
+    embedding copy on the last stage when the two are tied); embeddings stay float16 in
+    GPTQ/AWQ checkpoints."""
+    arch = spec.architecture
+    kv_weights = _kv_weight_bytes(spec, dtype_bytes)
+    if pp == 1:
+        return [(arch.num_hidden_layers, weights, kv_weights)]
+    embed = arch.vocab_size * arch.hidden_size * (2 if spec.quantization else dtype_bytes)
+    copies = 1 if arch.tie_word_embeddings else 2
+    per_layer = (weights - copies * embed) // arch.num_hidden_layers
+    stages = pipeline_stages(arch.num_hidden_layers, pp)
+    return [(n, n * per_layer + embed * ((i == 0) + (i == pp - 1)),
+             kv_weights * n // arch.num_hidden_layers) for i, n in enumerate(stages)]
 
 
 class _Attempt(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     tp: int
+    pp: int = 1
+    # Decoder layers of the stage that limits the KV cache (all of them without pipeline
+    # parallelism).
+    layers: int
+    # The largest share of the weights a GPU holds, and that of the limiting stage's GPUs.
     weights_per_gpu: int
+    stage_weights_per_gpu: int
     budget_bytes: float
     kv_bytes: int
     tokens: int
@@ -289,12 +336,21 @@ def _round_len(tokens: int) -> int:
 
 
 def _attempt(spec: ModelSpec, tp: int, weights: int, memory_gib: float, utilization: float,
-             dtype_bytes: int, cap: int, wanted: int | None, min_len: int) -> _Attempt:
+             dtype_bytes: int, cap: int, wanted: int | None, min_len: int,
+             pp: int = 1) -> _Attempt:
+    """Every GPU of a stage holds 1/tp of it; vLLM sizes the KV cache by the stage that
+    holds the fewest tokens (the smallest block count of all workers)."""
     arch = spec.architecture
-    per_gpu = weights_per_gpu(arch, weights, tp, _kv_weight_bytes(spec, dtype_bytes))
-    budget = memory_gib * utilization * GIB - per_gpu - reserve_gib(tp) * GIB
-    kv = kv_bytes_per_token(arch, tp, dtype_bytes)
-    tokens = max(0, int(budget // (kv * BLOCK_TOKENS)) * BLOCK_TOKENS)
+    stages = []
+    for layers, stage_bytes, kv_weights in _stage_weights(spec, weights, pp, dtype_bytes):
+        per_gpu = weights_per_gpu(arch, stage_bytes, tp, kv_weights)
+        budget = memory_gib * utilization * GIB - per_gpu - reserve_gib(tp, pp) * GIB
+        kv = kv_bytes_per_token(arch, tp, dtype_bytes, layers)
+        tokens = max(0, int(budget // (kv * BLOCK_TOKENS)) * BLOCK_TOKENS)
+        stages.append((tokens, budget, layers, per_gpu, kv))
+    tokens, budget, layers, stage_per_gpu, kv = min(stages,
+                                                    key=lambda stage: (stage[0], stage[1]))
+    per_gpu = max(stage[3] for stage in stages)
     if wanted is not None:
         fits = budget > 0 and tokens >= wanted
         length = wanted if fits else min(cap, _round_len(tokens))
@@ -307,7 +363,8 @@ def _attempt(spec: ModelSpec, tp: int, weights: int, memory_gib: float, utilizat
         problem = None if fits else (
             "the weights do not fit" if budget <= 0 else
             f"the KV cache holds only {tokens} tokens (< {min(min_len, cap)})")
-    return _Attempt(tp=tp, weights_per_gpu=per_gpu, budget_bytes=budget, kv_bytes=kv,
+    return _Attempt(tp=tp, pp=pp, layers=layers, weights_per_gpu=per_gpu,
+                    stage_weights_per_gpu=stage_per_gpu, budget_bytes=budget, kv_bytes=kv,
                     tokens=tokens, max_model_len=length, fits=fits, problem=problem)
 
 
@@ -339,8 +396,9 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
         catalog: Catalog | None = None, gpus: GpuTable | None = None,
         memory_gib: float | None = None, long_context: bool = False,
         engine_min_compute_capability: str | None = None,
-        min_model_len: int = MIN_MODEL_LEN, suggest: bool = True) -> FitResult:
-    """Fit `model` on `count` identical GPUs of one host under vLLM.
+        min_model_len: int = MIN_MODEL_LEN, suggest: bool = True, nodes: int = 1) -> FitResult:
+    """Fit `model` on `count` identical GPUs of one host under vLLM; with `nodes` > 1, on
+    `count` GPUs in each of `nodes` identical hosts, one instance across them.
 
     Chooses the smallest tensor parallel size (<= count, valid for the architecture) whose
     weights and a KV cache of max_model_len tokens fit in each GPU's
@@ -350,14 +408,24 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
     memory.total / 1024 when known). `engine_min_compute_capability` is the pinned vLLM's
     floor (cuda_compat.yml). When it does not fit, `suggestions` name concrete alternatives:
     more GPUs, a quantized variant of the model, a shorter context.
+
+    Across hosts the layout is vLLM's documented multi-node one: tensor parallel inside a
+    host (its GPU count, or the largest valid size below it), pipeline parallel across the
+    hosts (one stage per host); the weights are split over tp x pp GPUs.
     """
     if count < 1:
         raise FitError(f"GPU count must be at least 1 (got {count})")
+    if nodes < 1:
+        raise FitError(f"the number of hosts must be at least 1 (got {nodes})")
     if not 0 < gpu_memory_utilization <= 1:
         raise FitError(f"gpu_memory_utilization must be in (0, 1] (got {gpu_memory_utilization})")
     if max_model_len is not None and max_model_len < 1:
         raise FitError(f"max_model_len must be positive (got {max_model_len})")
     spec = _resolve_model(model, catalog)
+    if nodes > spec.architecture.num_hidden_layers:
+        raise FitError(f"{nodes} hosts: {spec.name} has only "
+                       f"{spec.architecture.num_hidden_layers} layers to split into pipeline "
+                       "stages, one per host")
     gpu_name, gpu_row = _resolve_gpu(gpu, gpus)
     memory = float(memory_gib if memory_gib is not None else gpu_row.memory_gib)
     cc = gpu_row.compute_capability
@@ -368,7 +436,8 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
                            spec.quantization)
     quant = spec.quantization.label if spec.quantization else None
     memory_source = "given" if memory_gib is not None else "data/gpus.yml"
-    reasons = [f"{count}x {gpu_name}: compute capability {cc}, {memory:g} GiB each "
+    where = f"{nodes} hosts x {count}x {gpu_name}" if nodes > 1 else f"{count}x {gpu_name}"
+    reasons = [f"{where}: compute capability {cc}, {memory:g} GiB each "
                f"({memory_source})", f"dtype {dtype}: {dtype_reason}"]
     weights_text = (f"weights {weights / GIB:.2f} GiB: {arch.param_count:,} parameters"
                     + (f", {quant} ({spec.quantization.bits}-bit linear layers, groups of "
@@ -380,7 +449,8 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
                suggestions: list[str] | None = None) -> FitResult:
         tp = attempt.tp if attempt else 1
         return FitResult(
-            model=spec.name, gpu=gpu_name, count=count, fits=fits, tensor_parallel=tp,
+            model=spec.name, gpu=gpu_name, count=count, nodes=nodes, fits=fits,
+            tensor_parallel=tp, pipeline_parallel=nodes,
             dtype=dtype, quantization=quant, weights_gib=round(weights / GIB, 2),
             weights_per_gpu_gib=round((attempt.weights_per_gpu if attempt else weights) / GIB, 2),
             kv_cache_gib=round(max(0.0, attempt.budget_bytes) / GIB, 2) if attempt else 0.0,
@@ -389,7 +459,8 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
                                                                                    dtype_bytes),
             max_model_len=attempt.max_model_len if attempt and fits else 0,
             gpu_memory_gib=memory, gpu_memory_utilization=gpu_memory_utilization,
-            reserve_gib=reserve_gib(tp), reasons=reasons + why, suggestions=suggestions or [])
+            reserve_gib=reserve_gib(tp, nodes), reasons=reasons + why,
+            suggestions=suggestions or [])
 
     def engine_floor_problem() -> str | None:
         if engine_min_compute_capability and _cc(cc) < _cc(engine_min_compute_capability):
@@ -407,7 +478,7 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
             floor_suggestions = _siblings(spec, gpu_row, gpu_name, count, max_model_len,
                                           gpu_memory_utilization, catalog, memory_gib,
                                           long_context, engine_min_compute_capability,
-                                          min_model_len)
+                                          min_model_len, nodes)
             floor_suggestions.append(f"a GPU that meets the compute capability floor ({problem})")
         return result(False, None, [f"does not fit: {problem}"], floor_suggestions)
 
@@ -430,6 +501,28 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
     limit = min(count, spec.tensor_parallel_max or count)
     attempts: list[_Attempt] = []
     skipped: list[str] = []
+    if nodes > 1:
+        # One layout, not a search: every host's GPUs in tensor parallel (the largest valid
+        # size), one pipeline stage per host.
+        for tp in range(limit, 0, -1):
+            if (problem := tensor_parallel_problem(arch, tp, spec.quantization)) is None:
+                break
+            skipped.append(f"tensor parallel {tp}: {problem}")
+        else:
+            return result(False, None, [*skipped, f"does not fit: no tensor parallel size "
+                                                  f"<= {count} is valid"])
+        attempt = _attempt(spec, tp, weights, memory, gpu_memory_utilization, dtype_bytes, cap,
+                           max_model_len, min_model_len, pp=nodes)
+        budget = _budget_reasons(spec, attempt, memory, gpu_memory_utilization, dtype_bytes,
+                                 cap, context_reason, count)
+        if attempt.fits:
+            return result(True, attempt, [*skipped, *budget])
+        return result(False, attempt, [*skipped, *budget,
+                                       f"does not fit on {where}: {attempt.problem}"],
+                      _suggest(spec, gpu_row, gpu_name, count, max_model_len,
+                               gpu_memory_utilization, catalog, memory_gib, long_context,
+                               engine_min_compute_capability, min_model_len, attempt, cap,
+                               nodes) if suggest else [])
     for tp in range(1, limit + 1):
         problem = tensor_parallel_problem(arch, tp, spec.quantization)
         if problem is not None:
@@ -472,18 +565,31 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
 def _budget_reasons(spec: ModelSpec, attempt: _Attempt, memory: float, utilization: float,
                     dtype_bytes: int, cap: int, context_reason: str, count: int) -> list[str]:
     arch = spec.architecture
-    tp = attempt.tp
+    tp, pp = attempt.tp, attempt.pp
     kv_heads = max(1, arch.num_key_value_heads // tp)
-    lines = [f"tensor parallel {tp}" + (
-        " (the smallest size that fits)" if attempt.fits and tp > 1 else "")
-        + f": {arch.num_attention_heads} attention heads, {arch.num_key_value_heads} KV heads"
-        + (f" ({kv_heads} per GPU)" if tp > 1 else "")
-        + f"; {attempt.weights_per_gpu / GIB:.2f} GiB of weights per GPU",
+    if pp > 1:
+        stages = pipeline_stages(arch.num_hidden_layers, pp)
+        layout = (f"tensor parallel {tp} in each host x pipeline parallel {pp} across the "
+                  f"hosts (vLLM's multi-node layout): {arch.num_attention_heads} attention "
+                  f"heads, {arch.num_key_value_heads} KV heads ({kv_heads} per GPU); layers per "
+                  f"stage {', '.join(map(str, stages))}, the first stage with the embedding, "
+                  f"the last with the LM head; {attempt.weights_per_gpu / GIB:.2f} GiB of "
+                  "weights per GPU (the largest stage)")
+        weights_text = "weights (the stage with the fewest KV cache tokens)"
+    else:
+        layout = (f"tensor parallel {tp}" + (
+            " (the smallest size that fits)" if attempt.fits and tp > 1 else "")
+            + f": {arch.num_attention_heads} attention heads, {arch.num_key_value_heads} KV "
+            "heads" + (f" ({kv_heads} per GPU)" if tp > 1 else "")
+            + f"; {attempt.weights_per_gpu / GIB:.2f} GiB of weights per GPU")
+        weights_text = "weights"
+    lines = [layout,
         f"vLLM budget per GPU: {memory:g} GiB x {utilization:g} - "
-        f"{attempt.weights_per_gpu / GIB:.2f} GiB weights - {reserve_gib(tp):g} GiB reserve "
-        f"(activations, CUDA graphs, non-torch{', NCCL' if tp > 1 else ''}) = "
+        f"{attempt.stage_weights_per_gpu / GIB:.2f} GiB {weights_text} - "
+        f"{reserve_gib(tp, pp):g} GiB reserve (activations, CUDA graphs, "
+        f"non-torch{', NCCL' if tp * pp > 1 else ''}) = "
         f"{attempt.budget_bytes / GIB:.2f} GiB for the KV cache",
-        f"KV cache: 2 x {arch.num_hidden_layers} layers x {kv_heads} KV heads x "
+        f"KV cache: 2 x {attempt.layers} layers x {kv_heads} KV heads x "
         f"{arch.head_dim} x {dtype_bytes} bytes = {attempt.kv_bytes:,} bytes per token -> "
         f"{attempt.tokens:,} tokens"]
     if attempt.fits:
@@ -491,7 +597,8 @@ def _budget_reasons(spec: ModelSpec, attempt: _Attempt, memory: float, utilizati
             context_reason if attempt.max_model_len >= cap else
             f"the largest (rounded) length the KV cache holds; {context_reason}"))
         if count > tp:
-            lines.append(f"{count - tp} of {count} GPUs left unused by this deployment")
+            lines.append(f"{count - tp} of {count} GPUs " + ("of each host " if pp > 1 else "")
+                         + "left unused by this deployment")
     return lines
 
 
@@ -514,13 +621,13 @@ def _quantized_siblings(spec: ModelSpec, catalog: Catalog | None) -> list[str]:
 def _siblings(spec: ModelSpec, gpu_row: GpuModel, gpu_name: str, count: int,
               max_model_len: int | None, utilization: float, catalog: Catalog | None,
               memory_gib: float | None, long_context: bool, engine_floor: str | None,
-              min_model_len: int) -> list[str]:
+              min_model_len: int, nodes: int = 1) -> list[str]:
     out = []
     for name in _quantized_siblings(spec, catalog):
         other = fit(name, gpu_row, count, max_model_len, utilization, catalog=catalog,
                     memory_gib=memory_gib, long_context=long_context,
                     engine_min_compute_capability=engine_floor, min_model_len=min_model_len,
-                    suggest=False)
+                    suggest=False, nodes=nodes)
         if other.fits:
             out.append(_describe(other, gpu_name, catalog))
     return out
@@ -536,19 +643,32 @@ def _open_issues(catalog: Catalog | None, name: str) -> list[str]:
 
 def _describe(other: FitResult, gpu_name: str, catalog: Catalog | None) -> str:
     issues = _open_issues(catalog, other.model)
+    where = (f"{other.nodes} hosts x {other.tensor_parallel}x {gpu_name}" if other.nodes > 1
+             else f"{other.tensor_parallel}x {gpu_name}")
     return (f"{other.model} ({other.quantization}, {other.weights_gib:.1f} GiB): fits on "
-            f"{other.tensor_parallel}x {gpu_name} with max_model_len {other.max_model_len}"
+            f"{where} with max_model_len {other.max_model_len}"
             + (f" [known issue: {issues[0]}]" if issues else ""))
 
 
 def _suggest(spec: ModelSpec, gpu_row: GpuModel, gpu_name: str, count: int,
              max_model_len: int | None, utilization: float, catalog: Catalog | None,
              memory_gib: float | None, long_context: bool, engine_floor: str | None,
-             min_model_len: int, best: _Attempt | None, cap: int) -> list[str]:
+             min_model_len: int, best: _Attempt | None, cap: int,
+             nodes: int = 1) -> list[str]:
     suggestions: list[str] = []
-    # 1. More GPUs of the same kind: the smallest valid tensor parallel size that fits.
+    # 1. More GPUs of the same kind: the smallest valid tensor parallel size that fits;
+    # across hosts, the fewest more hosts.
     limit = spec.tensor_parallel_max or spec.architecture.num_attention_heads
-    for tp in range(count + 1, min(limit, 16) + 1):
+    for more in range(nodes + 1, min(spec.architecture.num_hidden_layers, 16) + 1
+                      if nodes > 1 else 0):
+        wider = fit(spec, gpu_row, count, max_model_len, utilization, memory_gib=memory_gib,
+                    long_context=long_context, engine_min_compute_capability=engine_floor,
+                    min_model_len=min_model_len, suggest=False, nodes=more)
+        if wider.fits:
+            suggestions.append(f"{more} hosts x {count}x {gpu_name} (nodes: {more}): "
+                               f"max_model_len {wider.max_model_len}")
+            break
+    for tp in range(count + 1, min(limit, 16) + 1 if nodes == 1 else 0):
         if tensor_parallel_problem(spec.architecture, tp, spec.quantization) is not None:
             continue
         bigger = fit(spec, gpu_row, tp, max_model_len, utilization, memory_gib=memory_gib,
@@ -560,13 +680,16 @@ def _suggest(spec: ModelSpec, gpu_row: GpuModel, gpu_name: str, count: int,
             break
     # 2. A quantized variant on the GPUs at hand.
     suggestions += _siblings(spec, gpu_row, gpu_name, count, max_model_len, utilization,
-                             catalog, memory_gib, long_context, engine_floor, min_model_len)
+                             catalog, memory_gib, long_context, engine_floor, min_model_len,
+                             nodes)
     # 3. A shorter context, where the weights fit but the KV cache is short.
     if best is not None and best.budget_bytes > 0 and best.tokens >= BLOCK_TOKENS:
         shorter = min(cap, _round_len(best.tokens)) or best.tokens
-        suggestions.append(f"max_model_len {shorter} on {best.tp}x {gpu_name} (the KV cache "
+        on = f"{nodes} hosts x {best.tp}x" if nodes > 1 else f"{best.tp}x"
+        suggestions.append(f"max_model_len {shorter} on {on} {gpu_name} (the KV cache "
                            f"holds {best.tokens:,} tokens)")
     if not suggestions:
-        suggestions.append(f"nothing in the catalog fits {count}x {gpu_name}: a GPU with more "
+        on = f"{nodes} hosts x {count}x" if nodes > 1 else f"{count}x"
+        suggestions.append(f"nothing in the catalog fits {on} {gpu_name}: a GPU with more "
                            "memory")
     return suggestions

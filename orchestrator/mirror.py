@@ -12,8 +12,11 @@ the command the model_weights role runs on hosts), which resumes interrupted fil
 model_dir of the control machine is copied. Every file is then checked by size and sha256
 against the source's list (the hub's file list, or the directory's own manifest.json when
 it has one) before manifest.json is written. The manifest is also the completion marker: a
-model whose manifest names the same origin is not fetched again. Hosts read it through the
-model_weights role's `mirror` source (the plan sets url and manifest_url from mirror.url).
+model whose manifest names the same origin is not fetched again, nor hashed again (`up`
+stages on every run, and re-reading 140 GB each time is not an option); `verify=True`
+(`orchestrate mirror --verify`) re-hashes every staged file and fetches a damaged one again.
+Hosts read it through the model_weights role's `mirror` source (the plan sets url and
+manifest_url from mirror.url); `orchestrate up` serves it for the run when mirror.listen asks.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ import hashlib
 import http.server
 import json
 import os
+import posixpath
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -72,6 +77,8 @@ class Staged:
     # Bytes taken from the origin by this run: 0 when the mirror already had the model.
     origin_bytes: int
     already_staged: bool
+    # Staged files that --verify found damaged (then fetched again from the origin).
+    repaired: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +94,8 @@ def modelscope_endpoint(settings: MirrorSettings | None) -> str:
     return str(endpoint).rstrip("/")
 
 
-def parse_listen(text: str | None, settings: MirrorSettings | None) -> tuple[str, int]:
+def parse_listen(text: str | None, settings: MirrorSettings | None, *,
+                 key: str = "--listen") -> tuple[str, int]:
     """`[HOST:]PORT` to serve on; default every address, on mirror.url's port."""
     if text is None:
         port = urlsplit(settings.url).port if settings else None
@@ -96,18 +104,19 @@ def parse_listen(text: str | None, settings: MirrorSettings | None) -> tuple[str
     host = host.strip("[]") or "0.0.0.0"
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"'{text}': expected [HOST:]PORT, e.g. 0.0.0.0:{DEFAULT_PORT}",
-                          key="--listen")
+                          key=key)
     return host, int(port_text)
 
 
 def stage_weights(origins: list[WeightsOrigin], directory: Path, *, endpoint: str,
                   token: str | None, log: Callable[[str], None],
                   margin_bytes: int = MARGIN_BYTES, retries: int = 2,
-                  retry_delay: float = 5.0) -> list[Staged]:
-    """Put every model of `origins` into the mirror at `directory`, checked, once."""
+                  retry_delay: float = 5.0, verify: bool = False) -> list[Staged]:
+    """Put every model of `origins` into the mirror at `directory`, checked, once; with
+    `verify`, re-hash the models already staged and fetch their damaged files again."""
     fetch = _Fetch(endpoint=endpoint.rstrip("/"), token=token, log=log,
                    margin_bytes=margin_bytes, retries=retries, retry_delay=retry_delay,
-                   state=directory / STATE)
+                   state=directory / STATE, verify=verify)
     return [fetch.stage(origin, directory / MIRROR_MODELS / origin.key) for origin in origins]
 
 
@@ -120,6 +129,7 @@ class _Fetch:
     retries: int
     retry_delay: float
     state: Path
+    verify: bool = False
 
     def stage(self, origin: WeightsOrigin, dest: Path) -> Staged:
         identity = _identity(origin)
@@ -127,7 +137,15 @@ class _Fetch:
                      if origin.source == "modelscope" else str(origin.local_dir))
         manifest_path = dest / MANIFEST
         done = _read_json(manifest_path)
-        if done is not None and done.get("origin") == identity:
+        damaged: list[str] = []
+        if done is not None and done.get("origin") == identity and self.verify:
+            damaged = _damaged(done["files"], dest / FILES)
+            for path in damaged:
+                self.log(f"{dest / FILES / path}: differs from {manifest_path}; "
+                         f"fetching it again from {described}")
+                # Gone, so that the client downloads it again rather than trusting its size.
+                (dest / FILES / path).unlink(missing_ok=True)
+        if done is not None and done.get("origin") == identity and not damaged:
             files = done["files"]
             fetched, already = 0, True
         else:
@@ -143,7 +161,7 @@ class _Fetch:
         return Staged(key=origin.key, source=origin.source, origin=described,
                       deployments=origin.deployments, path=str(dest), files=len(files),
                       total_bytes=sum(int(f["size"]) for f in files.values()),
-                      origin_bytes=fetched, already_staged=already)
+                      origin_bytes=fetched, already_staged=already, repaired=tuple(damaged))
 
     def _modelscope(self, origin: WeightsOrigin, files_dir: Path
                     ) -> tuple[dict[str, dict[str, Any]], int]:
@@ -360,6 +378,16 @@ def _check_files(expected: dict[str, dict[str, Any]], files_dir: Path,
     return problems
 
 
+def _damaged(files: dict[str, dict[str, Any]], files_dir: Path) -> list[str]:
+    """The manifest's files that are missing or differ in size or sha256, by path."""
+    def intact(target: Path, entry: dict[str, Any]) -> bool:
+        if not target.is_file() or target.stat().st_size != int(entry["size"]):
+            return False
+        return not entry.get("sha256") or _hash(target)[1] == entry["sha256"]
+
+    return [path for path, entry in sorted(files.items()) if not intact(files_dir / path, entry)]
+
+
 def _summary(problems: list[str]) -> str:
     more = len(problems) - _REPORTED
     return "; ".join(problems[:_REPORTED]) + (f"; and {more} more" if more > 0 else "")
@@ -411,6 +439,44 @@ class Request:
     path: str
     status: int
     bytes: int
+
+
+@dataclass
+class Traffic:
+    """What a MirrorServer sent, per URL path: how many requests, how many answered 200,
+    and the bytes of those answers. Hosts behind NAT share one client address (the sandbox's
+    do), so paths, not addresses, show that each host fetched each file."""
+
+    paths: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Where the server listens (the port it bound when asked for port 0).
+    address: tuple[str, int] = ("", 0)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, request: Request) -> None:
+        path = posixpath.normpath(unquote(urlsplit(request.path).path))
+        with self._lock:
+            seen = self.paths.setdefault(path, {"requests": 0, "ok": 0, "bytes": 0})
+            seen["requests"] += 1
+            if request.status == 200:
+                seen["ok"] += 1
+                seen["bytes"] += request.bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        with self._lock:
+            paths = {p: dict(v) for p, v in sorted(self.paths.items())}
+        return {"requests": sum(v["requests"] for v in paths.values()),
+                "bytes": sum(v["bytes"] for v in paths.values()), "paths": paths}
+
+
+@contextmanager
+def serving(directory: Path, address: tuple[str, int], log: Callable[[str], None]
+            ) -> Iterator[Traffic]:
+    """Serve the mirror at `address` while the block runs (`up` with mirror.listen)."""
+    traffic = Traffic()
+    with MirrorServer(directory, *address, on_request=traffic.add) as server:
+        traffic.address = server.address
+        log(f"serving the mirror {directory} on {address[0]}:{server.address[1]} for this run")
+        yield traffic
 
 
 class MirrorServer:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.compat import (
+    CompatError,
     CompatTable,
     TorchChoice,
+    decide,
     least_demanding_build,
     lowest_driver_branch,
 )
@@ -70,12 +73,22 @@ class HostPlan(_Out):
     reasons: list[str]
 
 
+class RayClusterPlan(_Out):
+    """The Ray cluster of a deployment that spans hosts: the inventory groups
+    ray_cluster_members and ray_head that playbooks/ray_cluster.yml runs on."""
+
+    deployment: str
+    head: str
+    members: list[str]
+
+
 class Plan(_Out):
     group: str
     stages: list[str]
     hosts: list[HostPlan]
     # The fleet's Vault-encrypted secrets file, given to Ansible as extra variables.
     secrets_file: str | None = None
+    ray_cluster: RayClusterPlan | None = None
 
 
 def select_stages(only: list[str] | None, skip: list[str] | None) -> list[str]:
@@ -120,7 +133,8 @@ def _model_dir_on_host(dep: Deployment) -> str:
     return f"{MODELS_ROOT}/{dep.name}"
 
 
-def _vllm_args(dep: Deployment, profile: str, fitted: dict[str, str]) -> list[str]:
+def _vllm_args(dep: Deployment, profile: str, fitted: dict[str, str],
+               ray: bool = False) -> list[str]:
     """The command line: the operator's options first, the fit's decisions where unset."""
     opts = dep.options
     args = ["--model", _model_dir_on_host(dep),
@@ -137,6 +151,8 @@ def _vllm_args(dep: Deployment, profile: str, fitted: dict[str, str]) -> list[st
     for flag, value in chosen.items():
         if value or flag in fitted:
             args += [flag, str(value) if value else fitted[flag]]
+    if ray:
+        args += ["--distributed-executor-backend", "ray"]
     # On CPUs the compiled mode only adds start-up time (measured 30-50 s eager
     # against 45-85 s compiled), so eager is the CPU default.
     if opts.enforce_eager if opts.enforce_eager is not None else profile == "cpu":
@@ -314,7 +330,7 @@ def _split_gpu_memory(host: ResolvedHost, deployments: list[Deployment], knowled
 
 def _fit_deployment(dep: Deployment, host: ResolvedHost, knowledge: Knowledge,
                     gpu_table: CompatTable, reasons: list[str],
-                    utilization: float | None = None) -> dict[str, str]:
+                    utilization: float | None = None, group_hosts: int = 1) -> dict[str, str]:
     """vLLM flags from fit planning on a GPU host whose GPUs the fleet names; PlanError
     (with what would fit) when the model does not fit."""
     if host.profile != "gpu" or dep.engine != "vllm":
@@ -332,6 +348,18 @@ def _fit_deployment(dep: Deployment, host: ResolvedHost, knowledge: Knowledge,
                  engine_min_compute_capability=floor.min_compute_capability)
     if not result.fits:
         instead = f"; instead: {result.suggestions[0]}" if result.suggestions else ""
+        if group_hosts > 1 and result.max_model_len == 0:
+            across = fit(dep.model, host.gpu.name, host.gpu.count or 1,
+                         dep.options.max_model_len, dep.options.gpu_memory_utilization or 0.9,
+                         catalog=knowledge.catalog, gpus=gpu_table.gpus,
+                         engine_min_compute_capability=floor.min_compute_capability,
+                         suggest=False, nodes=group_hosts)
+            if across.fits:
+                instead = (f"; instead: one instance across the group's {group_hosts} hosts "
+                           f"(nodes: {group_hosts} with ray.auth_token_var) fits with tensor "
+                           f"parallel {across.tensor_parallel} x pipeline parallel "
+                           f"{across.pipeline_parallel}, max_model_len {across.max_model_len}"
+                           + (f"; or {result.suggestions[0]}" if result.suggestions else ""))
         raise PlanError(f"deployment '{dep.name}' on host '{host.name}': {dep.model} does not "
                         f"fit {host.gpu.count or 1}x {host.gpu.name}: {result.reasons[-1]}"
                         f"{instead} (`orchestrate fit` shows the whole reasoning)")
@@ -342,6 +370,140 @@ def _fit_deployment(dep: Deployment, host: ResolvedHost, knowledge: Knowledge,
     return dict(zip(result.vllm_args[::2], result.vllm_args[1::2], strict=True))
 
 
+# The address of a Ray member on the cluster's interface, from the facts the services play
+# gathers (the Ray role records the same address as its node address).
+_RAY_NODE_IP = ("{{ ansible_facts[ray_cluster_network_interface | replace('-', '_')]"
+                "['ipv4']['address'] }}")
+# roles/ray_cluster's default: the default route's interface.
+_RAY_DEFAULT_INTERFACE = "{{ ansible_facts['default_ipv4']['interface'] | default('') }}"
+
+
+@dataclass(frozen=True)
+class _Span:
+    """A deployment that spans hosts: one vLLM instance on the head, Ray workers on the
+    other members, the flags decided once for all of them."""
+
+    dep: Deployment
+    members: tuple[ResolvedHost, ...]
+    flags: dict[str, str]
+    reasons: tuple[str, ...]
+
+    @property
+    def head(self) -> ResolvedHost:
+        return self.members[0]
+
+
+def _plan_span(dep: Deployment, index: int, members: list[ResolvedHost], knowledge: Knowledge,
+               gpu_table: CompatTable, loaded: LoadedFleet) -> _Span:
+    """The layout of one instance across `members`: tensor parallel inside a host, one
+    pipeline stage per host (vLLM's multi-node layout), checked by the fit."""
+    where = loaded.locate(("deployments", index, "nodes"))
+    names = ", ".join(h.name for h in members)
+    kinds = {(h.profile, h.gpu.name, h.gpu.count or 1) for h in members}
+    if len(kinds) > 1:
+        raise PlanError(f"{where}: deployment '{dep.name}' spans {names}, whose profiles or "
+                        "GPUs differ (" + "; ".join(f"{h.name}: {h.profile} {h.gpu.count or 1}x "
+                                                   f"{h.gpu.name or 'unnamed GPU'}"
+                                                   for h in members)
+                        + "); vLLM splits the model evenly, so give it identical hosts")
+    head = members[0]
+    token_off = all(h.vars.get("ray_cluster_auth_mode") == "disabled" for h in members)
+    if not (dep.ray and dep.ray.auth_token_var) and not token_off:
+        raise PlanError(f"{where}: deployment '{dep.name}' spans hosts on a Ray cluster, which "
+                        "must be closed to others: set ray.auth_token_var to the name of a "
+                        "variable in the fleet's Vault-encrypted secrets holding a token of 32 "
+                        "characters or more (`openssl rand -hex 32`), or, on a network nobody "
+                        "else reaches, vars: {ray_cluster_auth_mode: disabled} on its hosts")
+    layout = (f"{dep.name}: one vLLM instance across {len(members)} hosts on a Ray cluster: "
+              f"{head.name} is the head and serves the API, Ray workers on "
+              + ", ".join(h.name for h in members[1:]))
+    reasons = [layout]
+    flags: dict[str, str] = {"--pipeline-parallel-size": str(dep.nodes)}
+    tp = dep.options.tensor_parallel_size
+    if head.profile != "gpu":
+        flags["--tensor-parallel-size"] = str(tp or 1)
+        reasons.append(f"{dep.name}: tensor parallel {tp or 1} in each host, pipeline "
+                       f"parallel {dep.nodes} across the hosts (profile {head.profile})")
+    elif not head.gpu.name or dep.model not in knowledge.catalog.models:
+        why = ("the fleet does not name the hosts' GPUs (gpu: {name, count})" if not
+               head.gpu.name else f"{dep.model} is not in the catalog")
+        if tp is None and not head.gpu.name:
+            raise PlanError(f"{where}: deployment '{dep.name}' spans hosts whose GPUs the "
+                            "fleet does not name: give them (gpu: {name, count}) so the plan "
+                            "can check the fit, or set options.tensor_parallel_size (GPUs per "
+                            "host)")
+        flags["--tensor-parallel-size"] = str(tp or head.gpu.count or 1)
+        reasons.append(f"{dep.name}: fit not checked: {why}; tensor parallel "
+                       f"{flags['--tensor-parallel-size']} in each host, pipeline parallel "
+                       f"{dep.nodes} across the hosts")
+    else:
+        floor = gpu_table.cuda.vllm.releases[gpu_table.gpu_stack.vllm_version]
+        result = fit(dep.model, head.gpu.name, tp or head.gpu.count or 1,
+                     dep.options.max_model_len, dep.options.gpu_memory_utilization or 0.9,
+                     catalog=knowledge.catalog, gpus=gpu_table.gpus,
+                     engine_min_compute_capability=floor.min_compute_capability,
+                     nodes=dep.nodes)
+        if not result.fits:
+            instead = f"; instead: {result.suggestions[0]}" if result.suggestions else ""
+            raise PlanError(f"{where}: deployment '{dep.name}': {dep.model} does not fit "
+                            f"{dep.nodes} hosts x {head.gpu.count or 1}x {head.gpu.name}: "
+                            f"{result.reasons[-1]}{instead} (`orchestrate fit --nodes "
+                            f"{dep.nodes}` shows the whole reasoning)")
+        reasons.append(f"{dep.name}: fits {dep.nodes} hosts x {result.count}x {result.gpu}: "
+                       f"tensor parallel {result.tensor_parallel} in each host, pipeline "
+                       f"parallel {result.pipeline_parallel} across the hosts (vLLM's "
+                       f"multi-node layout), {result.dtype}, {result.weights_gib} GiB weights, "
+                       f"{result.kv_cache_gib} GiB KV cache per GPU, max_model_len "
+                       f"{result.max_model_len}")
+        flags.update(zip(result.vllm_args[::2], result.vllm_args[1::2], strict=True))
+    return _Span(dep=dep, members=tuple(members), flags=flags, reasons=tuple(reasons))
+
+
+def _check_same_stack(span: _Span, members: list[HostPlan]) -> None:
+    """Ray's members must run the same Python, torch and vLLM (roles/ray_cluster checks the
+    installed ones); refuse a plan that would install different ones."""
+    keys = ("python_env_python_version", "pytorch_requirement", "vllm_requirement")
+    stacks = {tuple(str(m.vars.get(k)) for k in keys): m.name for m in members}
+    if len(stacks) > 1:
+        raise PlanError(f"deployment '{span.dep.name}' spans hosts that would get different "
+                        "software: " + "; ".join(f"{name}: {', '.join(stack)}"
+                                                 for stack, name in stacks.items())
+                        + "; a Ray cluster needs the same Python, torch and vLLM on every "
+                        "member: give its hosts the same python and driver settings")
+
+
+def _ray_vars(span: _Span, host: ResolvedHost) -> dict[str, Any]:
+    """roles/ray_cluster variables of a member: the interface, and the token by reference."""
+    ray = span.dep.ray
+    variables: dict[str, Any] = {
+        "ray_cluster_network_interface": (ray.network_interface if ray and
+                                          ray.network_interface else _RAY_DEFAULT_INTERFACE)}
+    if ray and ray.auth_token_var:
+        # A reference Ansible resolves from the Vault-encrypted secrets at run time.
+        variables["ray_cluster_auth_token"] = "{{ " + ray.auth_token_var + " }}"
+    if host.profile == "cpu":
+        variables["ray_cluster_device_allow"] = []
+        variables["ray_cluster_wait_for_devices"] = []
+    return variables
+
+
+def _ray_client_env(span: _Span, host: ResolvedHost) -> dict[str, str]:
+    """What vLLM on the head needs to join the cluster rather than start a Ray of its own:
+    the head's address on the cluster's interface (RAY_ADDRESS, VLLM_HOST_IP), the
+    interface for NCCL and Gloo, and the token (written only to the instance's 0600
+    environment file)."""
+    ray = span.dep.ray
+    env = {"RAY_ADDRESS": _RAY_NODE_IP + ":{{ ray_cluster_port | default(6379) }}",
+           "VLLM_HOST_IP": _RAY_NODE_IP,
+           "NCCL_SOCKET_IFNAME": "{{ ray_cluster_network_interface }}",
+           "GLOO_SOCKET_IFNAME": "{{ ray_cluster_network_interface }}"}
+    if host.vars.get("ray_cluster_auth_mode") == "disabled" or not (ray and ray.auth_token_var):
+        env["RAY_AUTH_MODE"] = "disabled"
+    else:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="{{ " + ray.auth_token_var + " }}")
+    return env
+
+
 def _driver_vars(host: ResolvedHost, build: TorchChoice, gpu_table: CompatTable,
                  loaded: LoadedFleet, reasons: list[str]) -> dict[str, Any]:
     """nvidia_driver role variables where the fleet has the toolkit install the driver
@@ -350,7 +512,7 @@ def _driver_vars(host: ResolvedHost, build: TorchChoice, gpu_table: CompatTable,
     if not driver.manage:
         return {}
     lowest = lowest_driver_branch(build.cuda, gpu_table.cuda)
-    # least_demanding_build took build.min_driver from a row of this CUDA version.
+    # least_demanding_build or decide took build.min_driver from a row of this CUDA version.
     assert lowest is not None
     torch = f"torch {build.version}+{build.cuda_build}"
     if driver.branch is None:
@@ -375,15 +537,53 @@ def _driver_vars(host: ResolvedHost, build: TorchChoice, gpu_table: CompatTable,
     return variables
 
 
+def _gpu_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTable,
+               loaded: LoadedFleet) -> tuple[TorchChoice, StackProfile, CompatTable, list[str]]:
+    """The torch build, vLLM stack and compat table planned for a GPU host, with reasons.
+
+    With the host's driver in the fleet (gpu.driver), decide() picks the vLLM release and
+    build that driver runs, the pinned one or an older one, and the stack and table follow
+    it (so fit planning uses that release's compute-capability floor). Without it, the
+    pinned vLLM's build needing the oldest driver, which the drivers stage checks.
+    """
+    if host.gpu.driver is None:
+        build = least_demanding_build(gpu_table)
+        return build, stack, gpu_table, [
+            f"NVIDIA driver not given (gpu.driver): planned the pinned vLLM "
+            f"{stack.vllm_version} and its torch build needing the oldest driver; the drivers "
+            "stage checks the host's driver against it"]
+    where = loaded.locate(host.driver_keys["gpu.driver"])
+    capability = None
+    if host.gpu.name and gpu_table.gpus is not None:
+        try:
+            capability = gpu_table.gpus.find(host.gpu.name).compute_capability
+        except CompatError as exc:
+            raise PlanError(f"host '{host.name}': {exc}") from None
+    try:
+        decision = decide(host.gpu.driver, capability, gpu_table)
+    except CompatError as exc:
+        raise PlanError(f"{where}: host '{host.name}': {exc}") from None
+    chosen = gpu_table.cuda.vllm.releases[decision.vllm.version]
+    stack = stack.model_copy(update={"vllm_version": decision.vllm.version,
+                                     "torch_version": chosen.torch})
+    gpu_table = gpu_table.model_copy(update={"gpu_stack": stack})
+    return decision.torch, stack, gpu_table, [
+        f"vLLM {decision.vllm.version} and torch {decision.torch.cuda_build} chosen for NVIDIA "
+        f"driver {decision.driver} (set at {where}; `orchestrate compat` shows the same):",
+        *(f"  {reason}" for reason in decision.reasons)]
+
+
 def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
-               gpu_table: CompatTable, group: str, loaded: LoadedFleet) -> HostPlan:
+               gpu_table: CompatTable, group: str, loaded: LoadedFleet,
+               span: _Span | None = None) -> HostPlan:
     stack: StackProfile | None = knowledge.compat.profiles.get(host.profile)
     if stack is None:
         raise PlanError(f"host '{host.name}': no software stack for profile '{host.profile}'")
     torch_requirement, torch_index = stack.torch_requirement, stack.torch_index_url
     gpu_vars: dict[str, Any] = {}
+    stack_reasons: list[str] = []
     if host.profile == "gpu":
-        build = least_demanding_build(gpu_table)
+        build, stack, gpu_table, stack_reasons = _gpu_build(host, stack, gpu_table, loaded)
         torch_requirement, torch_index = build.requirement, build.index_url
         gpu_vars["gpu_check_min_driver"] = build.min_driver
         gpu_vars["pytorch_require_cuda"] = True
@@ -392,7 +592,7 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
             gpu_vars["gpu_check_expected_count"] = host.gpu.count or 1
             gpu_vars["pytorch_expected_gpus"] = host.gpu.count or 1
     reasons = [f"profile {host.profile}: {stack.vllm_requirement} with {torch_requirement}"
-               + (f" from {torch_index}" if torch_index else "")]
+               + (f" from {torch_index}" if torch_index else ""), *stack_reasons]
     driver_vars: dict[str, Any] = {}
     if gpu_vars:
         reasons.append(f"torch CUDA {build.cuda} build: the drivers stage requires NVIDIA "
@@ -465,22 +665,38 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     # A host the fleet gives no deployment gets no deployment variables: an operator's
     # own inventory (-i) may define them in group_vars, and an empty list here would
     # override those and remove the instances they describe.
+    # A deployment that spans hosts has them to itself (config checks it): an instance on
+    # its head, Ray workers on the other members, its weights on every member (each
+    # pipeline stage loads its layers from the same path).
+    served = deployments
+    if span is not None:
+        if host.name == span.head.name:
+            reasons += span.reasons
+        else:
+            served = []
+            reasons.append(f"{span.dep.name}: Ray worker of the cluster headed by "
+                           f"{span.head.name}; no vLLM instance here, its pipeline stage runs "
+                           "in Ray's workers")
+        variables.update(_ray_vars(span, host))
     if deployments:
-        split = _split_gpu_memory(host, deployments, knowledge, gpu_table, reasons)
+        split = _split_gpu_memory(host, served, knowledge, gpu_table, reasons)
         variables["model_weights_models"] = [_model_entry(d, mirror) for d in deployments
                                              if _has_weights(d)]
         variables.update(_ollama_vars(host, [d for d in deployments if d.engine == "ollama"],
                                       knowledge))
         variables["vllm_deployments"] = [
             {"name": d.name, "port": d.port,
-             "args": _vllm_args(d, host.profile,
-                                _fit_deployment(d, host, knowledge, gpu_table, reasons,
-                                                split.get(d.name))),
-             "env": _vllm_env(d, host.profile),
+             "args": (_vllm_args(d, host.profile, span.flags, ray=True) if span else
+                      _vllm_args(d, host.profile,
+                                 _fit_deployment(d, host, knowledge, gpu_table, reasons,
+                                                 split.get(d.name),
+                                                 len(loaded.hosts_of(d.hosts))))),
+             "env": {**_vllm_env(d, host.profile),
+                     **(_ray_client_env(span, host) if span else {})},
              # A reference Ansible resolves from the Vault-encrypted secrets at run time.
              **({"api_key": "{{ " + d.api_key_var + " }}"} if d.api_key_var else {}),
              **({"env_path": deployment_envs[d.name]} if d.name in deployment_envs else {})}
-            for d in deployments if d.engine == "vllm"]
+            for d in served if d.engine == "vllm"]
     if host.python.conda_installer_url:
         variables["python_env_conda_installer_url"] = host.python.conda_installer_url
     if host.profile == "cpu":
@@ -496,7 +712,7 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
                           tool_calling=bool(d.options.tool_calling),
                           tool_call_judged=d.model in knowledge.catalog.models,
                           loopback_only=_bind(d) in ("127.0.0.1", "::1", "localhost"))
-              for d in deployments]
+              for d in served]
     return HostPlan(name=host.name, group=group, profile=host.profile, connection=conn,
                     vars=variables, probes=probes, reasons=reasons)
 
@@ -504,13 +720,32 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
 def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: CompatTable,
               stages: list[str] | None = None) -> Plan:
     hosts = loaded.hosts_of(group)
+    names = [h.name for h in hosts]
+    span: _Span | None = None
+    for index, dep in enumerate(loaded.fleet.deployments):
+        members = loaded.hosts_of(dep.hosts)
+        inside = [h.name for h in members if h.name in names]
+        if dep.nodes == 1 or not inside:
+            continue
+        if len(inside) < len(members):
+            raise PlanError(f"{loaded.locate(('deployments', index, 'hosts'))}: deployment "
+                            f"'{dep.name}' spans {', '.join(h.name for h in members)}, but "
+                            f"host group '{group}' holds only {', '.join(inside)}: its Ray "
+                            f"cluster is set up with all of them at once; plan '{dep.hosts}' "
+                            "or a group holding all of its hosts")
+        span = _plan_span(dep, index, members, knowledge, gpu_table, loaded)
     plans = []
     for host in hosts:
         deployments = [d for d in loaded.fleet.deployments
                        if host.name in {h.name for h in loaded.hosts_of(d.hosts)}]
-        plans.append(_plan_host(host, deployments, knowledge, gpu_table, group, loaded))
+        plans.append(_plan_host(host, deployments, knowledge, gpu_table, group, loaded,
+                                span if span and host in span.members else None))
+    if span is not None:
+        _check_same_stack(span, [p for p in plans if p.name in {h.name for h in span.members}])
+    ray_cluster = (RayClusterPlan(deployment=span.dep.name, head=span.head.name,
+                                  members=[h.name for h in span.members]) if span else None)
     return Plan(group=group, stages=list(stages or STAGES), hosts=plans,
-                secrets_file=loaded.fleet.secrets)
+                secrets_file=loaded.fleet.secrets, ray_cluster=ray_cluster)
 
 
 def command_line(args: list[str]) -> str:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from orchestrator.ollama_standin import SERVER_NAME as OLLAMA_STANDIN_SERVER
 from orchestrator.plan import Plan, ProbeTarget
 
 CHAT_PROMPT = "Say hello in one short sentence."
@@ -250,8 +251,13 @@ def _ollama_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list
     out: list[ProbeResult] = []
     try:
         version = client.get(f"{url}/api/version")
+        server = version.headers.get("server", "")
+        # The real Ollama sends no Server header; the stand-in names itself in it.
+        standin = (f" (Server: {server}: the Ollama STAND-IN, not the real Ollama; it runs "
+                   "no model)" if server.startswith(OLLAMA_STANDIN_SERVER) else "")
         out.append(result("version", version.status_code == 200,
-                          f"GET {url}/api/version -> {version.status_code} {_short(version.text)}",
+                          f"GET {url}/api/version -> {version.status_code} "
+                          f"{_short(version.text)}{standin}",
                           f"Ollama is up but unhealthy; {logs}"))
         tags = client.get(f"{url}/api/tags")
         names = [m.get("name") for m in tags.json().get("models", [])]

@@ -90,10 +90,16 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
 
     (path / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n", encoding="utf-8")
     hosts = {h.name: h.connection for h in plan.hosts}
+    children: dict[str, object] = {plan.group: {"hosts": hosts}}
+    if plan.ray_cluster is not None:
+        # The groups playbooks/ray_cluster.yml and roles/ray_cluster read.
+        ray = plan.ray_cluster
+        children["ray_cluster_members"] = {"hosts": {name: {} for name in ray.members}}
+        children["ray_head"] = {"hosts": {ray.head: {}}}
     (inventory / "hosts.yml").write_text(
         _jinja.get_template("inventory.yml.j2").render(
-            group=plan.group, run_id=run_id, hosts_yaml=_yaml(
-                {"all": {"children": {plan.group: {"hosts": hosts}}}})),
+            group=plan.group, run_id=run_id, ray_cluster=plan.ray_cluster,
+            hosts_yaml=_yaml({"all": {"children": children}})),
         encoding="utf-8")
     for host in plan.hosts:
         (inventory / "host_vars" / f"{host.name}.yml").write_text(

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.bench import BenchReport
-from orchestrator.mirror import Staged
+from orchestrator.mirror import Staged, Traffic
 from orchestrator.plan import Plan, command_line
 from orchestrator.probe import ProbeReport
 from orchestrator.runner import Progress, RunResult
@@ -21,10 +21,18 @@ def plan_table(plan: Plan, console: Console) -> None:
     table = Table(title=f"Plan for '{plan.group}' (stages: {', '.join(plan.stages)})")
     for column in ("host", "profile", "address", "deployments", "why"):
         table.add_column(column, overflow="fold")
+    ray = plan.ray_cluster
     for host in plan.hosts:
         planned = host.vars.get("vllm_deployments", [])
-        deployments = "\n".join(
-            f"{d['name']}: vllm {command_line(d['args'])}" for d in planned) or "-"
+        lines = [f"{d['name']}: vllm {command_line(d['args'])}" for d in planned]
+        if ray is not None and host.name in ray.members:
+            lines.insert(0, f"{ray.deployment}: Ray head" if host.name == ray.head
+                         else f"{ray.deployment}: Ray worker (head {ray.head})")
+        # One Ollama server per host serves its Ollama deployments (roles/ollama).
+        lines += [f"{t.deployment}: ollama {t.served_model_name} on "
+                  f"{host.vars.get('ollama_host')}:{host.vars.get('ollama_port')}"
+                  for t in host.probes if t.engine == "ollama"]
+        deployments = "\n".join(lines) or "-"
         conn = host.connection
         table.add_row(host.name, host.profile,
                       f"{conn['ansible_user']}@{conn['ansible_host']}:{conn['ansible_port']}",
@@ -173,7 +181,19 @@ def mirror_table(staged: list[Staged], directory: str, console: Console) -> None
     for s in staged:
         table.add_row(s.key, escape(s.origin), ", ".join(s.deployments), str(s.files),
                       f"{s.total_bytes} B ({s.total_bytes / 2**30:.2f} GiB)",
-                      f"{s.origin_bytes} B" + (" (already staged)" if s.already_staged else ""))
+                      f"{s.origin_bytes} B" + (" (already staged)" if s.already_staged else "")
+                      + (f" (fetched again, damaged: {', '.join(s.repaired)})"
+                         if s.repaired else ""))
     console.print(table)
     console.print(f"bytes taken from the origin by this run: "
                   f"{sum(s.origin_bytes for s in staged)}", highlight=False)
+
+
+def mirror_traffic(traffic: Traffic, console: Console) -> None:
+    """What the mirror served to the hosts during `up`: each file, how often, how much."""
+    served = traffic.to_dict()
+    console.print(f"the mirror served {served['requests']} request(s), {served['bytes']} B",
+                  highlight=False)
+    for path, seen in served["paths"].items():
+        console.print(f"  {escape(path)}: {seen['ok']} of {seen['requests']} answered, "
+                      f"{seen['bytes']} B", highlight=False)

@@ -38,6 +38,10 @@ LABEL = "orchestrate.sandbox"
 SPEC_LABEL = "orchestrate.sandbox.spec"
 CONTAINER_PREFIX = "orchestrate-"
 SERVICE_PORT_OFFSET = 10000
+# slirp4netns with allow_host_loopback: this address inside a host is the control machine's
+# 127.0.0.1 (where `up` serves the sandbox's mirror), and nothing beyond it.
+HOST_LOOPBACK = "10.0.2.2"
+NETWORK = "slirp4netns:port_handler=slirp4netns,allow_host_loopback=true"
 
 HOST_PACKAGES = "podman runc slirp4netns debootstrap openssh-client"
 SUITE = "bookworm"
@@ -181,7 +185,7 @@ def up(
         current = existing.get(host.container)
         if current is not None and current.spec != _spec(host, binds):
             raise SandboxError(
-                f"{host.container} exists with other ports or mounts than asked: "
+                f"{host.container} exists with other ports, mounts or network than asked: "
                 "take the sandbox down first"
             )
         if current is None or current.state != "running":
@@ -282,7 +286,8 @@ def _check_ports_free(host: SandboxHost) -> None:
 
 def _spec(host: SandboxHost, binds: dict[str, str]) -> str:
     return json.dumps(
-        {"ssh_port": host.ssh_port, "port_map": host.port_map, "mounts": binds},
+        {"ssh_port": host.ssh_port, "port_map": host.port_map, "mounts": binds,
+         "network": NETWORK},
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -306,7 +311,7 @@ def _create(host: SandboxHost, spec: str, binds: dict[str, str]) -> None:
         "--shm-size", "1g",
         # slirp4netns keeps the host out of the machine's own network namespace, and its
         # port handler publishes on loopback only.
-        "--network", "slirp4netns:port_handler=slirp4netns",
+        "--network", NETWORK,
     ]  # fmt: skip
     args += ["--publish", f"127.0.0.1:{host.ssh_port}:22"]
     for inner, outer in host.port_map.items():

@@ -11,14 +11,16 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from secrets import token_urlsafe
+from typing import NamedTuple
 
 import yaml
 from ansible.parsing.vault import VaultLib, VaultSecret
 
-from orchestrator import sandbox
+from orchestrator import ollama_standin, sandbox
 from orchestrator.config import Fleet, LoadedFleet
 from orchestrator.knowledge import Knowledge
 from orchestrator.modelgen import generate_tiny_qwen2
+from orchestrator.ollama_standin_release import machine_arch, make_release
 from orchestrator.wheelhouse import stage_wheelhouse
 
 GROUP = "sandbox"
@@ -27,10 +29,28 @@ SSH_BASE_PORT = 2221
 VLLM_PORT = 8000
 DEPLOYMENT = "tiny-qwen2"
 SERVED_MODEL = "tiny-qwen2"
+# The second engine: one Ollama server per host, installed by the ollama role from a
+# release archive. The real Ollama cannot be downloaded here, so that archive packs the
+# Ollama STAND-IN (orchestrator/ollama_standin.py): the real install path, but a server
+# that answers Ollama's API with canned text and runs no model.
+OLLAMA_PORT = 11434
+OLLAMA_DEPLOYMENT = "qwen-ollama"
+# A catalog model: the plan turns it into its Ollama tag (qwen2.5:0.5b), which the
+# stand-in "pulls" as a placeholder (there is no registry to reach).
+OLLAMA_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+STANDIN_NOTE = ("the sandbox's Ollama is the Ollama STAND-IN (orchestrator/ollama_standin.py, "
+                "installed from a release archive built here): the real Ollama binary cannot "
+                "be downloaded on this machine, so it answers Ollama's API with canned text "
+                "and runs no model")
 # Inside each sandbox host: the control machine's wheelhouse, mounted read-only,
 # stands in for the package mirror real hosts use.
 WHEELHOUSE_MOUNT = "/srv/wheelhouse"
 PYTHON_VERSION = "3.11"  # Debian 12's python3
+# Fetch once, fan out: `up` stages the model into the sandbox's mirror and serves it on the
+# control machine's loopback for the run; slirp4netns (allow_host_loopback) shows that
+# loopback to each host as 10.0.2.2, so the hosts fetch from it like real hosts from a mirror.
+MIRROR_PORT = 18090
+MIRROR_URL = f"http://{sandbox.HOST_LOOPBACK}:{MIRROR_PORT}"
 API_KEY_VAR = "vault_sandbox_api_key"
 
 
@@ -46,6 +66,24 @@ def host_names() -> list[str]:
 def sandbox_model() -> Path:
     """The locally generated small Qwen2 model the sandbox serves (made once, cached)."""
     return generate_tiny_qwen2(sandbox.cache_dir() / "models" / DEPLOYMENT)
+
+
+class OllamaRelease(NamedTuple):
+    """An Ollama release archive on the control machine, as the ollama role takes it."""
+
+    archive: Path
+    sha256: str
+    arch: str
+
+
+def sandbox_ollama_release() -> OllamaRelease:
+    """The stand-in packed as the Ollama release archive for this machine's architecture
+    (the sandbox hosts are containers on it). Rebuilt each time: it is reproducible, so
+    its sha256 only changes with the stand-in's code."""
+    arch = machine_arch()
+    archive, sha256 = make_release(sandbox.cache_dir() / "ollama-standin",
+                                   ollama_standin.VERSION, arch)
+    return OllamaRelease(archive, sha256, arch)
 
 
 def sandbox_wheelhouse(knowledge: Knowledge, log: Callable[[str], None]) -> Path:
@@ -77,13 +115,37 @@ def sandbox_secrets(state_dir: Path) -> tuple[Path, Path]:
     return secrets_file, password_file
 
 
-def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = None
-                  ) -> LoadedFleet:
+def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = None,
+                  ollama_release: OllamaRelease | None = None,
+                  mirror_dir: Path | None = None) -> LoadedFleet:
+    """The fleet; with `ollama_release` (sandbox_ollama_release()) each host also serves
+    the Ollama deployment; with `mirror_dir` the hosts take the model
+    from the mirror there, which `up` stages from model_dir and serves for the run."""
+    ports = [VLLM_PORT, *([OLLAMA_PORT] if ollama_release else [])]
     hosts = {
         name: {"address": "127.0.0.1", "ssh_port": SSH_BASE_PORT + i - 1,
-               "port_map": {VLLM_PORT: published_port(i, VLLM_PORT)}}
+               "port_map": {port: published_port(i, port) for port in ports}}
         for i, name in enumerate(host_names(), start=1)
     }
+    ollama_vars: dict[str, object] = {}
+    ollama_deployments: list[dict[str, object]] = []
+    if ollama_release:
+        # The role's control-machine path: the archive is copied to each host and
+        # installed only when its sha256 matches, as an operator's downloaded release is.
+        ollama_vars = {"ollama_version": ollama_standin.VERSION,
+                       "ollama_archive_src": str(ollama_release.archive),
+                       "ollama_archive_sha256": {ollama_release.arch: ollama_release.sha256}}
+        ollama_deployments = [{
+            "name": OLLAMA_DEPLOYMENT,
+            "model": OLLAMA_MODEL,
+            "engine": "ollama",
+            "hosts": GROUP,
+            "port": OLLAMA_PORT,
+            # Not Ollama's loopback default: a published port reaches the container on
+            # its network interface, not on its loopback. Only 127.0.0.1 of the control
+            # machine publishes it, so nothing outside this machine reaches it.
+            "options": {"bind_address": "0.0.0.0"},
+        }]
     fleet = Fleet.model_validate({
         "groups": {GROUP: {
             "ssh_user": "root",
@@ -92,7 +154,8 @@ def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = No
             "pip": {"find_links": WHEELHOUSE_MOUNT, "no_index": True},
             # Sandbox hosts get new host keys whenever they are re-created.
             "vars": {"ansible_ssh_common_args":
-                     "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"},
+                     "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+                     **ollama_vars},
             "hosts": hosts,
         }},
         "deployments": [{
@@ -105,7 +168,9 @@ def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = No
             "port": VLLM_PORT,
             "options": {"max_model_len": 1024, "kv_cache_space_gib": 1, "tool_calling": True},
             **({"api_key_var": API_KEY_VAR} if secrets_file else {}),
-        }],
+        }, *ollama_deployments],
         **({"secrets": str(secrets_file)} if secrets_file else {}),
+        **({"mirror": {"url": MIRROR_URL, "dir": str(mirror_dir),
+                       "listen": f"127.0.0.1:{MIRROR_PORT}"}} if mirror_dir else {}),
     })
     return LoadedFleet(fleet=fleet, source="(built-in sandbox fleet)")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ORCHESTRATE = str(Path(sys.executable).parent / "orchestrate")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,10 +91,31 @@ def test_compat_json_for_an_h100_on_r590(tmp_path: Path) -> None:
     assert decision["vllm"] == {"version": "0.32.0"}
 
 
-def test_compat_refuses_a_driver_too_old_for_the_pinned_vllm(tmp_path: Path) -> None:
-    proc = run(tmp_path, "compat", "--driver", "535.104.05", "--gpu", "Tesla T4", "--json")
+@pytest.mark.parametrize(("driver", "max_cuda", "vllm", "torch", "build"), [
+    ("535.104.05", "12.2", "0.7.3", "2.5.1", "cu121"),
+    ("550.54.14", "12.4", "0.8.5.post1", "2.6.0", "cu124"),
+])
+def test_compat_json_falls_back_to_the_newest_vllm_the_driver_runs(
+        tmp_path: Path, driver: str, max_cuda: str, vllm: str, torch: str, build: str) -> None:
+    proc = run(tmp_path, "compat", "--driver", driver, "--gpu", "Tesla T4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    decision = json.loads(proc.stdout)
+    assert set(decision) == {"driver", "max_cuda", "torch", "vllm", "reasons"}
+    assert (decision["driver"], decision["max_cuda"]) == (driver, max_cuda)
+    assert decision["torch"] == {"version": torch, "cuda_build": build,
+                                 "index_url": f"https://download.pytorch.org/whl/{build}",
+                                 "min_driver": decision["torch"]["min_driver"]}
+    assert decision["vllm"] == {"version": vllm}
+    assert ("not vLLM 0.32.0 (torch 2.13.0, built for cu130): needs driver >= 580.65.06 (R580)"
+            in decision["reasons"])
+
+
+def test_compat_refuses_a_driver_too_old_for_every_vllm(tmp_path: Path) -> None:
+    proc = run(tmp_path, "compat", "--driver", "470.82.01", "--gpu", "Tesla T4", "--json")
     assert proc.returncode == 2
-    assert "needs driver >= 580.65.06" in proc.stderr and "R580" in proc.stderr
+    assert proc.stdout == ""
+    assert "no supported combination for NVIDIA driver 470.82.01 (CUDA <= 11.4)" in proc.stderr
+    assert "install the R530 driver branch or newer" in proc.stderr
 
 
 def test_compat_unknown_gpu_name(tmp_path: Path) -> None:
@@ -187,3 +210,18 @@ def test_probe_takes_the_vault_password_file_from_ansibles_variable(tmp_path: Pa
     results = json.loads(env_run.stdout)["results"]
     assert results and all(r["host"] == "h" for r in results)
     assert "s3cret" not in env_run.stdout + env_run.stderr
+
+
+def test_plan_shows_the_gpu_memory_split_between_ollama_and_vllm(tmp_path: Path) -> None:
+    # The example fleet puts qwen7b (vLLM) and qwen3b-ollama on the same A10: the table
+    # shows Ollama's share, the vLLM flag it leaves, and why.
+    proc = subprocess.run([ORCHESTRATE, "plan", "--hosts", "gpu-cluster", "-f",
+                           str(REPO / "templates/fleet.yml")], cwd=tmp_path,
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode == 0, proc.stderr
+    split = ("GPU memory split on 1x NVIDIA A10 (24 GiB): ollama qwen3b-ollama ~3.01 GiB, "
+             "vLLM qwen7b gpu_memory_utilization 0.77, 10% left free")
+    assert proc.stdout.count(split) == 2  # both hosts of the group
+    assert proc.stdout.count("--gpu-memory-utilization 0.77") == 2
+    assert proc.stdout.count("qwen3b-ollama: ollama qwen2.5:3b on 127.0.0.1:11434") == 2

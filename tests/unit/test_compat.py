@@ -8,6 +8,9 @@ Published values are checked literally, each against the source it was read from
   by pytorch/pytorch PR #187075).
 - vLLM 0.32.0: the PyPI wheel's METADATA ("Requires-Dist: torch==2.13.0"), its _C library
   (libcudart.so.13, nvcc 13.0) and vLLM's GPU install docs ("compute capability 7.5 or higher").
+- vLLM 0.11.0, 0.8.5.post1, 0.7.3: each PyPI wheel's METADATA (torch 2.8.0, 2.6.0, 2.5.1), its
+  kernels (nvcc 12.8; PTX ISA 8.4 and 8.1, i.e. CUDA 12.4 and 12.1; cubins from sm_70) and the
+  install docs of its era ("compiled with CUDA 12.8 / 12.4 / 12.1", "compute capability 7.0").
 """
 
 from __future__ import annotations
@@ -217,10 +220,34 @@ def test_vllm_0_32_0_row(data: CudaCompat) -> None:
     assert row.min_compute_capability == "7.5"
 
 
+# vLLM release -> (torch pin, CUDA build of its PyPI wheel, compute-capability floor), as read
+# from each wheel's METADATA and kernels and the install docs of its era (cuda_compat.yml).
+PUBLISHED_VLLM = {
+    "0.32.0": ("2.13.0", ["cu130"], "7.5"),
+    "0.11.0": ("2.8.0", ["cu128"], "7.0"),
+    "0.8.5.post1": ("2.6.0", ["cu124"], "7.0"),
+    "0.7.3": ("2.5.1", ["cu121"], "7.0"),
+}
+
+
+@pytest.mark.parametrize("version", sorted(PUBLISHED_VLLM))
+def test_vllm_rows_as_published(data: CudaCompat, version: str) -> None:
+    row = data.vllm.releases[version]
+    assert (row.torch, row.cuda_builds, row.min_compute_capability) == PUBLISHED_VLLM[version]
+    assert row.floor_source is not None
+    release = data.pytorch.releases[".".join(row.torch.split(".")[:2])]
+    assert set(row.cuda_builds) <= {b.tag for b in release.builds}
+
+
+def test_vllm_rows_are_newest_first(data: CudaCompat) -> None:
+    assert list(data.vllm.releases) == ["0.32.0", "0.11.0", "0.8.5.post1", "0.7.3"]
+
+
 def test_every_block_names_its_source(data: CudaCompat) -> None:
     sources = [data.nvidia.source, data.nvidia.minor_version_compatibility.source,
                data.pytorch.source, data.pytorch.index_url_source, data.vllm.engine_floors.source,
-               *(r.source for r in data.vllm.releases.values())]
+               *(r.source for r in data.vllm.releases.values()),
+               *(r.floor_source for r in data.vllm.releases.values() if r.floor_source)]
     sources += [s for r in data.pytorch.releases.values()
                 for s in (r.arches_source, r.pypi_default_source) if s is not None]
     for source in sources:
@@ -235,43 +262,76 @@ def test_the_pin_is_read_from_the_gpu_profile(table: CompatTable) -> None:
 
 # --- the decision across driver branches ------------------------------------------------
 
+# driver -> (vLLM, torch build) on an H100 (9.0); None: refused (exit 2).
 DRIVER_BRANCHES = [
     ("470.82.01", None), ("470.256.02", None),
     ("515.65.01", None), ("525.147.05", None),
-    ("535.54.03", None), ("535.104.05", None), ("535.261.03", None),
-    ("545.23.08", None), ("550.54.15", None), ("550.163.01", None),
-    ("555.42.06", None), ("560.35.03", None), ("565.57.01", None),
-    ("570.124.06", None), ("570.195.03", None), ("575.57.08", None),
-    ("580.9", None), ("580.65.05", None),
-    ("580.65.06", "cu130"), ("580.82.07", "cu130"), ("580.95.05", "cu130"),
-    ("590.48.01", "cu130"), ("595.71.05", "cu130"), ("610.43.02", "cu130"),
+    ("530.30.02", ("0.7.3", "cu121")),
+    ("535.54.03", ("0.7.3", "cu121")), ("535.104.05", ("0.7.3", "cu121")),
+    ("535.261.03", ("0.7.3", "cu121")), ("545.23.08", ("0.7.3", "cu121")),
+    ("550.54.14", ("0.8.5.post1", "cu124")), ("550.163.01", ("0.8.5.post1", "cu124")),
+    ("555.42.06", ("0.8.5.post1", "cu124")), ("560.35.03", ("0.8.5.post1", "cu124")),
+    ("565.57.01", ("0.8.5.post1", "cu124")),
+    ("570.26", ("0.11.0", "cu128")), ("570.124.06", ("0.11.0", "cu128")),
+    ("570.195.03", ("0.11.0", "cu128")), ("575.57.08", ("0.11.0", "cu128")),
+    ("580.9", ("0.11.0", "cu128")), ("580.65.05", ("0.11.0", "cu128")),
+    ("580.65.06", ("0.32.0", "cu130")), ("580.82.07", ("0.32.0", "cu130")),
+    ("580.95.05", ("0.32.0", "cu130")), ("590.48.01", ("0.32.0", "cu130")),
+    ("595.71.05", ("0.32.0", "cu130")), ("610.43.02", ("0.32.0", "cu130")),
 ]
+TORCH_OF = {"0.7.3": "2.5.1", "0.8.5.post1": "2.6.0", "0.11.0": "2.8.0", "0.32.0": "2.13.0"}
 
 
-@pytest.mark.parametrize(("driver", "build"), DRIVER_BRANCHES)
+@pytest.mark.parametrize(("driver", "expected"), DRIVER_BRANCHES)
 def test_decision_for_each_driver_branch(table: CompatTable, driver: str,
-                                         build: str | None) -> None:
-    if build is None:
-        with pytest.raises(CompatError, match=r"needs driver >= 580\.65\.06; install the R580 "
-                                              r"driver branch or newer"):
+                                         expected: tuple[str, str] | None) -> None:
+    if expected is None:
+        with pytest.raises(CompatError, match=r"vLLM 0\.7\.3 with torch 2\.5\.1 needs driver >= "
+                                              r"530\.30\.02; install the R530 driver branch or "
+                                              r"newer"):
             decide(driver, "9.0", table)
         return
+    vllm, build = expected
     decision = decide(driver, "9.0", table)
-    assert decision.torch.cuda_build == build
-    assert decision.torch.version == "2.13.0"
-    assert decision.torch.index_url == "https://download.pytorch.org/whl/cu130"
-    assert decision.torch.requirement == "torch==2.13.0+cu130"
-    assert decision.vllm.version == "0.32.0"
+    assert (decision.vllm.version, decision.torch.cuda_build) == (vllm, build)
+    assert decision.torch.version == TORCH_OF[vllm]
+    assert decision.torch.index_url == f"https://download.pytorch.org/whl/{build}"
+    assert decision.torch.requirement == f"torch=={TORCH_OF[vllm]}+{build}"
     assert decision.driver == driver
+    # The driver runs the chosen build: never a build needing more than the driver has.
+    assert parse_driver_version(decision.torch.min_driver) <= parse_driver_version(driver)
+
+
+def test_issue_example_driver_535(table: CompatTable) -> None:
+    decision = decide("535.104.05", None, table)
+    assert decision.max_cuda == "12.2"
+    assert (decision.vllm.version, decision.torch.cuda_build) == ("0.7.3", "cu121")
+    assert decision.reasons[:5] == [
+        "NVIDIA driver 535.104.05 runs CUDA up to 12.2",
+        "not vLLM 0.32.0 (torch 2.13.0, built for cu130): needs driver >= 580.65.06 (R580)",
+        "not vLLM 0.11.0 (torch 2.8.0, built for cu128): needs driver >= 570.26 (R570)",
+        "not vLLM 0.8.5.post1 (torch 2.6.0, built for cu124): needs driver >= 550.54.14 (R550)",
+        "vLLM 0.7.3 (the newest release in cuda_compat.yml this host runs; the project pin is "
+        "0.32.0) requires torch==2.5.1 and is built for cu121"]
+    assert "NVIDIA driver >= 580.65.06 (R580) would get the project pin, vLLM 0.32.0" in (
+        decision.reasons)
+    assert decision.reasons[-1].startswith("torch 2.5.1+cu121: the newest build")
+
+
+def test_the_pin_on_r580_names_no_skipped_release(table: CompatTable) -> None:
+    decision = decide("580.95.05", "9.0", table)
+    assert decision.reasons[1] == ("vLLM 0.32.0 (project pin) requires torch==2.13.0 and is "
+                                   "built for cu130")
+    assert not any(r.startswith("not vLLM") for r in decision.reasons)
 
 
 def test_refusal_names_the_driver_what_it_runs_and_why(table: CompatTable) -> None:
     with pytest.raises(CompatError) as caught:
-        decide("535.104.05", None, table)
+        decide("470.82.01", None, table)
     message = str(caught.value)
-    assert "NVIDIA driver 535.104.05 (CUDA <= 12.2)" in message
-    assert "vLLM 0.32.0 with torch 2.13.0" in message
-    assert "cu126 (stable): vLLM 0.32.0 publishes no wheel for it" in message
+    assert "NVIDIA driver 470.82.01 (CUDA <= 11.4)" in message
+    assert "vLLM 0.32.0: needs driver >= 580.65.06 (R580)" in message
+    assert "vLLM 0.8.5.post1: needs driver >= 550.54.14 (R550)" in message
     assert isinstance(caught.value, PlanError) and caught.value.exit_code == 2
 
 
@@ -290,11 +350,29 @@ def test_supported_gpus(table: CompatTable, capability: str) -> None:
     assert decide("580.95.05", capability, table).torch.cuda_build == "cu130"
 
 
-@pytest.mark.parametrize("capability", ["7.0", "6.1", "5.2"])
-def test_gpus_below_vllms_floor_are_refused(table: CompatTable, capability: str) -> None:
-    with pytest.raises(CompatError, match=f"compute capability {capability} is below vLLM "
-                                          r"0\.32\.0's minimum 7\.5"):
+def test_volta_falls_back_to_the_newest_release_that_supports_it(table: CompatTable) -> None:
+    decision = decide("580.95.05", "7.0", table)
+    assert (decision.vllm.version, decision.torch.cuda_build) == ("0.11.0", "cu128")
+    assert ("not vLLM 0.32.0 (torch 2.13.0, built for cu130): GPU compute capability 7.0 is "
+            "below vLLM 0.32.0's minimum 7.5") in decision.reasons
+    assert "compute capability 7.0 meets vLLM 0.11.0's minimum 7.0" in decision.reasons
+
+
+def test_blackwell_on_r570_gets_the_cuda_12_8_release(table: CompatTable) -> None:
+    decision = decide("570.124.06", "10.0", table)
+    assert (decision.vllm.version, decision.torch.cuda_build) == ("0.11.0", "cu128")
+    # Below R570 no listed release has a build new enough for Blackwell.
+    with pytest.raises(CompatError, match=r"compute capability 10\.0 needs CUDA >= 12\.8"):
+        decide("560.35.03", "10.0", table)
+
+
+@pytest.mark.parametrize("capability", ["6.1", "5.2"])
+def test_gpus_below_every_vllm_floor_are_refused(table: CompatTable, capability: str) -> None:
+    with pytest.raises(CompatError, match=f"GPU compute capability {capability} is below the "
+                                          "minimum of every vLLM release") as caught:
         decide("580.95.05", capability, table)
+    assert f"vLLM 0.7.3: GPU compute capability {capability} is below vLLM 0.7.3's minimum " \
+        "7.0" in str(caught.value)
 
 
 @pytest.mark.parametrize("capability", ["", "8", "8.6.1", "sm_86", "eight"])

@@ -159,3 +159,38 @@ def test_relative_paths_are_relative_to_the_fleet_file(tmp_path: Path) -> None:
     assert a.ssh_key == str(tmp_path / "site" / "keys" / "fleet")
     assert b.ssh_key == "~/.ssh/b"  # Ansible expands ~ itself
     assert loaded.fleet.deployments[0].model_dir == str(tmp_path / "site" / "models" / "tiny")
+
+
+SPAN = GOOD.replace("    port: 8000\n", "    port: 8000\n    nodes: 2\n"
+                    "    ray: {auth_token_var: vault_ray_token, network_interface: ens5}\n")
+
+
+def test_deployment_across_hosts_is_valid(write) -> None:
+    dep = load_fleet(write("fleet.yml", SPAN)).fleet.deployments[0]
+    assert dep.nodes == 2 and dep.ray is not None and dep.ray.network_interface == "ens5"
+
+
+@pytest.mark.parametrize(("text", "line", "key", "words"), [
+    (SPAN.replace("nodes: 2", "nodes: 3"), 15, "deployments[0].nodes",
+     "nodes: 3, but group 'gpu-cluster' has 2 host(s) (gpu-01, gpu-02)"),
+    (SPAN.replace("engine: vllm", "engine: ollama"), 15, "deployments[0].nodes",
+     "only vLLM spans hosts"),
+    (GOOD.replace("    port: 8000\n", "    port: 8000\n    ray: {auth_token_var: t}\n"), 15,
+     "deployments[0].ray", "only to a deployment that spans hosts"),
+    (SPAN + "    options: {pipeline_parallel_size: 4}\n", 17,
+     "deployments[0].options.pipeline_parallel_size", "one pipeline stage per host"),
+    (SPAN.replace("network_interface: ens5", "network_interface: 'ens 5'"), 16,
+     "deployments[0].ray.network_interface", "pattern"),
+    (SPAN + "  - {name: small, model: m, engine: vllm, hosts: gpu-cluster, port: 8001}\n", 17,
+     "deployments[1].hosts", "belongs to deployment 'qwen7b', which spans hosts"),
+    (SPAN.replace("deployments:\n", "  other:\n    hosts: {o1: {address: a}, o2: {address: b}}\n"
+                                    "deployments:\n")
+     + "  - {name: second, model: m, engine: vllm, hosts: other, port: 8000, nodes: 2}\n", 19,
+     "deployments[1].nodes", "one Ray cluster per fleet"),
+])
+def test_bad_deployment_across_hosts_names_file_line_and_key(write, text, line, key,
+                                                             words) -> None:
+    path = write("fleet.yml", text)
+    err = error_of(path)
+    assert (err.file, err.line, err.key) == (str(path), line, key)
+    assert words in str(err)

@@ -45,6 +45,7 @@ from orchestrator.fit import (
     fit,
     kv_bytes_per_token,
     model_from_config,
+    pipeline_stages,
     spec_from_catalog,
     tensor_parallel_problem,
 )
@@ -559,3 +560,72 @@ def test_a_gpu_can_be_given_directly(run) -> None:
     custom = GpuModel(match="RTX 6000 Ada", compute_capability="8.9", memory_gib=48)
     result = run("Qwen/Qwen2.5-32B-Instruct-AWQ", custom)
     assert result.fits and result.gpu == "RTX 6000 Ada" and result.max_model_len == 32768
+
+
+# --- one instance across hosts (pipeline parallel, vLLM's multi-node layout) ------------------
+
+
+def test_pipeline_stages_split_layers_as_vllm_does() -> None:
+    # vllm/distributed/utils.py get_pp_indices: the remainder goes to the stages before the last.
+    assert pipeline_stages(80, 2) == [40, 40]
+    assert pipeline_stages(80, 3) == [27, 27, 26]
+    assert pipeline_stages(28, 3) == [9, 10, 9]
+    assert pipeline_stages(64, 1) == [64]
+
+
+def test_72b_across_two_hosts_of_two_l40s(run, catalog: Catalog) -> None:
+    result = run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA L40S", 2, nodes=2)
+    assert result.fits and (result.tensor_parallel, result.pipeline_parallel) == (2, 2)
+    arch = catalog.models["Qwen/Qwen2.5-72B-Instruct"].architecture
+    # The first stage: 40 of the 80 layers and the embedding, split over 2 GPUs, in bf16.
+    by_hand = (40 * arch.layer_params + arch.vocab_size * arch.hidden_size) * 2 / 2
+    assert abs(result.weights_per_gpu_gib - by_hand / GIB) < 0.01
+    # 40 layers x 4 of the 8 KV heads per GPU.
+    assert result.kv_bytes_per_token == 2 * 40 * 4 * 128 * 2 == 81920
+    budget = 48 * 0.9 * GIB - by_hand - (RESERVE_GIB + TENSOR_PARALLEL_RESERVE_GIB) * GIB
+    assert abs(result.kv_cache_gib - budget / GIB) < 0.01
+    assert result.max_model_len == 32768
+    assert result.vllm_args[:4] == ["--tensor-parallel-size", "2",
+                                    "--pipeline-parallel-size", "2"]
+    assert any("pipeline parallel 2 across the hosts" in line for line in result.reasons)
+
+
+def test_72b_across_two_hosts_of_four_a10_fits_a_short_context(run) -> None:
+    # One host's 4x A10 cannot hold the weights; two hosts can, with ~4.5k tokens of KV cache.
+    assert not run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA A10", 4).fits
+    result = run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA A10", 4, nodes=2)
+    assert result.fits and (result.tensor_parallel, result.pipeline_parallel) == (4, 2)
+    assert result.kv_bytes_per_token == 2 * 40 * 2 * 128 * 2
+    assert result.max_model_len == 4096
+    assert result.reasons[0].startswith("2 hosts x 4x NVIDIA A10")
+
+
+def test_across_hosts_too_small_says_what_would_fit(run) -> None:
+    result = run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA A10", 2, nodes=2)
+    assert not result.fits and result.vllm_args == []
+    assert result.reasons[-1] == "does not fit on 2 hosts x 2x NVIDIA A10: the weights do not fit"
+    more, awq = result.suggestions[:2]
+    assert more.startswith("5 hosts x 2x NVIDIA A10 (nodes: 5)")
+    assert run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA A10", 2, nodes=5).fits
+    assert not run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA A10", 2, nodes=4).fits
+    assert awq.startswith("Qwen/Qwen2.5-72B-Instruct-AWQ (AWQ")
+    assert "fits on 2 hosts x 2x NVIDIA A10" in awq
+
+
+def test_across_hosts_takes_the_largest_valid_tensor_parallel_size(run) -> None:
+    # 3 GPUs per host: 64 heads do not divide by 3, so 2 of them serve, 1 stays idle.
+    result = run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA L40S", 3, nodes=2)
+    assert result.fits and result.tensor_parallel == 2
+    assert "tensor parallel 3: 64 attention heads are not divisible by 3" in result.reasons
+    assert "1 of 3 GPUs of each host left unused by this deployment" in result.reasons
+
+
+def test_more_hosts_than_layers_is_refused(run) -> None:
+    with pytest.raises(FitError, match="only 24 layers"):
+        run("Qwen/Qwen2.5-0.5B-Instruct", "NVIDIA A10", 1, nodes=25)
+
+
+def test_one_host_fit_is_unchanged_by_nodes_1(run) -> None:
+    one = run("Qwen/Qwen2.5-7B-Instruct", "NVIDIA A10", 1)
+    assert one == run("Qwen/Qwen2.5-7B-Instruct", "NVIDIA A10", 1, nodes=1)
+    assert one.pipeline_parallel == 1 and "--pipeline-parallel-size" not in one.vllm_args

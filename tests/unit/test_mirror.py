@@ -28,18 +28,22 @@ import httpx
 import pytest
 import yaml
 
+from orchestrator import cli, sandbox_fleet
+from orchestrator.compat import load_cuda_compat
 from orchestrator.config import load_fleet
 from orchestrator.errors import ConfigError
+from orchestrator.knowledge import load_knowledge
 from orchestrator.mirror import (
     MANIFEST,
     MirrorError,
     MirrorServer,
     Request,
     parse_listen,
+    serving,
     stage_weights,
 )
 from orchestrator.modelhub import StandInHub
-from orchestrator.plan import weights_origins
+from orchestrator.plan import make_plan, weights_origins
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -481,3 +485,141 @@ def test_pip_takes_wheels_from_the_mirror_servers_listing(tmp_path: Path) -> Non
              "--dest", str(tmp_path / "out")], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "tinypkg-0.1-py3-none-any.whl").exists()
+
+
+def flip_middle(path: Path) -> None:
+    """Damage a file the way a bad disk or a hand edit does: same size, other bytes."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_staged_model_is_trusted_by_its_manifest_until_verify(
+        tmp_path: Path, hub: StandInHub, repo_dir: Path) -> None:
+    mirror = tmp_path / "mirror"
+    [first] = stage_weights(origins(tmp_path, hub), mirror, endpoint=hub.endpoint, token=None,
+                            log=lambda _: None)
+    staged = mirror / "models" / KEY / "files" / WEIGHTS
+    good = sha256(staged)
+    flip_middle(staged)
+    hub.reset_counters()
+    # Without verify: nothing re-hashed, nothing fetched (up runs this on every run).
+    [trusted] = stage_weights(origins(tmp_path, hub), mirror, endpoint=hub.endpoint,
+                              token=None, log=lambda _: None)
+    assert trusted.already_staged and trusted.origin_bytes == 0 and trusted.repaired == ()
+    assert hub.bytes_served() == 0 and sha256(staged) != good
+    # With verify: the damaged file named and fetched again, only that one, from the hub.
+    logged: list[str] = []
+    [verified] = stage_weights(origins(tmp_path, hub), mirror, endpoint=hub.endpoint,
+                               token=None, log=logged.append, verify=True)
+    assert verified.repaired == (WEIGHTS,) and not verified.already_staged
+    assert verified.origin_bytes == hub.bytes_served() == 700_000
+    assert sha256(staged) == good
+    assert any(f"{staged}: differs from" in line for line in logged)
+    assert json.loads((mirror / "models" / KEY / MANIFEST).read_text())["files"][WEIGHTS][
+        "sha256"] == good
+    assert first.origin_bytes == repo_bytes(repo_dir)
+
+
+def test_verify_copies_a_damaged_local_model_again(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / WEIGHTS).write_bytes(os.urandom(10_000))
+    fleet = fleet_yaml(tmp_path / "fleet.yml", hub="http://127.0.0.1:9",
+                       mirror_url="http://ctl:8090", local_dir=local)
+    [origin] = [o for o in weights_origins(load_fleet(fleet), "gpu") if o.source == "local"]
+    mirror = tmp_path / "mirror"
+    stage = lambda verify: stage_weights(  # noqa: E731
+        [origin], mirror, endpoint="http://127.0.0.1:9", token=None, log=lambda _: None,
+        verify=verify)
+    stage(False)
+    staged = mirror / "models" / origin.key / "files" / WEIGHTS
+    flip_middle(staged)
+    [clean] = stage(True)
+    assert clean.repaired == (WEIGHTS,) and clean.origin_bytes == 10_000
+    assert sha256(staged) == sha256(local / WEIGHTS)
+    [again] = stage(True)  # an intact mirror: re-hashed, nothing fetched
+    assert again.repaired == () and again.already_staged and again.origin_bytes == 0
+
+
+def test_serving_counts_what_each_path_sent(tmp_path: Path) -> None:
+    files = tmp_path / "mirror" / "models" / "m" / "files"
+    files.mkdir(parents=True)
+    (files / "a b.bin").write_bytes(b"x" * 1000)
+    logged: list[str] = []
+    with serving(tmp_path / "mirror", ("127.0.0.1", 0), logged.append) as traffic:
+        base = f"http://127.0.0.1:{traffic.address[1]}/models/m"
+        assert logged == [f"serving the mirror {tmp_path / 'mirror'} on "
+                          f"127.0.0.1:{traffic.address[1]} for this run"]
+        for _ in range(2):  # two hosts
+            assert httpx.get(f"{base}/files/a%20b.bin").status_code == 200
+        assert httpx.get(f"{base}/files/../files/absent").status_code == 404
+    assert traffic.to_dict() == {"requests": 3, "bytes": 2000, "paths": {
+        "/models/m/files/a b.bin": {"requests": 2, "ok": 2, "bytes": 2000},
+        "/models/m/files/absent": {"requests": 1, "ok": 0, "bytes": 0}}}
+
+
+def test_up_stages_first_and_a_bad_file_from_the_origin_stops_it_before_any_host(
+        tmp_path: Path, hub: StandInHub) -> None:
+    hub.corrupt(MODEL_ID, WEIGHTS, "flip", times=None)
+    fleet = fleet_yaml(tmp_path / "fleet.yml", hub=hub.endpoint, mirror_url="http://ctl:8090")
+    proc = orchestrate(tmp_path, "up", "--hosts", "gpu", "-f", str(fleet),
+                       MODELSCOPE_DOWNLOAD_MAX_RETRIES="0")
+    assert proc.returncode == 1
+    message = " ".join(proc.stderr.split())
+    assert f"{tmp_path}/mirror/models/{KEY}/files/{WEIGHTS}: missing" in message
+    assert "Hash mismatch" in message and "Traceback" not in message
+    # No run directory: no playbook ran, no host was touched.
+    assert not (tmp_path / ".orchestrate" / "runs").exists()
+
+
+@pytest.mark.parametrize("listen", ["8090", "127.0.0.1:8090", "[::1]:8090", "ctl.lan:80"])
+def test_mirror_listen_setting(write: Any, listen: str) -> None:
+    text = f"mirror: {{url: 'http://ctl:8090', listen: '{listen}', stage: false}}\n"
+    settings = load_fleet(write("fleet.yml", text)).fleet.mirror
+    assert settings is not None and settings.listen == listen and settings.stage is False
+    assert parse_listen(settings.listen, settings, key="mirror.listen")[1] in (8090, 80)
+
+
+def test_mirror_listen_setting_is_checked(write: Any) -> None:
+    with pytest.raises(ConfigError, match=r"mirror\.listen: String should match pattern"):
+        load_fleet(write("fleet.yml", "mirror: {url: 'http://ctl:8090', listen: 'ctl:http'}\n"))
+    with pytest.raises(ConfigError, match=r"mirror\.listen: '99999': expected"):
+        parse_listen("99999", None, key="mirror.listen")
+
+
+def test_the_sandbox_takes_its_model_through_the_mirror() -> None:
+    loaded = sandbox_fleet.sandbox_fleet(Path("/k"), Path("/cache/tiny-qwen2"),
+                                         mirror_dir=Path("/state/mirror"))
+    settings = loaded.fleet.mirror
+    assert settings is not None and settings.dir == "/state/mirror"
+    # Served on the control machine's loopback, which the hosts see as 10.0.2.2.
+    assert settings.listen == "127.0.0.1:18090" and settings.url == "http://10.0.2.2:18090"
+    [origin] = weights_origins(loaded, "sandbox")
+    assert origin.source == "local" and origin.local_dir == "/cache/tiny-qwen2"
+    plan = make_plan(loaded, "sandbox", load_knowledge(), load_cuda_compat())
+    entries = [e for h in plan.hosts for e in h.vars["model_weights_models"]]
+    assert len(entries) == sandbox_fleet.HOST_COUNT
+    assert {(e["source"], e["manifest_url"]) for e in entries} == {
+        ("mirror", f"http://10.0.2.2:18090/models/{origin.key}/manifest.json")}
+
+
+def test_up_stages_only_when_its_run_changes_hosts_weights(write: Any) -> None:
+    # An unreachable hub: any staging attempt would fail, so [] proves none was made.
+    def plan_of(extra: dict[str, Any], stages: tuple[str, ...]) -> tuple[Any, Any]:
+        loaded = load_fleet(write("fleet.yml", yaml.safe_dump({
+            "mirror": {"url": "http://ctl:8090", "dir": "mirror",
+                       "modelscope_endpoint": "http://127.0.0.1:9", **extra},
+            "groups": {"gpu": {"profile": "cpu", "hosts": {"h": {"address": "10.0.0.1"}}}},
+            "deployments": [{"name": "q", "model": MODEL_ID, "engine": "vllm",
+                             "hosts": "gpu", "port": 8000}]})))
+        return loaded, make_plan(loaded, "gpu", load_knowledge(), load_cuda_compat(), stages)
+
+    loaded, plan = plan_of({"stage": False}, ("models",))
+    assert cli._stage_mirror(loaded, "gpu", plan, check=False) == []
+    loaded, plan = plan_of({}, ("services", "verify"))
+    assert cli._stage_mirror(loaded, "gpu", plan, check=False) == []
+    loaded, plan = plan_of({}, ("models",))
+    assert cli._stage_mirror(loaded, "gpu", plan, check=True) == []
+    with pytest.raises(MirrorError, match=r"cannot reach http://127\.0\.0\.1:9"):
+        cli._stage_mirror(loaded, "gpu", plan, check=False)

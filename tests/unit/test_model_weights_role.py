@@ -350,7 +350,8 @@ def test_mirror_file_with_the_wrong_checksum_fails_by_name(runs: Runs) -> None:
     [message] = runs.first["badmirror"].failures[
         "model_weights : Name the files the mirror served wrong for bad"]
     assert message.startswith(f"{runs.dest('badmirror')}/config.json from ")
-    assert f"the checksum did not match {'0' * 64}" in message
+    assert f"the sha256 checksum did not match {'0' * 64}" in message
+    assert "orchestrate mirror --verify" in message
 
 
 def test_bad_model_entry_is_refused_naming_the_key(runs: Runs) -> None:

@@ -15,7 +15,7 @@ from orchestrator.config import load_fleet
 from orchestrator.errors import PlanError
 from orchestrator.knowledge import load_knowledge
 from orchestrator.plan import STAGES, make_plan, select_stages
-from orchestrator.sandbox_fleet import sandbox_fleet
+from orchestrator.sandbox_fleet import OllamaRelease, sandbox_fleet
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden"
@@ -36,8 +36,10 @@ def test_example_fleet_plan_matches_golden() -> None:
 
 
 def test_sandbox_plan_matches_golden() -> None:
+    release = OllamaRelease(Path("/cache/ollama-standin/v0.32.7/ollama-linux-amd64.tar.zst"),
+                            "0" * 64, "amd64")
     loaded = sandbox_fleet(Path("/state/id_ed25519"), Path("/cache/models/tiny-qwen2"),
-                           Path("/state/secrets.yml"))
+                           Path("/state/secrets.yml"), ollama_release=release)
     plan = make_plan(loaded, "sandbox", load_knowledge(), load_cuda_compat())
     check_golden("plan-sandbox.json", plan.model_dump_json(indent=2) + "\n")
 
@@ -279,3 +281,138 @@ deployments:
     assert host.vars["ollama_gpu_devices"] == [] and host.vars["ollama_device_allow"] == []
     assert host.vars["vllm_deployments"] == []
     assert not host.probes[0].loopback_only
+
+
+FLEET_RAY = """\
+secrets: secrets.vault.yml
+groups:
+  big:
+    gpu: {name: NVIDIA L40S, count: 2}
+    hosts:
+      gpu-a: {address: 10.0.0.21}
+      gpu-b: {address: 10.0.0.22}
+  other:
+    hosts: {gpu-c: {address: 10.0.0.23}}
+deployments:
+  - name: qwen72b
+    model: Qwen/Qwen2.5-72B-Instruct
+    engine: vllm
+    hosts: big
+    port: 8000
+    nodes: 2
+    api_key_var: vault_qwen72b_api_key
+    ray: {auth_token_var: vault_ray_token, network_interface: ens5}
+"""
+
+
+def ray_plan(write, text: str = FLEET_RAY, group: str = "big"):
+    return make_plan(load_fleet(write("fleet.yml", text)), group, load_knowledge(),
+                     load_cuda_compat())
+
+
+def test_a_deployment_across_hosts_runs_vllm_on_the_ray_head_only(write) -> None:
+    plan = ray_plan(write)
+    assert plan.ray_cluster is not None
+    assert plan.ray_cluster.model_dump() == {"deployment": "qwen72b", "head": "gpu-a",
+                                             "members": ["gpu-a", "gpu-b"]}
+    head, worker = plan.hosts
+    (instance,) = head.vars["vllm_deployments"]
+    args = instance["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--pipeline-parallel-size") + 1] == "2"
+    assert args[args.index("--distributed-executor-backend") + 1] == "ray"
+    assert any("fits 2 hosts x 2x NVIDIA L40S" in r for r in head.reasons)
+    # vLLM joins the role's cluster on the head's address on the cluster's interface, with
+    # the token by reference only.
+    env = instance["env"]
+    assert env["RAY_ADDRESS"].endswith(":{{ ray_cluster_port | default(6379) }}")
+    assert "ray_cluster_network_interface" in env["VLLM_HOST_IP"]
+    assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == \
+        "{{ ray_cluster_network_interface }}"
+    assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"]) == ("token", "{{ vault_ray_token }}")
+    assert instance["api_key"] == "{{ vault_qwen72b_api_key }}"
+    # The worker: Ray only, but the weights too (its pipeline stage loads them).
+    assert worker.vars["vllm_deployments"] == [] and worker.probes == []
+    assert [m["name"] for m in worker.vars["model_weights_models"]] == ["qwen72b"]
+    assert any("Ray worker of the cluster headed by gpu-a" in r for r in worker.reasons)
+    assert [p.base_url for p in head.probes] == ["http://10.0.0.21:8000"]
+    for host in plan.hosts:
+        assert host.vars["ray_cluster_network_interface"] == "ens5"
+        assert host.vars["ray_cluster_auth_token"] == "{{ vault_ray_token }}"
+
+
+def test_a_ray_cluster_without_a_token_is_refused(write) -> None:
+    text = FLEET_RAY.replace("auth_token_var: vault_ray_token, ", "")
+    with pytest.raises(PlanError, match=r"fleet.yml:16: deployments\[0\]\.nodes: .*"
+                                        r"ray.auth_token_var"):
+        ray_plan(write, text)
+    # On a closed network the operator may turn Ray's authentication off, knowingly.
+    off = text.replace("    gpu: {name: NVIDIA L40S, count: 2}\n",
+                       "    gpu: {name: NVIDIA L40S, count: 2}\n"
+                       "    vars: {ray_cluster_auth_mode: disabled}\n")
+    head = ray_plan(write, off).hosts[0]
+    assert head.vars["vllm_deployments"][0]["env"]["RAY_AUTH_MODE"] == "disabled"
+    assert "ray_cluster_auth_token" not in head.vars
+
+
+def test_a_deployment_across_hosts_that_does_not_fit_says_what_would(write) -> None:
+    text = FLEET_RAY.replace("L40S, count: 2", "A10, count: 2")
+    with pytest.raises(PlanError, match=r"does not fit 2 hosts x 2x NVIDIA A10.*"
+                                        r"instead: 5 hosts x 2x NVIDIA A10 \(nodes: 5\)"):
+        ray_plan(write, text)
+
+
+def test_one_host_too_small_suggests_spanning_the_group(write) -> None:
+    text = FLEET_RAY.replace("L40S, count: 2", "A10, count: 4").replace("    nodes: 2\n", "")
+    text = text[:text.index("    ray:")]
+    with pytest.raises(PlanError, match=r"does not fit 4x NVIDIA A10.*one instance across the "
+                                        r"group's 2 hosts \(nodes: 2 .*\) fits with tensor "
+                                        r"parallel 4 x pipeline parallel 2"):
+        ray_plan(write, text)
+
+
+def test_a_plan_holding_part_of_a_ray_cluster_is_refused(write) -> None:
+    text = FLEET_RAY.replace("hosts: {gpu-c: {address: 10.0.0.23}}",
+                             "hosts: {gpu-b: {address: 10.0.0.22}}")
+    with pytest.raises(PlanError, match=r"fleet.yml:14: deployments\[0\]\.hosts: .*"
+                                        "host group 'other' holds only gpu-b"):
+        ray_plan(write, text, "other")
+
+
+def test_ray_members_with_different_gpus_are_refused(write) -> None:
+    text = FLEET_RAY.replace("gpu-b: {address: 10.0.0.22}",
+                             "gpu-b: {address: 10.0.0.22, gpu: {name: NVIDIA A10, count: 2}}")
+    with pytest.raises(PlanError, match="give it identical hosts"):
+        ray_plan(write, text)
+
+
+def test_cpu_ray_members_wait_for_no_gpu_devices(write) -> None:
+    text = FLEET_RAY.replace("    gpu: {name: NVIDIA L40S, count: 2}\n", "    profile: cpu\n")
+    text = text.replace("Qwen/Qwen2.5-72B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct")
+    plan = ray_plan(write, text)
+    args = plan.hosts[0].vars["vllm_deployments"][0]["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "1"
+    for host in plan.hosts:
+        assert host.vars["ray_cluster_wait_for_devices"] == []
+        assert host.vars["ray_cluster_device_allow"] == []
+
+
+def test_the_example_fleets_commented_ray_deployment_plans(write) -> None:
+    """templates/fleet.yml's commented multi-host example, uncommented, is a valid plan."""
+    text = (REPO / "templates" / "fleet.yml").read_text(encoding="utf-8")
+    start = text.index("  # - name: qwen72b\n")
+    example = [line.replace("  # ", "  ", 1) for line in text[start:].splitlines()]
+    fleet = ("secrets: secrets.vault.yml\ngroups:\n  gpu-big:\n"
+             "    gpu: {name: NVIDIA L40S, count: 2}\n"
+             "    hosts: {big-01: {address: 10.0.1.1}, big-02: {address: 10.0.1.2}}\n"
+             "deployments:\n" + "\n".join(example) + "\n")
+    plan = ray_plan(write, fleet, "gpu-big")
+    assert plan.ray_cluster is not None and plan.ray_cluster.head == "big-01"
+    assert plan.hosts[1].vars["ray_cluster_network_interface"] == "ens5"
+
+
+def test_ray_members_planned_different_software_are_refused(write) -> None:
+    text = FLEET_RAY.replace("gpu-b: {address: 10.0.0.22}",
+                             "gpu-b: {address: 10.0.0.22, python: {version: '3.12'}}")
+    with pytest.raises(PlanError, match=r"gpu-b: 3\.12, .*same Python, torch and vLLM"):
+        ray_plan(write, text)

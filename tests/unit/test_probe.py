@@ -237,6 +237,8 @@ def test_ollama_probes() -> None:
     assert [(r.probe, r.passed) for r in report.results] == [
         ("version", True), ("tags", True), ("ollama_generate", True), ("ollama_chat", True)]
     assert "answer='Hi.'" in report.results[3].evidence
+    # Ollama sends no Server header: only the stand-in is called one.
+    assert "STAND-IN" not in report.results[0].evidence
 
 
 def test_ollama_without_the_model_says_how_to_get_it() -> None:

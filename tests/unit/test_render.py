@@ -53,3 +53,34 @@ def test_every_stage_has_a_tagged_playbook() -> None:
     assert [entry["tags"] for entry in site] == [[s] for s in STAGES]
     assert [entry["ansible.builtin.import_playbook"] for entry in site] == [
         f"{s}.yml" for s in STAGES]
+
+
+def test_a_deployment_across_hosts_renders_the_ray_groups(tmp_path: Path, write) -> None:
+    from orchestrator.config import load_fleet
+    fleet = write("fleet.yml", """\
+groups:
+  big:
+    gpu: {name: NVIDIA L40S, count: 2}
+    hosts: {gpu-a: {address: 10.0.0.21}, gpu-b: {address: 10.0.0.22}}
+deployments:
+  - {name: qwen72b, model: Qwen/Qwen2.5-72B-Instruct, engine: vllm, hosts: big, port: 8000,
+     nodes: 2, ray: {auth_token_var: vault_ray_token}}
+""")
+    plan = make_plan(load_fleet(fleet), "big", load_knowledge(), load_cuda_compat())
+    run = render(plan, tmp_path, "r4")
+    text = (run.inventory / "hosts.yml").read_text()
+    children = yaml.safe_load(text)["all"]["children"]
+    # The groups playbooks/ray_cluster.yml runs on; the connection stays in the plan's group.
+    assert children["ray_cluster_members"] == {"hosts": {"gpu-a": {}, "gpu-b": {}}}
+    assert children["ray_head"] == {"hosts": {"gpu-a": {}}}
+    assert children["big"]["hosts"]["gpu-b"]["ansible_host"] == "10.0.0.22"
+    assert "# Deployment qwen72b spans gpu-a, gpu-b on a Ray cluster" in text
+    worker = yaml.safe_load((run.inventory / "host_vars" / "gpu-b.yml").read_text())
+    assert worker["vllm_deployments"] == []
+    assert worker["ray_cluster_auth_token"] == "{{ vault_ray_token }}"
+
+
+def test_a_plan_without_a_ray_cluster_renders_no_ray_groups(tmp_path: Path) -> None:
+    run = render(sandbox_plan(), tmp_path, "r5")
+    children = yaml.safe_load((run.inventory / "hosts.yml").read_text())["all"]["children"]
+    assert list(children) == ["sandbox"]

@@ -1,3 +1,4 @@
+import json
 import re
 import socket
 import stat
@@ -146,6 +147,23 @@ def test_spec_changes_with_ports_and_mounts_only() -> None:
     assert sandbox._spec(host, mounts) != sandbox._spec(
         SandboxHost("sandbox-1", 2221, {8000: 18001}), mounts
     )
+
+
+def test_hosts_reach_the_control_machines_loopback_and_the_spec_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `up` serves the sandbox's mirror on 127.0.0.1; a container made before that (without
+    # allow_host_loopback) cannot reach it, so its spec differs and it is refused, not reused.
+    host = SandboxHost("sandbox-1", 2221, {8000: 18000})
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(sandbox, "_podman", lambda *args, **_: calls.append(args))
+    sandbox._create(host, sandbox._spec(host, {}), {})
+
+    [args] = calls
+    assert args[args.index("--network") + 1] == (
+        "slirp4netns:port_handler=slirp4netns,allow_host_loopback=true")
+    assert json.loads(sandbox._spec(host, {}))["network"] == sandbox.NETWORK
+    assert sandbox.HOST_LOOPBACK == "10.0.2.2"  # slirp4netns's address for the host
 
 
 def test_up_refuses_a_missing_mount_source_before_touching_podman(

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """STAND-IN for the Ollama binary (bin/ollama in ollama-linux-<arch>.tar.zst).
 
-The real Ollama cannot be downloaded on the development and CI machines. The tests
-pack this program as bin/ollama into an archive with the release's layout
-(make_release.py) and install it through the ollama role's real code path (URL,
-sha256, unpack, symlinks, systemd unit). It is a stand-in, not an emulator:
+The real Ollama cannot be downloaded on the development and CI machines. The sandbox
+(`orchestrate up --hosts sandbox`) and the tests pack this program as bin/ollama into
+an archive with the release's layout (ollama_standin_release.py) and install it
+through the ollama role's real code path (sha256, unpack, symlinks, systemd unit). It
+is a stand-in, not an emulator:
 
 - `ollama serve` answers the parts of Ollama's HTTP API that the role and the
   probes use (/api/version, /api/tags, /api/pull, /api/blobs, /api/create,
@@ -46,6 +47,9 @@ from typing import Any, NoReturn
 # The release this program stands in for; make_release.py rewrites it when it packs
 # another version.
 VERSION = "0.32.7"
+# The Server header of every answer: how a client (orchestrator/probe.py) tells this
+# stand-in from the real Ollama, which sends none.
+SERVER_NAME = "ollama-standin"
 DEFAULT_PORT = 11434
 DEFAULT_REGISTRY = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
@@ -204,7 +208,7 @@ def words(text: str) -> int:
 class Handler(BaseHTTPRequestHandler):
     """Ollama's HTTP API, the parts the role and the probes use."""
 
-    server_version = f"ollama-standin/{VERSION}"
+    server_version = f"{SERVER_NAME}/{VERSION}"
     store: Store
 
     def log_message(self, format: str, *args: Any) -> None:
