@@ -18,6 +18,7 @@ from rich.markup import escape
 from orchestrator import bench as benchmark
 from orchestrator import htmlreport, report, sandbox, sandbox_fleet
 from orchestrator import mirror as weights_mirror
+from orchestrator import mirror_packages as packages
 from orchestrator.compat import decide, load_cuda_compat, load_gpu_table
 from orchestrator.config import LoadedFleet, MirrorSettings, load_fleet
 from orchestrator.errors import ConfigError, OrchestrateError
@@ -414,29 +415,54 @@ def mirror(
         "--verify", help="Re-hash every staged file against its manifest and fetch a "
                          "damaged one again from the origin (staged models are otherwise "
                          "trusted by their manifest).")] = False,
+    wheels: Annotated[bool | None, typer.Option(
+        "--wheels/--no-wheels", help="Stage (or not) the torch and vLLM wheels of every "
+                                     "host of the group into <dir>/wheels (default: of the "
+                                     "hosts whose pip find_links is under mirror.url).")] = None,
+    ollama: Annotated[bool | None, typer.Option(
+        "--ollama/--no-ollama", help="Stage (or not) the Ollama release archive of every "
+                                     "Ollama host into <dir>/ollama (default: of the hosts "
+                                     "whose ollama_archive_base_url is under mirror.url).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch the weights the group's hosts need once onto this machine (ModelScope with the
-    real client, token from MODELSCOPE_API_TOKEN, or model_dir), checked by size and sha256;
-    with mirror.url in the fleet, hosts take them from here."""
+    real client, token from MODELSCOPE_API_TOKEN, or model_dir), checked by size and sha256,
+    and the wheels and Ollama archive of the hosts that take them from the mirror; with
+    mirror.url in the fleet, hosts take them from here."""
     with _errors():
         loaded = _load(hosts, fleet, inventory)
+        knowledge, gpu_table = load_knowledge(), load_cuda_compat()
         # Refuses what `orchestrate plan` refuses, before anything is downloaded.
-        make_plan(loaded, hosts, load_knowledge(), load_cuda_compat())
+        the_plan = make_plan(loaded, hosts, knowledge, gpu_table)
         settings = loaded.fleet.mirror
+        url = settings.url if settings else None
         where = directory.resolve() if directory else _mirror_path(settings)
         address = (weights_mirror.parse_listen(
             listen or (settings.listen if settings else None), settings) if serve else None)
+        # Both before any download: a missing Ollama checksum stops the run here.
+        stacks = ([] if wheels is False else packages.wheel_stacks(
+            the_plan, knowledge, gpu_table, mirror_url=url, every_host=bool(wheels)))
+        archives = ([] if ollama is False else packages.ollama_archives(
+            the_plan, where, origin=packages.ollama_origin(settings), mirror_url=url,
+            every_host=bool(ollama)))
         staged = weights_mirror.stage_weights(
             weights_origins(loaded, hosts), where,
             endpoint=weights_mirror.modelscope_endpoint(settings),
             token=os.environ.get("MODELSCOPE_API_TOKEN") or None, log=_log, verify=verify)
+        stacks = packages.stage_wheels(stacks, where, _log)
+        archives = packages.stage_ollama(archives, _log)
     out = err if as_json else console
     if as_json:
         print(json.dumps({"dir": str(where), "models": [s.to_dict() for s in staged],
-                          "origin_bytes": sum(s.origin_bytes for s in staged)}, indent=2))
+                          "origin_bytes": sum(s.origin_bytes for s in staged),
+                          "wheels": {"dir": str(where / packages.WHEELS),
+                                     "stacks": [s.to_dict() for s in stacks]},
+                          "ollama": {"dir": str(where / packages.OLLAMA),
+                                     "archives": [a.to_dict() for a in archives]}}, indent=2))
     else:
         report.mirror_table(staged, str(where), console)
+        report.mirror_packages(stacks, archives, str(where), console)
     if settings is None:
         out.print("the fleet sets no mirror.url: hosts still fetch from the origin; add "
                   f"`mirror: {{url: http://THIS-MACHINE:{weights_mirror.DEFAULT_PORT}}}` to use "

@@ -286,6 +286,15 @@ def _torch_release(torch_version: str, cuda_compat: CudaCompat) -> TorchRelease 
     return cuda_compat.pytorch.releases.get(minor)
 
 
+def torch_build_index(requirement: str, cuda_compat: CudaCompat) -> str | None:
+    """The index publishing a CUDA build of torch (`torch==2.13.0+cu130`), from
+    cuda_compat.yml; None for a requirement without a build tag listed there."""
+    version, _, tag = requirement.removeprefix("torch==").partition("+")
+    release = _torch_release(version, cuda_compat)
+    builds = release.builds if release is not None else []
+    return next((b.index_url for b in builds if tag and b.tag == tag), None)
+
+
 def _branch(driver: str) -> str:
     return f"R{driver.split('.')[0]}"
 

@@ -211,6 +211,10 @@ class MirrorSettings(Strict):
     # The ModelScope hub the weights are downloaded from.
     modelscope_endpoint: Annotated[str, Field(pattern=r"^https?://\S+$")] = \
         "https://modelscope.cn"
+    # Where `orchestrate mirror` downloads the Ollama release archive from, laid out as
+    # <origin>/v<version>/ollama-linux-<arch>.tar.zst; default: the ollama role's
+    # ollama_archive_base_url default (GitHub's release downloads).
+    ollama_origin: Annotated[str | None, Field(pattern=r"^https?://\S+$")] = None
     # `orchestrate up` stages what its plan needs into `dir` before any host is changed (a
     # staged model is trusted by its manifest; `orchestrate mirror --verify` re-hashes).
     # false: the mirror is kept on another machine, by `orchestrate mirror` run there.

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from orchestrator.bench import BenchReport
 from orchestrator.mirror import Staged, Traffic
+from orchestrator.mirror_packages import OLLAMA, WHEELS, OllamaArchive, WheelStack
 from orchestrator.plan import Plan, command_line
 from orchestrator.probe import ProbeReport
 from orchestrator.runner import Progress, RunResult
@@ -187,6 +188,30 @@ def mirror_table(staged: list[Staged], directory: str, console: Console) -> None
     console.print(table)
     console.print(f"bytes taken from the origin by this run: "
                   f"{sum(s.origin_bytes for s in staged)}", highlight=False)
+
+
+def mirror_packages(stacks: list[WheelStack], archives: list[OllamaArchive], directory: str,
+                    console: Console) -> None:
+    """The wheels and Ollama archives `orchestrate mirror` staged beside the weights."""
+    if stacks:
+        table = Table(title=f"Wheels {directory}/{WHEELS}")
+        for column in ("python", "requirements", "torch index", "hosts", "this run"):
+            table.add_column(column, overflow="fold")
+        for s in stacks:
+            table.add_row(s.python_version, escape(", ".join(s.requirements)),
+                          escape(s.index or "PyPI"), ", ".join(s.hosts),
+                          "already staged, nothing downloaded" if s.already_staged
+                          else "downloaded")
+        console.print(table)
+    if archives:
+        table = Table(title=f"Ollama {directory}/{OLLAMA}")
+        for column in ("archive", "sha256", "hosts", "from origin now"):
+            table.add_column(column, overflow="fold")
+        for a in archives:
+            table.add_row(escape(a.path), a.sha256, ", ".join(a.hosts),
+                          f"{a.origin_bytes} B" + (" (already staged)" if a.already_staged
+                                                   else f" from {escape(a.url)}"))
+        console.print(table)
 
 
 def mirror_traffic(traffic: Traffic, console: Console) -> None:

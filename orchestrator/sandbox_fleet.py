@@ -89,12 +89,14 @@ def sandbox_ollama_release() -> OllamaRelease:
 def sandbox_wheelhouse(knowledge: Knowledge, log: Callable[[str], None]) -> Path:
     """Wheels for the CPU profile's torch and vLLM, for the sandbox hosts' Python (cached)."""
     profile = knowledge.compat.profiles["cpu"]
-    return stage_wheelhouse(
-        sandbox.cache_dir() / "wheelhouse", [profile.torch_requirement, profile.vllm_requirement],
+    dest = sandbox.cache_dir() / "wheelhouse"
+    stage_wheelhouse(
+        dest, [profile.torch_requirement, profile.vllm_requirement],
         python_version=PYTHON_VERSION,
         own_indexes=({profile.torch_requirement: profile.torch_index_url}
                      if profile.torch_index_url else {}),
         log=log)
+    return dest
 
 
 def sandbox_secrets(state_dir: Path) -> tuple[Path, Path]:
