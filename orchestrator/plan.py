@@ -490,8 +490,9 @@ def _ray_vars(span: _Span, host: ResolvedHost) -> dict[str, Any]:
 def _ray_client_env(span: _Span, host: ResolvedHost) -> dict[str, str]:
     """What vLLM on the head needs to join the cluster rather than start a Ray of its own:
     the head's address on the cluster's interface (RAY_ADDRESS, VLLM_HOST_IP), the
-    interface for NCCL and Gloo, and the token (written only to the instance's 0600
-    environment file)."""
+    interface for NCCL and Gloo, and where the token is: the ray role's root:ray 0640
+    file, which the instance reads through its ray group (_RAY_CLIENT), so no second copy
+    of the token is written."""
     ray = span.dep.ray
     env = {"RAY_ADDRESS": _RAY_NODE_IP + ":{{ ray_cluster_port | default(6379) }}",
            "VLLM_HOST_IP": _RAY_NODE_IP,
@@ -500,8 +501,17 @@ def _ray_client_env(span: _Span, host: ResolvedHost) -> dict[str, str]:
     if host.vars.get("ray_cluster_auth_mode") == "disabled" or not (ray and ray.auth_token_var):
         env["RAY_AUTH_MODE"] = "disabled"
     else:
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="{{ " + ray.auth_token_var + " }}")
+        env.update(RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN_PATH="{{ ray_cluster_config_dir | default('/etc/ray') }}"
+                                       "/auth_token")
     return env
+
+
+# The vllm role's settings of an instance that drives the head's Ray node: the ray group
+# (sockets, session directory, token file) and write access to Ray's temporary directory,
+# as roles/ray_cluster sets them up.
+_RAY_CLIENT = {"group": "{{ ray_cluster_group | default('ray') }}",
+               "temp_dir": "{{ ray_cluster_temp_dir | default('/var/lib/ray/tmp') }}"}
 
 
 def _driver_vars(host: ResolvedHost, build: TorchChoice, gpu_table: CompatTable,
@@ -695,6 +705,7 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
                      **(_ray_client_env(span, host) if span else {})},
              # A reference Ansible resolves from the Vault-encrypted secrets at run time.
              **({"api_key": "{{ " + d.api_key_var + " }}"} if d.api_key_var else {}),
+             **({"ray_client": dict(_RAY_CLIENT)} if span else {}),
              **({"env_path": deployment_envs[d.name]} if d.name in deployment_envs else {})}
             for d in served if d.engine == "vllm"]
     if host.python.conda_installer_url:

@@ -322,14 +322,19 @@ def test_a_deployment_across_hosts_runs_vllm_on_the_ray_head_only(write) -> None
     assert args[args.index("--pipeline-parallel-size") + 1] == "2"
     assert args[args.index("--distributed-executor-backend") + 1] == "ray"
     assert any("fits 2 hosts x 2x NVIDIA L40S" in r for r in head.reasons)
-    # vLLM joins the role's cluster on the head's address on the cluster's interface, with
-    # the token by reference only.
+    # vLLM joins the role's cluster on the head's address on the cluster's interface; it
+    # reads the token from the role's file through the ray group, so no copy of it is made.
     env = instance["env"]
     assert env["RAY_ADDRESS"].endswith(":{{ ray_cluster_port | default(6379) }}")
     assert "ray_cluster_network_interface" in env["VLLM_HOST_IP"]
     assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == \
         "{{ ray_cluster_network_interface }}"
-    assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"]) == ("token", "{{ vault_ray_token }}")
+    assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN_PATH"]) == (
+        "token", "{{ ray_cluster_config_dir | default('/etc/ray') }}/auth_token")
+    assert not [v for v in env.values() if "vault_ray_token" in v]
+    assert instance["ray_client"] == {
+        "group": "{{ ray_cluster_group | default('ray') }}",
+        "temp_dir": "{{ ray_cluster_temp_dir | default('/var/lib/ray/tmp') }}"}
     assert instance["api_key"] == "{{ vault_qwen72b_api_key }}"
     # The worker: Ray only, but the weights too (its pipeline stage loads them).
     assert worker.vars["vllm_deployments"] == [] and worker.probes == []
