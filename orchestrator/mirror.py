@@ -136,7 +136,7 @@ class _Fetch:
         described = (f"{origin.model_id}@{origin.revision} from {self.endpoint}"
                      if origin.source == "modelscope" else str(origin.local_dir))
         manifest_path = dest / MANIFEST
-        done = _read_json(manifest_path)
+        done = read_json(manifest_path)
         damaged: list[str] = []
         if done is not None and done.get("origin") == identity and self.verify:
             damaged = _damaged(done["files"], dest / FILES)
@@ -256,7 +256,7 @@ class _Fetch:
             files[rel] = {"size": size, "sha256": digest}
         # The directory's own manifest.json (orchestrator/modelgen.py writes one), if any,
         # is the source's list: a damaged local copy stops here, not on every host.
-        listed = _read_json(source / MANIFEST)
+        listed = read_json(source / MANIFEST)
         if listed is not None and isinstance(listed.get("files"), dict):
             problems = [f"{source}/{path}: " + (
                 "missing" if path not in files else
@@ -365,7 +365,7 @@ def _check_files(expected: dict[str, dict[str, Any]], files_dir: Path,
     for path, entry in expected.items():
         target = files_dir / path
         if target.is_file():
-            size, digest = _hash(target)
+            size, digest = hash_file(target)
             if size == entry["size"] and (not entry["sha256"] or digest == entry["sha256"]):
                 continue
             found = f"{size} bytes, sha256 {digest}"
@@ -383,7 +383,7 @@ def _damaged(files: dict[str, dict[str, Any]], files_dir: Path) -> list[str]:
     def intact(target: Path, entry: dict[str, Any]) -> bool:
         if not target.is_file() or target.stat().st_size != int(entry["size"]):
             return False
-        return not entry.get("sha256") or _hash(target)[1] == entry["sha256"]
+        return not entry.get("sha256") or hash_file(target)[1] == entry["sha256"]
 
     return [path for path, entry in sorted(files.items()) if not intact(files_dir / path, entry)]
 
@@ -393,7 +393,7 @@ def _summary(problems: list[str]) -> str:
     return "; ".join(problems[:_REPORTED]) + (f"; and {more} more" if more > 0 else "")
 
 
-def _hash(path: Path) -> tuple[int, str]:
+def hash_file(path: Path) -> tuple[int, str]:
     digest, size = hashlib.sha256(), 0
     with path.open("rb") as f:
         while block := f.read(_CHUNK):
@@ -415,7 +415,7 @@ def _copy_hashing(source: Path, target: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -525,6 +525,10 @@ class MirrorServer:
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    # Ctrl-C on `mirror --serve` stops at once rather than waiting for every transfer in
+    # flight (a host's multi-GB download) to end; that host's models stage fails and
+    # fetches the file again on the next run.
+    block_on_close = False
 
     def __init__(self, address: tuple[str, int], handler: Callable[..., _Handler],
                  on_request: Callable[[Request], None] | None) -> None:

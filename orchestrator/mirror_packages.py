@@ -26,7 +26,7 @@ import yaml
 from orchestrator.compat import CompatTable, torch_build_index
 from orchestrator.config import MirrorSettings
 from orchestrator.knowledge import Knowledge
-from orchestrator.mirror import MirrorError
+from orchestrator.mirror import MirrorError, hash_file
 from orchestrator.plan import Plan
 from orchestrator.render import ROOT
 from orchestrator.wheelhouse import stage_wheelhouse
@@ -189,7 +189,7 @@ def stage_ollama(archives: list[OllamaArchive], log: Callable[[str], None]
 def _stage_archive(archive: OllamaArchive, log: Callable[[str], None]) -> OllamaArchive:
     path = Path(archive.path)
     if path.is_file():
-        if _sha256(path) == archive.sha256:
+        if hash_file(path)[1] == archive.sha256:
             log(f"{path}: already staged, sha256 matches; nothing downloaded")
             return replace(archive, already_staged=True)
         log(f"{path}: sha256 differs from ollama_archive_sha256.{archive.arch}; removing it "
@@ -232,10 +232,3 @@ def _download(url: str, target: Path) -> tuple[int, str]:
         raise MirrorError(f"cannot download {url}: {exc}") from None
     return size, digest.hexdigest()
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()

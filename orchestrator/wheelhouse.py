@@ -17,9 +17,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from orchestrator.errors import OrchestrateError
+from orchestrator.mirror import read_json
 
 # <dest>/.wheelhouse/<set>.json: a staged set's completion marker; <set>.partial/ its
 # downloads until they are complete.
@@ -77,7 +77,7 @@ def stage_wheelhouse(dest: Path, requirements: list[str], *, python_version: str
               "python_version": python_version, "machine": machine}
     name = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
     marker = dest / STATE / f"{name}.json"
-    done = _read_json(marker)
+    done = read_json(marker)
     if (done is not None and done.get("wanted") == wanted
             and all((dest / file).is_file() for file in done.get("files", []))):
         log(f"wheels for {', '.join(requirements)} (Python {python_version}, {machine}) "
@@ -108,11 +108,3 @@ def stage_wheelhouse(dest: Path, requirements: list[str], *, python_version: str
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return False
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
