@@ -445,7 +445,10 @@ def test_serve_command_serves_the_staged_mirror(tmp_path: Path, hub: StandInHub)
     proc = subprocess.Popen(
         [str(BIN / "orchestrate"), "mirror", "--hosts", "gpu", "-f", str(fleet), "--serve",
          "--listen", f"127.0.0.1:{port}"], cwd=tmp_path, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as at a terminal: a suite started in the background by a shell (as CI
+        # may be) ignores SIGINT, and its children would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url = f"http://127.0.0.1:{port}/models/{KEY}/files/{WEIGHTS}"
         deadline = time.monotonic() + 120
