@@ -497,7 +497,10 @@ def _ray_client_env(span: _Span, host: ResolvedHost) -> dict[str, str]:
     env = {"RAY_ADDRESS": _RAY_NODE_IP + ":{{ ray_cluster_port | default(6379) }}",
            "VLLM_HOST_IP": _RAY_NODE_IP,
            "NCCL_SOCKET_IFNAME": "{{ ray_cluster_network_interface }}",
-           "GLOO_SOCKET_IFNAME": "{{ ray_cluster_network_interface }}"}
+           "GLOO_SOCKET_IFNAME": "{{ ray_cluster_network_interface }}",
+           # The session's logs/events directory is made 0755 by the ray user (spdlog's
+           # mkdir): a driver of another user aborts creating its event log there.
+           "RAY_event_log_reporter_enabled": "0"}
     if host.vars.get("ray_cluster_auth_mode") == "disabled" or not (ray and ray.auth_token_var):
         env["RAY_AUTH_MODE"] = "disabled"
     else:

@@ -332,6 +332,7 @@ def test_a_deployment_across_hosts_runs_vllm_on_the_ray_head_only(write) -> None
     assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN_PATH"]) == (
         "token", "{{ ray_cluster_config_dir | default('/etc/ray') }}/auth_token")
     assert not [v for v in env.values() if "vault_ray_token" in v]
+    assert env["RAY_event_log_reporter_enabled"] == "0"
     assert instance["ray_client"] == {
         "group": "{{ ray_cluster_group | default('ray') }}",
         "temp_dir": "{{ ray_cluster_temp_dir | default('/var/lib/ray/tmp') }}"}
