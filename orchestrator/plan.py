@@ -473,7 +473,9 @@ def _check_same_stack(span: _Span, members: list[HostPlan]) -> None:
 
 
 def _ray_vars(span: _Span, host: ResolvedHost) -> dict[str, Any]:
-    """roles/ray_cluster variables of a member: the interface, and the token by reference."""
+    """roles/ray_cluster variables of a member: the interface, the token by reference, and
+    on GPU members InfiniBand for NCCL across the hosts (ray_cluster_rdma, and vllm_rdma for
+    the head's instance)."""
     ray = span.dep.ray
     variables: dict[str, Any] = {
         "ray_cluster_network_interface": (ray.network_interface if ray and
@@ -484,6 +486,9 @@ def _ray_vars(span: _Span, host: ResolvedHost) -> dict[str, Any]:
     if host.profile == "cpu":
         variables["ray_cluster_device_allow"] = []
         variables["ray_cluster_wait_for_devices"] = []
+    else:
+        # A host without InfiniBand loses nothing: the entries then admit no device.
+        variables.update(ray_cluster_rdma=True, vllm_rdma=True)
     return variables
 
 
