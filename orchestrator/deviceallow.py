@@ -81,9 +81,10 @@ def parse_device_allow(lines: Iterable[str]) -> list[str]:
     """DeviceAllow entries as "SPECIFIER ACCESS" ("char-nvidia rw").
 
     Accepts unit-file lines (other keys, sections and comments are skipped), the output of
-    `systemctl show -p DeviceAllow UNIT` (one "DeviceAllow=SPEC ACCESS" line per entry) and
-    bare entries. An empty assignment ("DeviceAllow=") clears the entries before it, as in
-    a unit file. Raises ValueError on an entry systemd would refuse."""
+    `systemctl show -p DeviceAllow [--value] UNIT` (one line per entry, newest first, a
+    missing access shown as rwm: measured with systemd 252) and bare entries. An empty
+    assignment ("DeviceAllow=") clears the entries before it, as in a unit file. Raises
+    ValueError on an entry systemd would refuse."""
     entries: list[str] = []
     for raw in _logical_lines(lines):
         line = raw.strip()

@@ -257,9 +257,18 @@ def test_device_allow_from_unit_files_systemctl_show_and_bare_entries() -> None:
             "ExecStart=/bin/sh -c 'a=b' \\", "    --flag x \\", "    char-not-an-entry",
             "DeviceAllow=/dev/nvidiactl"]
     assert parse_device_allow(unit) == ["char-nvidia rw", "/dev/nvidiactl rwm"]
-    # `systemctl show -p DeviceAllow UNIT`: one line per entry, access as systemd stores it.
-    shown = "DeviceAllow=char-nvidia rw\nDeviceAllow=char-nvidia-caps r\n"
-    assert parse_device_allow(shown.splitlines()) == ["char-nvidia rw", "char-nvidia-caps r"]
+    # `systemctl show -p DeviceAllow t.service` (and with --value) as systemd 252 (Debian 12,
+    # the sandbox image) printed it for a unit with the entries char-nvidia-frontend rw,
+    # char-nvidia rw, /dev/infiniband/rdma_cm rw, char-nvidia-caps r and char-x: one line
+    # per entry, newest first, a missing access stored as rwm.
+    shown = ("DeviceAllow=char-x rwm\nDeviceAllow=char-nvidia-caps r\n"
+             "DeviceAllow=/dev/infiniband/rdma_cm rw\nDeviceAllow=char-nvidia rw\n"
+             "DeviceAllow=char-nvidia-frontend rw\n")
+    entries = ["char-x rwm", "char-nvidia-caps r", "/dev/infiniband/rdma_cm rw",
+               "char-nvidia rw", "char-nvidia-frontend rw"]
+    assert parse_device_allow(shown.splitlines()) == entries
+    value = shown.replace("DeviceAllow=", "")
+    assert parse_device_allow(value.splitlines()) == entries
     assert parse_device_allow(["char-nvidia-uvm rw"]) == ["char-nvidia-uvm rw"]
     with pytest.raises(ValueError, match="must start with /dev/, char- or block-"):
         parse_device_allow(["DeviceAllow=nvidia rw"])
