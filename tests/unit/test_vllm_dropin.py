@@ -12,6 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "roles" / "vllm" / "templates" / "deployment.conf.j2"
+DEFAULTS = REPO / "roles" / "vllm" / "defaults" / "main.yml"
 
 
 def render(tmp_path: Path, item: dict[str, object]) -> str:
@@ -19,7 +20,8 @@ def render(tmp_path: Path, item: dict[str, object]) -> str:
     playbook = tmp_path / "render.yml"
     playbook.write_text(yaml.safe_dump([{
         "name": "Render", "hosts": "localhost", "connection": "local", "gather_facts": False,
-        "vars": {"vllm_env_path": "/opt/qwen-serve/env", "item": item},
+        "vars": {**yaml.safe_load(DEFAULTS.read_text(encoding="utf-8")),
+                 "vllm_env_path": "/opt/qwen-serve/env", "item": item},
         "tasks": [{"ansible.builtin.template": {"src": str(TEMPLATE), "dest": str(out),
                                                 "mode": "0644"}}]}]))
     proc = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i",
