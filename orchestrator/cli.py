@@ -23,7 +23,7 @@ from orchestrator.compat import decide, load_cuda_compat, load_gpu_table
 from orchestrator.config import LoadedFleet, MirrorSettings, load_fleet
 from orchestrator.errors import ConfigError, OrchestrateError
 from orchestrator.facts import parse_nvidia_smi, summarize
-from orchestrator.fit import fit
+from orchestrator.fit import check_same_gpu, fit, gpus_from_facts
 from orchestrator.hostprobe import probe_all
 from orchestrator.knowledge import load_knowledge
 from orchestrator.plan import STAGES, Plan, make_plan, select_stages, weights_origins
@@ -371,27 +371,51 @@ def compat(
 def fit_command(
     model: Annotated[str, typer.Option("--model", help="Catalog id, e.g. "
                                        "Qwen/Qwen2.5-7B-Instruct.")],
-    gpu: Annotated[str, typer.Option("--gpu", help="GPU name, e.g. 'NVIDIA A10'.")],
+    gpu: Annotated[str | None, typer.Option("--gpu", help="GPU name, e.g. 'NVIDIA A10' "
+                                            "(optional with --facts).")] = None,
     count: Annotated[int, typer.Option("--count", min=1, help="GPUs on the host.")] = 1,
     max_model_len: Annotated[int | None, typer.Option("--max-model-len")] = None,
     nodes: Annotated[int, typer.Option("--nodes", min=1, help="Hosts of --count GPUs each, "
                                        "one instance across them (Ray).")] = 1,
+    memory_mib: Annotated[int | None, typer.Option(
+        "--memory-mib", min=1, help="memory.total of one GPU in MiB as nvidia-smi reports it "
+                                    "on the host; wins over data/gpus.yml.")] = None,
+    facts_file: Annotated[Path | None, typer.Option(
+        "--facts", help="The host's saved nvidia-smi output (any format): the GPU name, count "
+                        "and memory.total found in it win over --gpu and --count.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Does the model fit these GPUs under vLLM, how, and if not, what would; exit 2 if not."""
+    found = ""
     with _errors():
+        if memory_mib is not None and facts_file is not None:
+            raise ConfigError("give --memory-mib or --facts, not both")
+        gpus = load_gpu_table()
+        source = "measured on the host"
+        if facts_file is not None:
+            try:
+                text = facts_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read: {exc}", file=str(facts_file)) from None
+            name, count, memory_mib = gpus_from_facts(parse_nvidia_smi(text), str(facts_file))
+            if gpu is not None:
+                check_same_gpu(gpu, name, gpus, str(facts_file))
+            gpu, source, found = name, f"found in {facts_file}", f" (found in {facts_file})"
+        if gpu is None:
+            raise ConfigError("give --gpu, or --facts with the host's saved nvidia-smi output")
         knowledge = load_knowledge()
         gpu_table = load_cuda_compat()
         floor = gpu_table.cuda.vllm.releases[gpu_table.gpu_stack.vllm_version]
-        result = fit(model, gpu, count, max_model_len, catalog=knowledge.catalog,
-                     gpus=load_gpu_table(),
+        result = fit(model, gpu, count, max_model_len, catalog=knowledge.catalog, gpus=gpus,
+                     memory_mib=memory_mib, memory_source=source,
                      engine_min_compute_capability=floor.min_compute_capability, nodes=nodes)
     if as_json:
         print(result.model_dump_json(indent=2))
     else:
         verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
         hosts = f"{nodes} hosts x " if nodes > 1 else ""
-        console.print(f"{escape(model)} on {hosts}{count}x {escape(gpu)}: {verdict}")
+        console.print(f"{escape(model)} on {hosts}{count}x {escape(result.gpu)}"
+                      f"{escape(found)}: {verdict}")
         for line in result.reasons:
             console.print(f"  - {escape(line)}", highlight=False)
         for line in result.suggestions:

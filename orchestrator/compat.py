@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.errors import PlanError
 from orchestrator.knowledge import DATA_DIR, Compat, StackProfile
@@ -148,7 +148,11 @@ class CudaCompat(_Data):
 class GpuModel(_Data):
     match: str
     compute_capability: str
-    memory_gib: int
+    # memory.total as nvidia-smi reports it, not the datasheet's size.
+    memory_mib: int = Field(gt=0)
+    # The reading: a file under tests/data/nvidia-smi or the thread that pastes it.
+    source: str
+    note: str | None = None
 
 
 class GpuTable(_Data):

@@ -20,8 +20,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.compat import GpuModel, GpuTable, parse_compute_capability
+from orchestrator.compat import CompatError, GpuModel, GpuTable, parse_compute_capability
 from orchestrator.errors import PlanError
+from orchestrator.facts import GpuFacts
 from orchestrator.knowledge import (
     BYTES_PER_PARAM,
     Architecture,
@@ -32,6 +33,9 @@ from orchestrator.knowledge import (
 )
 
 GIB = 2**30
+MIB = 2**20
+# Where the GPU table's memory comes from, as the reasons name it.
+TABLE_MEMORY = "nvidia-smi memory.total, data/gpus.yml"
 
 # Per-GPU memory vLLM needs besides weights and KV cache, taken out of the
 # gpu_memory_utilization budget. vLLM logs it at start-up ("model weights take ...;
@@ -104,7 +108,8 @@ class FitResult(_Out):
     kv_cache_tokens: int
     kv_bytes_per_token: int
     max_model_len: int
-    gpu_memory_gib: float
+    # memory.total per GPU as nvidia-smi reports it (the table's or the measured one).
+    gpu_memory_mib: int
     gpu_memory_utilization: float
     reserve_gib: float
     reasons: list[str]
@@ -335,7 +340,7 @@ def _round_len(tokens: int) -> int:
     return tokens // step * step
 
 
-def _attempt(spec: ModelSpec, tp: int, weights: int, memory_gib: float, utilization: float,
+def _attempt(spec: ModelSpec, tp: int, weights: int, memory_mib: int, utilization: float,
              dtype_bytes: int, cap: int, wanted: int | None, min_len: int,
              pp: int = 1) -> _Attempt:
     """Every GPU of a stage holds 1/tp of it; vLLM sizes the KV cache by the stage that
@@ -344,7 +349,7 @@ def _attempt(spec: ModelSpec, tp: int, weights: int, memory_gib: float, utilizat
     stages = []
     for layers, stage_bytes, kv_weights in _stage_weights(spec, weights, pp, dtype_bytes):
         per_gpu = weights_per_gpu(arch, stage_bytes, tp, kv_weights)
-        budget = memory_gib * utilization * GIB - per_gpu - reserve_gib(tp, pp) * GIB
+        budget = memory_mib * MIB * utilization - per_gpu - reserve_gib(tp, pp) * GIB
         kv = kv_bytes_per_token(arch, tp, dtype_bytes, layers)
         tokens = max(0, int(budget // (kv * BLOCK_TOKENS)) * BLOCK_TOKENS)
         stages.append((tokens, budget, layers, per_gpu, kv))
@@ -391,11 +396,46 @@ def _resolve_gpu(gpu: str | GpuModel, gpus: GpuTable | None) -> tuple[str, GpuMo
     return gpu, gpus.find(gpu)
 
 
+def gpus_from_facts(facts: GpuFacts, origin: str) -> tuple[str, int, int | None]:
+    """The GPU name, count and memory.total in MiB (None when the output has none, e.g.
+    `nvidia-smi -L`) that a host's saved nvidia-smi output shows; `origin` names the file."""
+    if facts.error is not None:
+        message = " ".join(facts.error.message.split())
+        raise FitError(f"{origin}: nvidia-smi reports {facts.error.kind} ({message}): "
+                       f"{facts.error.next_step}")
+    if not facts.gpus:
+        raise FitError(f"{origin}: no GPU found in this nvidia-smi output")
+    names = sorted({g.name for g in facts.gpus})
+    if len(names) > 1:
+        raise FitError(f"{origin}: GPUs of different kinds ({', '.join(names)}); the fit "
+                       "sizes identical GPUs")
+    # The smallest, should one GPU report less (memory retired after ECC errors).
+    sizes = [g.memory_total_mib for g in facts.gpus if g.memory_total_mib is not None]
+    return names[0], len(facts.gpus), min(sizes) if sizes else None
+
+
+def check_same_gpu(given: str, found: str, gpus: GpuTable, origin: str) -> None:
+    """Refuse a GPU name that is not the one found in `origin`: the same words, or the same
+    row of the GPU table ("Tesla T4" and "T4")."""
+    def words(name: str) -> set[str]:
+        return set(name.upper().replace("-", " ").split())
+
+    if words(given) == words(found):
+        return
+    try:
+        same = gpus.find(given) == gpus.find(found)
+    except CompatError:
+        same = False
+    if not same:
+        raise FitError(f"the GPU given, '{given}', is not the GPU found in {origin}, "
+                       f"'{found}'")
+
+
 def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
         max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, *,
         catalog: Catalog | None = None, gpus: GpuTable | None = None,
-        memory_gib: float | None = None, long_context: bool = False,
-        engine_min_compute_capability: str | None = None,
+        memory_mib: int | None = None, memory_source: str = "measured on the host",
+        long_context: bool = False, engine_min_compute_capability: str | None = None,
         min_model_len: int = MIN_MODEL_LEN, suggest: bool = True, nodes: int = 1) -> FitResult:
     """Fit `model` on `count` identical GPUs of one host under vLLM; with `nodes` > 1, on
     `count` GPUs in each of `nodes` identical hosts, one instance across them.
@@ -404,8 +444,9 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
     weights and a KV cache of max_model_len tokens fit in each GPU's
     `memory x gpu_memory_utilization - reserve`; without max_model_len, the largest context
     that fits, capped at the model's max_position_embeddings (its documented YaRN context
-    with long_context=True). `memory_gib` overrides the GPU table's memory (pass nvidia-smi's
-    memory.total / 1024 when known). `engine_min_compute_capability` is the pinned vLLM's
+    with long_context=True). `memory_mib`, nvidia-smi's memory.total measured on the host,
+    wins over the GPU table's; `memory_source` says where it was read, for the reasons.
+    `engine_min_compute_capability` is the pinned vLLM's
     floor (cuda_compat.yml). When it does not fit, `suggestions` name concrete alternatives:
     more GPUs, a quantized variant of the model, a shorter context.
 
@@ -421,13 +462,15 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
         raise FitError(f"gpu_memory_utilization must be in (0, 1] (got {gpu_memory_utilization})")
     if max_model_len is not None and max_model_len < 1:
         raise FitError(f"max_model_len must be positive (got {max_model_len})")
+    if memory_mib is not None and memory_mib < 1:
+        raise FitError(f"GPU memory must be a positive number of MiB (got {memory_mib})")
     spec = _resolve_model(model, catalog)
     if nodes > spec.architecture.num_hidden_layers:
         raise FitError(f"{nodes} hosts: {spec.name} has only "
                        f"{spec.architecture.num_hidden_layers} layers to split into pipeline "
                        "stages, one per host")
     gpu_name, gpu_row = _resolve_gpu(gpu, gpus)
-    memory = float(memory_gib if memory_gib is not None else gpu_row.memory_gib)
+    memory = memory_mib if memory_mib is not None else gpu_row.memory_mib
     cc = gpu_row.compute_capability
     arch = spec.architecture
     dtype, dtype_reason = serving_dtype(spec, cc)
@@ -435,10 +478,10 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
     weights = weight_bytes(arch, dtype if spec.quantization is None else spec.dtype,
                            spec.quantization)
     quant = spec.quantization.label if spec.quantization else None
-    memory_source = "given" if memory_gib is not None else "data/gpus.yml"
+    source = memory_source if memory_mib is not None else TABLE_MEMORY
     where = f"{nodes} hosts x {count}x {gpu_name}" if nodes > 1 else f"{count}x {gpu_name}"
-    reasons = [f"{where}: compute capability {cc}, {memory:g} GiB each "
-               f"({memory_source})", f"dtype {dtype}: {dtype_reason}"]
+    reasons = [f"{where}: compute capability {cc}, {memory} MiB each ({source})",
+               f"dtype {dtype}: {dtype_reason}"]
     weights_text = (f"weights {weights / GIB:.2f} GiB: {arch.param_count:,} parameters"
                     + (f", {quant} ({spec.quantization.bits}-bit linear layers, groups of "
                        f"{spec.quantization.group_size}, float16 embeddings)"
@@ -458,7 +501,7 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
             kv_bytes_per_token=attempt.kv_bytes if attempt else kv_bytes_per_token(arch, 1,
                                                                                    dtype_bytes),
             max_model_len=attempt.max_model_len if attempt and fits else 0,
-            gpu_memory_gib=memory, gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_mib=memory, gpu_memory_utilization=gpu_memory_utilization,
             reserve_gib=reserve_gib(tp, nodes), reasons=reasons + why,
             suggestions=suggestions or [])
 
@@ -476,9 +519,9 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
         floor_suggestions: list[str] = []
         if suggest:
             floor_suggestions = _siblings(spec, gpu_row, gpu_name, count, max_model_len,
-                                          gpu_memory_utilization, catalog, memory_gib,
-                                          long_context, engine_min_compute_capability,
-                                          min_model_len, nodes)
+                                          gpu_memory_utilization, catalog, memory_mib,
+                                          memory_source, long_context,
+                                          engine_min_compute_capability, min_model_len, nodes)
             floor_suggestions.append(f"a GPU that meets the compute capability floor ({problem})")
         return result(False, None, [f"does not fit: {problem}"], floor_suggestions)
 
@@ -520,9 +563,9 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
         return result(False, attempt, [*skipped, *budget,
                                        f"does not fit on {where}: {attempt.problem}"],
                       _suggest(spec, gpu_row, gpu_name, count, max_model_len,
-                               gpu_memory_utilization, catalog, memory_gib, long_context,
-                               engine_min_compute_capability, min_model_len, attempt, cap,
-                               nodes) if suggest else [])
+                               gpu_memory_utilization, catalog, memory_mib, memory_source,
+                               long_context, engine_min_compute_capability, min_model_len,
+                               attempt, cap, nodes) if suggest else [])
     for tp in range(1, limit + 1):
         problem = tensor_parallel_problem(arch, tp, spec.quantization)
         if problem is not None:
@@ -557,12 +600,13 @@ def fit(model: str | ModelSpec, gpu: str | GpuModel, count: int = 1,
     suggestions: list[str] = []
     if suggest:
         suggestions = _suggest(spec, gpu_row, gpu_name, count, max_model_len,
-                               gpu_memory_utilization, catalog, memory_gib, long_context,
-                               engine_min_compute_capability, min_model_len, best, cap)
+                               gpu_memory_utilization, catalog, memory_mib, memory_source,
+                               long_context, engine_min_compute_capability, min_model_len,
+                               best, cap)
     return result(False, best, why, suggestions)
 
 
-def _budget_reasons(spec: ModelSpec, attempt: _Attempt, memory: float, utilization: float,
+def _budget_reasons(spec: ModelSpec, attempt: _Attempt, memory: int, utilization: float,
                     dtype_bytes: int, cap: int, context_reason: str, count: int) -> list[str]:
     arch = spec.architecture
     tp, pp = attempt.tp, attempt.pp
@@ -584,7 +628,7 @@ def _budget_reasons(spec: ModelSpec, attempt: _Attempt, memory: float, utilizati
             + f"; {attempt.weights_per_gpu / GIB:.2f} GiB of weights per GPU")
         weights_text = "weights"
     lines = [layout,
-        f"vLLM budget per GPU: {memory:g} GiB x {utilization:g} - "
+        f"vLLM budget per GPU: {memory} MiB ({memory / 1024:.2f} GiB) x {utilization:g} - "
         f"{attempt.stage_weights_per_gpu / GIB:.2f} GiB {weights_text} - "
         f"{reserve_gib(tp, pp):g} GiB reserve (activations, CUDA graphs, "
         f"non-torch{', NCCL' if tp * pp > 1 else ''}) = "
@@ -620,12 +664,13 @@ def _quantized_siblings(spec: ModelSpec, catalog: Catalog | None) -> list[str]:
 
 def _siblings(spec: ModelSpec, gpu_row: GpuModel, gpu_name: str, count: int,
               max_model_len: int | None, utilization: float, catalog: Catalog | None,
-              memory_gib: float | None, long_context: bool, engine_floor: str | None,
-              min_model_len: int, nodes: int = 1) -> list[str]:
+              memory_mib: int | None, memory_source: str, long_context: bool,
+              engine_floor: str | None, min_model_len: int, nodes: int = 1) -> list[str]:
     out = []
     for name in _quantized_siblings(spec, catalog):
         other = fit(name, gpu_row, count, max_model_len, utilization, catalog=catalog,
-                    memory_gib=memory_gib, long_context=long_context,
+                    memory_mib=memory_mib, memory_source=memory_source,
+                    long_context=long_context,
                     engine_min_compute_capability=engine_floor, min_model_len=min_model_len,
                     suggest=False, nodes=nodes)
         if other.fits:
@@ -652,8 +697,8 @@ def _describe(other: FitResult, gpu_name: str, catalog: Catalog | None) -> str:
 
 def _suggest(spec: ModelSpec, gpu_row: GpuModel, gpu_name: str, count: int,
              max_model_len: int | None, utilization: float, catalog: Catalog | None,
-             memory_gib: float | None, long_context: bool, engine_floor: str | None,
-             min_model_len: int, best: _Attempt | None, cap: int,
+             memory_mib: int | None, memory_source: str, long_context: bool,
+             engine_floor: str | None, min_model_len: int, best: _Attempt | None, cap: int,
              nodes: int = 1) -> list[str]:
     suggestions: list[str] = []
     # 1. More GPUs of the same kind: the smallest valid tensor parallel size that fits;
@@ -661,9 +706,10 @@ def _suggest(spec: ModelSpec, gpu_row: GpuModel, gpu_name: str, count: int,
     limit = spec.tensor_parallel_max or spec.architecture.num_attention_heads
     for more in range(nodes + 1, min(spec.architecture.num_hidden_layers, 16) + 1
                       if nodes > 1 else 0):
-        wider = fit(spec, gpu_row, count, max_model_len, utilization, memory_gib=memory_gib,
-                    long_context=long_context, engine_min_compute_capability=engine_floor,
-                    min_model_len=min_model_len, suggest=False, nodes=more)
+        wider = fit(spec, gpu_row, count, max_model_len, utilization, memory_mib=memory_mib,
+                    memory_source=memory_source, long_context=long_context,
+                    engine_min_compute_capability=engine_floor, min_model_len=min_model_len,
+                    suggest=False, nodes=more)
         if wider.fits:
             suggestions.append(f"{more} hosts x {count}x {gpu_name} (nodes: {more}): "
                                f"max_model_len {wider.max_model_len}")
@@ -671,17 +717,18 @@ def _suggest(spec: ModelSpec, gpu_row: GpuModel, gpu_name: str, count: int,
     for tp in range(count + 1, min(limit, 16) + 1 if nodes == 1 else 0):
         if tensor_parallel_problem(spec.architecture, tp, spec.quantization) is not None:
             continue
-        bigger = fit(spec, gpu_row, tp, max_model_len, utilization, memory_gib=memory_gib,
-                     long_context=long_context, engine_min_compute_capability=engine_floor,
-                     min_model_len=min_model_len, suggest=False)
+        bigger = fit(spec, gpu_row, tp, max_model_len, utilization, memory_mib=memory_mib,
+                     memory_source=memory_source, long_context=long_context,
+                     engine_min_compute_capability=engine_floor, min_model_len=min_model_len,
+                     suggest=False)
         if bigger.fits and bigger.tensor_parallel == tp:
             suggestions.append(f"{tp}x {gpu_name} (tensor_parallel_size {tp}): max_model_len "
                                f"{bigger.max_model_len}")
             break
     # 2. A quantized variant on the GPUs at hand.
     suggestions += _siblings(spec, gpu_row, gpu_name, count, max_model_len, utilization,
-                             catalog, memory_gib, long_context, engine_floor, min_model_len,
-                             nodes)
+                             catalog, memory_mib, memory_source, long_context, engine_floor,
+                             min_model_len, nodes)
     # 3. A shorter context, where the weights fit but the KV cache is short.
     if best is not None and best.budget_bytes > 0 and best.tokens >= BLOCK_TOKENS:
         shorter = min(cap, _round_len(best.tokens)) or best.tokens

@@ -303,7 +303,8 @@ def _split_gpu_memory(host: ResolvedHost, deployments: list[Deployment], knowled
                 "less what Ollama takes)")
         return {}
     count = host.gpu.count or 1
-    total = gpu_row.memory_gib * count
+    # nvidia-smi's memory.total (data/gpus.yml), in GiB like the Ollama sizes.
+    total = round(gpu_row.memory_mib * count / 1024, 2)
     taken = []
     for dep in ollama:
         gib = _ollama_gib(dep, knowledge)

@@ -142,6 +142,61 @@ def test_fit_72b_on_one_h100_refuses_and_suggests(tmp_path: Path) -> None:
     assert any("AWQ" in s for s in result["suggestions"])
 
 
+SMI = REPO / "tests" / "data" / "nvidia-smi"
+
+
+def test_fit_takes_gpu_count_and_memory_from_saved_facts(tmp_path: Path) -> None:
+    # This A100-SXM4-40GB reports 40960 MiB; data/gpus.yml's A100 row holds 40536.
+    facts = str(SMI / "table__A100-SXM4-40GB__570.124.06.txt")
+    proc = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-14B-Instruct", "--facts", facts,
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert (result["gpu"], result["count"], result["gpu_memory_mib"]) == (
+        "NVIDIA A100-SXM4-40GB", 1, 40960)
+    assert result["reasons"][0] == (f"1x NVIDIA A100-SXM4-40GB: compute capability 8.0, "
+                                    f"40960 MiB each (found in {facts})")
+    table = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-14B-Instruct", "--gpu",
+                "NVIDIA A100-SXM4-40GB", "--json")
+    assert json.loads(table.stdout)["gpu_memory_mib"] == 40536
+    assert json.loads(table.stdout)["kv_cache_tokens"] < result["kv_cache_tokens"]
+    # The count in the file wins over --count: eight V100S (below the pinned vLLM's 7.5).
+    proc = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-7B-Instruct", "--count", "2",
+               "--facts", str(SMI / "xml__8x-V100S-PCIE-32GB__460.73.01.txt"), "--json")
+    assert proc.returncode == 2
+    result = json.loads(proc.stdout)
+    assert (result["gpu"], result["count"], result["gpu_memory_mib"]) == (
+        "Tesla V100S-PCIE-32GB", 8, 32510)
+
+
+def test_fit_refuses_a_gpu_that_is_not_the_one_in_the_facts(tmp_path: Path) -> None:
+    facts = str(SMI / "table__A100-SXM4-40GB__570.124.06.txt")
+    proc = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-7B-Instruct", "--gpu", "NVIDIA A10",
+               "--facts", facts)
+    assert proc.returncode == 2
+    assert "'NVIDIA A10'" in proc.stderr and "'NVIDIA A100-SXM4-40GB'" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    (tmp_path / "a100.txt").write_bytes(Path(facts).read_bytes())
+    same = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-7B-Instruct", "--gpu", "A100",
+               "--facts", "a100.txt")
+    assert same.returncode == 0, same.stderr
+    assert "on 1x NVIDIA A100-SXM4-40GB (found in a100.txt): fits" in same.stdout
+
+
+def test_fit_with_measured_memory(tmp_path: Path) -> None:
+    proc = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-7B-Instruct", "--gpu", "NVIDIA A10",
+               "--memory-mib", "22000", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["gpu_memory_mib"] == 22000
+    assert result["reasons"][0].endswith("22000 MiB each (measured on the host)")
+    both = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-7B-Instruct", "--memory-mib", "22000",
+               "--facts", str(SMI / "table__A10__550.127.05.txt"))
+    assert both.returncode == 2 and "not both" in both.stderr
+    neither = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-7B-Instruct")
+    assert neither.returncode == 2 and "give --gpu, or --facts" in neither.stderr
+
+
 def test_fit_unknown_model_is_one_line(tmp_path: Path) -> None:
     proc = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-4B-Instruct", "--gpu", "Tesla T4")
     assert proc.returncode == 2 and "not in the catalog" in proc.stderr
@@ -220,7 +275,7 @@ def test_plan_shows_the_gpu_memory_split_between_ollama_and_vllm(tmp_path: Path)
                           capture_output=True, text=True, check=False,
                           env={**os.environ, "COLUMNS": "400"})
     assert proc.returncode == 0, proc.stderr
-    split = ("GPU memory split on 1x NVIDIA A10 (24 GiB): ollama qwen3b-ollama ~3.01 GiB, "
+    split = ("GPU memory split on 1x NVIDIA A10 (22.49 GiB): ollama qwen3b-ollama ~3.01 GiB, "
              "vLLM qwen7b gpu_memory_utilization 0.77, 10% left free")
     assert proc.stdout.count(split) == 2  # both hosts of the group
     assert proc.stdout.count("--gpu-memory-utilization 0.77") == 2

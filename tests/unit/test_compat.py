@@ -38,6 +38,7 @@ from orchestrator.compat import (
     parse_driver_version,
 )
 from orchestrator.errors import PlanError
+from orchestrator.facts import parse_nvidia_smi
 from orchestrator.knowledge import load_knowledge
 
 
@@ -475,9 +476,67 @@ def test_gpu_names_as_nvidia_smi_prints_them(name: str, capability: str) -> None
 
 
 def test_a100_memory_variant_by_name() -> None:
+    # memory.total as nvidia-smi reports it (data/gpus.yml), in MiB.
     table = load_gpu_table()
-    assert table.find("NVIDIA A100-SXM4-80GB").memory_gib == 80
-    assert table.find("NVIDIA A100-PCIE-40GB").memory_gib == 40
+    assert table.find("NVIDIA A100-SXM4-80GB").memory_mib == 81920
+    assert table.find("NVIDIA A100-PCIE-40GB").memory_mib == 40536
+
+
+SMI = Path(__file__).resolve().parents[2] / "tests" / "data" / "nvidia-smi"
+# Every GPU name in the real nvidia-smi outputs of tests/data/nvidia-smi, as nvidia-smi
+# prints it (truncated names included), and the row it must resolve to.
+FIXTURE_NAMES = {
+    "Tesla T4": "T4",
+    "Tesla V100S-PCIE-32GB": "V100S",
+    "NVIDIA A10": "A10",
+    "A100-PCIE-40GB": "A100",
+    "NVIDIA A100-PCI...": "A100",
+    "NVIDIA A100-SXM4-40GB": "A100",
+    "NVIDIA H100 80GB HBM3": "H100",
+    "NVIDIA H200": "H200",
+    "NVIDIA GeForce RTX 4090": "RTX 4090",
+}
+# Names from the threads data/gpus.yml cites, and the V100 variants nvidia-smi prints.
+CITED_NAMES = {
+    "Tesla V100-SXM2-16GB": "V100 16GB",
+    "Tesla V100-PCIE-16GB": "V100 16GB",
+    "Tesla V100-SXM2-32GB": "V100 32GB",
+    "Tesla V100-PCIE-32GB": "V100 32GB",
+    "Tesla V100-SXM2...": "V100",  # truncated: the smaller variant
+    "NVIDIA A10G": "A10G",
+    "NVIDIA A30": "A30",
+    "NVIDIA A100-SXM4-80GB": "A100 80GB",
+    "NVIDIA A100 80GB PCIe": "A100 80GB",
+    "NVIDIA L4": "L4",
+    "NVIDIA L40": "L40",
+    "NVIDIA L40S": "L40S",
+    "NVIDIA GeForce RTX 3090": "RTX 3090",
+    "NVIDIA GeForce RTX 5090": "RTX 5090",
+    "NVIDIA B200": "B200",
+}
+
+
+@pytest.mark.parametrize(("name", "row"), [*FIXTURE_NAMES.items(), *CITED_NAMES.items()])
+def test_gpu_table_picks_the_row_of_each_name(name: str, row: str) -> None:
+    assert load_gpu_table().find(name).match == row
+
+
+def test_fixture_names_are_the_ones_nvidia_smi_printed() -> None:
+    """FIXTURE_NAMES are read from the outputs in tests/data/nvidia-smi (copies of every shared
+    fixture whose GPU the table knows), not typed: each is a name nvidia-smi printed, and no
+    name there that the table knows is left out."""
+    table = load_gpu_table()
+    names = set()
+    for path in SMI.glob("*.txt"):
+        names |= {gpu.name for gpu in parse_nvidia_smi(path.read_text(encoding="utf-8")).gpus}
+    known = set()
+    for name in names:
+        try:
+            table.find(name)
+        except CompatError:
+            continue
+        known.add(name)
+    assert known == set(FIXTURE_NAMES)
 
 
 def test_planned_build_for_an_unknown_driver_asks_least_of_it(table: CompatTable) -> None:

@@ -23,7 +23,8 @@ Literal values below are copied from these sources:
 - [vllm-q] vLLM docs, Quantization > Supported Hardware: AWQ from SM 7.5, GPTQ from SM 7.0.
 - [hub] the ms-swift model registry (modelscope/ms-swift, swift/llm/model/model/qwen.py):
   the quantized Qwen2.5 and Qwen2.5-Coder Instruct ids on both hubs; Math has none.
-- GPU memory as nvidia-smi reports it: shared/fixtures/nvidia-smi (see its SOURCES.md).
+- GPU memory as nvidia-smi reports it (memory.total): the real outputs in tests/data/nvidia-smi
+  (copies of shared/fixtures/nvidia-smi, see its SOURCES.md) and the threads data/gpus.yml cites.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from orchestrator.fit import (
     TENSOR_PARALLEL_RESERVE_GIB,
     FitError,
     FitResult,
+    check_same_gpu,
     fit,
+    gpus_from_facts,
     kv_bytes_per_token,
     model_from_config,
     pipeline_stages,
@@ -51,8 +54,10 @@ from orchestrator.fit import (
 )
 from orchestrator.knowledge import Catalog, load_knowledge, weight_bytes
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "nvidia-smi"
+REPO = Path(__file__).resolve().parents[2]
+SMI = REPO / "tests" / "data" / "nvidia-smi"
 GIB = 2**30
+MIB = 2**20
 SIZES = ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")
 
 
@@ -70,11 +75,11 @@ def run(catalog: Catalog):
     return _run
 
 
-def smi_memory_gib(fixture: str) -> float:
-    facts = parse_nvidia_smi((FIXTURES / fixture).read_text(encoding="utf-8"))
+def smi_memory_mib(fixture: str) -> int:
+    facts = parse_nvidia_smi((SMI / fixture).read_text(encoding="utf-8"))
     total = facts.gpus[0].memory_total_mib
     assert total is not None
-    return total / 1024
+    return total
 
 
 # --- the catalog against its sources ----------------------------------------------------------
@@ -297,27 +302,111 @@ def test_seven_b_on_one_a10(run) -> None:
     result = run("Qwen/Qwen2.5-7B-Instruct", "A10")
     assert result.fits and result.tensor_parallel == 1 and result.dtype == "bfloat16"
     assert result.quantization is None
-    # 24 GiB x 0.9 - 14.19 GiB - 2.5 GiB = 4.91 GiB; 57,344 bytes per token.
+    # 23028 MiB (22.49 GiB, nvidia-smi's memory.total) x 0.9 - 14.19 GiB - 2.5 GiB = 3.55 GiB;
+    # 57,344 bytes per token.
+    assert result.gpu_memory_mib == 23028
     assert result.kv_bytes_per_token == 2 * 28 * 4 * 128 * 2 == 57344
-    assert result.kv_cache_gib == pytest.approx(4.91, abs=0.01)
-    assert result.kv_cache_tokens == 92016
+    assert result.kv_cache_gib == pytest.approx(3.55, abs=0.01)
+    assert result.kv_cache_tokens == 66544
     assert result.max_model_len == 32768  # config.json's max_position_embeddings
     assert result.vllm_args == ["--tensor-parallel-size", "1", "--dtype", "bfloat16",
                                 "--max-model-len", "32768", "--gpu-memory-utilization", "0.9"]
     assert any("YaRN reaches 131072" in reason for reason in result.reasons)
     # The card's YaRN context: the KV cache, not the model, is then the limit.
     longer = run("Qwen/Qwen2.5-7B-Instruct", "A10", long_context=True)
-    assert longer.fits and longer.max_model_len == 91136
+    assert longer.fits and longer.max_model_len == 65536
 
 
-def test_seven_b_on_an_a10_as_nvidia_smi_reports_it(run) -> None:
-    """A10: 23028 MiB per nvidia-smi (table__A10 fixture), not the datasheet's 24 GB."""
-    memory = smi_memory_gib("table__A10__550.127.05.txt")
-    assert memory == pytest.approx(22.49, abs=0.01)
-    result = run("Qwen/Qwen2.5-7B-Instruct", "A10", memory_gib=memory)
-    assert result.fits and result.max_model_len == 32768
-    assert result.kv_cache_tokens == 66544
-    assert result.gpu_memory_gib == memory
+def test_the_table_holds_memory_as_nvidia_smi_reports_it() -> None:
+    """Every row read from an output in tests/data/nvidia-smi holds that output's memory.total
+    (the smallest, where GPUs differ), and every GPU in the output resolves to that row."""
+    table = load_gpu_table()
+    from_files = [row for row in table.gpus if row.source.startswith("tests/data/nvidia-smi/")]
+    assert len(from_files) >= 6
+    for row in from_files:
+        facts = parse_nvidia_smi((REPO / row.source).read_text(encoding="utf-8"))
+        assert facts.gpus, row.source
+        assert {table.find(gpu.name).match for gpu in facts.gpus} == {row.match}, row.source
+        assert row.memory_mib == min(gpu.memory_total_mib or 0 for gpu in facts.gpus), row.match
+    # The others cite the thread that pastes the reading, or say that they cannot.
+    for row in table.gpus:
+        assert row.source.startswith(("tests/data/nvidia-smi/", "https://github.com/",
+                                      "uncited:")), row.match
+
+
+def test_l40s_budget_is_what_nvidia_smi_reports_not_the_datasheet(run) -> None:
+    """The L40S is sold as 48 GB; nvidia-smi reports 46068 MiB (44.99 GiB). 3 GiB more than
+    the GPU has planned a context vLLM cannot start with."""
+    result = run("Qwen/Qwen2.5-32B-Instruct-GPTQ-Int8", "NVIDIA L40S")
+    assert result.gpu_memory_mib == 46068
+    assert result.reasons[0] == ("1x NVIDIA L40S: compute capability 8.9, 46068 MiB each "
+                                 "(nvidia-smi memory.total, data/gpus.yml)")
+    assert any(line.startswith("vLLM budget per GPU: 46068 MiB (44.99 GiB) x 0.9 - ")
+               for line in result.reasons)
+    # 46068 MiB x 0.9 - 31.72 GiB of weights - 2.5 GiB: 21,824 tokens, not 32,768.
+    assert result.fits and result.max_model_len == 21504 and result.kv_cache_tokens == 21824
+    datasheet = run("Qwen/Qwen2.5-32B-Instruct-GPTQ-Int8", "NVIDIA L40S", memory_mib=48 * 1024)
+    assert datasheet.max_model_len == 32768  # what 48 GiB would have planned
+    # The 72B AWQ does not fit one L40S at all; 48 GiB said it would, with 6k tokens.
+    assert not run("Qwen/Qwen2.5-72B-Instruct-AWQ", "NVIDIA L40S").fits
+    assert run("Qwen/Qwen2.5-72B-Instruct-AWQ", "NVIDIA L40S", memory_mib=48 * 1024).fits
+
+
+def test_measured_memory_wins_over_the_table(run) -> None:
+    table = run("Qwen/Qwen2.5-7B-Instruct", "A10")
+    assert table.gpu_memory_mib == smi_memory_mib("table__A10__550.127.05.txt") == 23028
+    # A host whose driver reports less (e.g. memory retired after ECC errors).
+    measured = run("Qwen/Qwen2.5-7B-Instruct", "A10", memory_mib=22000)
+    assert measured.gpu_memory_mib == 22000
+    assert measured.reasons[0] == ("1x A10: compute capability 8.6, 22000 MiB each "
+                                   "(measured on the host)")
+    assert measured.kv_cache_tokens < table.kv_cache_tokens
+    spent = measured.weights_per_gpu_gib + measured.reserve_gib + measured.kv_cache_gib
+    assert spent == pytest.approx(22000 / 1024 * 0.9, abs=0.02)
+    found = run("Qwen/Qwen2.5-7B-Instruct", "A10", memory_mib=22000,
+                memory_source="found in smi.txt")
+    assert found.reasons[0].endswith("22000 MiB each (found in smi.txt)")
+    with pytest.raises(FitError, match="positive number of MiB"):
+        run("Qwen/Qwen2.5-7B-Instruct", "A10", memory_mib=0)
+
+
+def test_v100_16gb_is_not_the_32gb_one(run) -> None:
+    """The table had one V100 row, 32 GB: a 16 GB V100 got twice its memory."""
+    table = load_gpu_table()
+    assert table.find("Tesla V100-SXM2-16GB").memory_mib == 16160
+    assert table.find("Tesla V100-PCIE-16GB").memory_mib == 16160
+    assert table.find("Tesla V100-SXM2-32GB").memory_mib == 32480
+    # 15.5 GiB of GPTQ-Int8 weights: one 32 GB V100 holds them, one 16 GB V100 cannot.
+    model = "Qwen/Qwen2.5-14B-Instruct-GPTQ-Int8"
+    assert run(model, "Tesla V100-SXM2-32GB").fits
+    small = run(model, "Tesla V100-SXM2-16GB")
+    assert not small.fits and "the weights do not fit" in small.reasons[-1]
+    assert small.reasons[0].startswith("1x Tesla V100-SXM2-16GB: compute capability 7.0, "
+                                       "16160 MiB each")
+
+
+def test_gpus_from_a_saved_nvidia_smi_output() -> None:
+    def read(name: str):
+        return parse_nvidia_smi((SMI / name).read_text(encoding="utf-8"))
+
+    assert gpus_from_facts(read("xml__8x-V100S-PCIE-32GB__460.73.01.txt"), "v100s.xml") == (
+        "Tesla V100S-PCIE-32GB", 8, 32510)
+    assert gpus_from_facts(read("table__A100-SXM4-40GB__570.124.06.txt"), "a100.txt") == (
+        "NVIDIA A100-SXM4-40GB", 1, 40960)
+    # `nvidia-smi -L` lists GPUs without their memory: the table's is used then.
+    assert gpus_from_facts(read("list_mig__H200__590.48.01.txt"), "h200.txt") == (
+        "NVIDIA H200", 1, None)
+    broken = parse_nvidia_smi("NVIDIA-SMI has failed because it couldn't communicate with the "
+                              "NVIDIA driver. Make sure that the latest NVIDIA driver is "
+                              "installed and running.\n")
+    with pytest.raises(FitError, match=r"broken\.txt: nvidia-smi reports driver_not_loaded"):
+        gpus_from_facts(broken, "broken.txt")
+    table = load_gpu_table()
+    check_same_gpu("A100", "NVIDIA A100-SXM4-40GB", table, "a100.txt")  # the same row
+    check_same_gpu("NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-40GB", table, "a100.txt")
+    with pytest.raises(FitError, match=r"'NVIDIA A10', is not the GPU found in a100\.txt, "
+                                       "'NVIDIA A100-SXM4-40GB'"):
+        check_same_gpu("NVIDIA A10", "NVIDIA A100-SXM4-40GB", table, "a100.txt")
 
 
 def test_seventy_two_b_on_one_h100_refuses_and_suggests(run) -> None:
@@ -362,10 +451,10 @@ def test_fourteen_b_on_a_t4_refuses_bf16_and_suggests_4bit(run) -> None:
     assert "4x T4 (tensor_parallel_size 4)" in text
     assert "Qwen/Qwen2.5-14B-Instruct-AWQ (AWQ, 9.3 GiB): fits on 1x T4" in text
     assert "Qwen/Qwen2.5-14B-Instruct-GPTQ-Int4 (GPTQ-Int4, 9.3 GiB): fits on 1x T4" in text
-    assert "GPTQ-Int8" not in text  # 15.5 GiB does not fit in 16
-    # With the T4's real 15360 MiB (xml__Tesla-T4 fixture) the AWQ context shrinks.
-    memory = smi_memory_gib("xml__Tesla-T4__515.105.01.txt")
-    awq = run("Qwen/Qwen2.5-14B-Instruct-AWQ", "T4", memory_gib=memory)
+    assert "GPTQ-Int8" not in text  # 15.5 GiB does not fit in 15360 MiB
+    # The T4's 15360 MiB (xml__Tesla-T4 fixture) leaves the AWQ model a short context.
+    awq = run("Qwen/Qwen2.5-14B-Instruct-AWQ", "T4")
+    assert awq.gpu_memory_mib == smi_memory_mib("xml__Tesla-T4__515.105.01.txt") == 15360
     assert awq.fits and awq.dtype == "float16" and awq.max_model_len == 9216
 
 
@@ -386,7 +475,7 @@ def test_the_family_across_gpus(catalog: Catalog, run, size: str) -> None:
                 assert result.kv_cache_tokens >= result.max_model_len
                 assert result.kv_cache_tokens % BLOCK_TOKENS == 0
                 spent = result.weights_per_gpu_gib + result.reserve_gib + result.kv_cache_gib
-                assert spent == pytest.approx(result.gpu_memory_gib * 0.9, abs=0.02)
+                assert spent == pytest.approx(result.gpu_memory_mib / 1024 * 0.9, abs=0.02)
                 assert result.dtype == ("float16" if gpu == "T4" or row.quantization
                                         else "bfloat16")
             assert result.max_model_len >= previous, (name, gpu)
@@ -409,7 +498,7 @@ def test_explicit_context_lengths(run) -> None:
     assert not long.fits
     assert "fewer than max_model_len 131072" in long.reasons[-1]
     assert long.suggestions[0] == "2x A10 (tensor_parallel_size 2): max_model_len 131072"
-    assert "max_model_len 91136 on 1x A10 (the KV cache holds 92,016 tokens)" in long.suggestions
+    assert "max_model_len 65536 on 1x A10 (the KV cache holds 66,544 tokens)" in long.suggestions
     short = run("Qwen/Qwen2.5-7B-Instruct", "A10", max_model_len=8192)
     assert short.fits and short.max_model_len == 8192
     math = run("Qwen/Qwen2.5-Math-7B-Instruct", "A10")
@@ -495,7 +584,8 @@ def test_settings_are_checked(run) -> None:
     with pytest.raises(FitError, match="pass catalog="):
         fit("Qwen/Qwen2.5-7B-Instruct", "A10", gpus=load_gpu_table())
     lower = run("Qwen/Qwen2.5-7B-Instruct", "A10", gpu_memory_utilization=0.8)
-    assert lower.kv_cache_gib == pytest.approx(24 * 0.8 - 14.185 - RESERVE_GIB, abs=0.01)
+    assert lower.kv_cache_gib == pytest.approx(23028 / 1024 * 0.8 - 14.185 - RESERVE_GIB,
+                                               abs=0.01)
 
 
 # --- a model from its config.json --------------------------------------------------------------
@@ -557,7 +647,9 @@ def test_model_from_config_refuses_what_it_cannot_model() -> None:
 
 
 def test_a_gpu_can_be_given_directly(run) -> None:
-    custom = GpuModel(match="RTX 6000 Ada", compute_capability="8.9", memory_gib=48)
+    # A stand-in row (not a reading): the fit takes any GpuModel.
+    custom = GpuModel(match="RTX 6000 Ada", compute_capability="8.9", memory_mib=49140,
+                      source="stand-in")
     result = run("Qwen/Qwen2.5-32B-Instruct-AWQ", custom)
     assert result.fits and result.gpu == "RTX 6000 Ada" and result.max_model_len == 32768
 
@@ -582,22 +674,29 @@ def test_72b_across_two_hosts_of_two_l40s(run, catalog: Catalog) -> None:
     assert abs(result.weights_per_gpu_gib - by_hand / GIB) < 0.01
     # 40 layers x 4 of the 8 KV heads per GPU.
     assert result.kv_bytes_per_token == 2 * 40 * 4 * 128 * 2 == 81920
-    budget = 48 * 0.9 * GIB - by_hand - (RESERVE_GIB + TENSOR_PARALLEL_RESERVE_GIB) * GIB
+    budget = 46068 * MIB * 0.9 - by_hand - (RESERVE_GIB + TENSOR_PARALLEL_RESERVE_GIB) * GIB
     assert abs(result.kv_cache_gib - budget / GIB) < 0.01
-    assert result.max_model_len == 32768
+    # 2.13 GiB of KV cache at 81,920 bytes per token: 27,952 tokens, not the whole 32k context.
+    assert result.kv_cache_tokens == int(budget // (81920 * BLOCK_TOKENS)) * BLOCK_TOKENS
+    assert result.max_model_len == 27648
     assert result.vllm_args[:4] == ["--tensor-parallel-size", "2",
                                     "--pipeline-parallel-size", "2"]
     assert any("pipeline parallel 2 across the hosts" in line for line in result.reasons)
 
 
-def test_72b_across_two_hosts_of_four_a10_fits_a_short_context(run) -> None:
-    # One host's 4x A10 cannot hold the weights; two hosts can, with ~4.5k tokens of KV cache.
-    assert not run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA A10", 4).fits
-    result = run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA A10", 4, nodes=2)
+def test_72b_across_two_hosts_of_four_a30_fits_a_short_context(run) -> None:
+    # One host's 4x A30 (24576 MiB each) cannot hold the weights; two hosts can, with ~4.5k
+    # tokens of KV cache.
+    assert not run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA A30", 4).fits
+    result = run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA A30", 4, nodes=2)
     assert result.fits and (result.tensor_parallel, result.pipeline_parallel) == (4, 2)
     assert result.kv_bytes_per_token == 2 * 40 * 2 * 128 * 2
     assert result.max_model_len == 4096
-    assert result.reasons[0].startswith("2 hosts x 4x NVIDIA A10")
+    assert result.reasons[0].startswith("2 hosts x 4x NVIDIA A30")
+    # Two hosts of 4x A10 (23028 MiB each) cannot hold the weights: three can.
+    a10 = run("Qwen/Qwen2.5-72B-Instruct", "NVIDIA A10", 4, nodes=2)
+    assert not a10.fits and a10.reasons[-1].endswith("the weights do not fit")
+    assert a10.suggestions[0] == "3 hosts x 4x NVIDIA A10 (nodes: 3): max_model_len 32768"
 
 
 def test_across_hosts_too_small_says_what_would_fit(run) -> None:

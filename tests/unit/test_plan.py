@@ -369,9 +369,11 @@ def test_a_deployment_across_hosts_that_does_not_fit_says_what_would(write) -> N
 
 
 def test_one_host_too_small_suggests_spanning_the_group(write) -> None:
-    text = FLEET_RAY.replace("L40S, count: 2", "A10, count: 4").replace("    nodes: 2\n", "")
+    # 4x A30 (24576 MiB each, nvidia-smi): two hosts hold the 72B, one does not. (Two hosts
+    # of 4x A10, 23028 MiB each, do not either.)
+    text = FLEET_RAY.replace("L40S, count: 2", "A30, count: 4").replace("    nodes: 2\n", "")
     text = text[:text.index("    ray:")]
-    with pytest.raises(PlanError, match=r"does not fit 4x NVIDIA A10.*one instance across the "
+    with pytest.raises(PlanError, match=r"does not fit 4x NVIDIA A30.*one instance across the "
                                         r"group's 2 hosts \(nodes: 2 .*\) fits with tensor "
                                         r"parallel 4 x pipeline parallel 2"):
         ray_plan(write, text)
