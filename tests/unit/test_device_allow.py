@@ -58,6 +58,12 @@ def _render(tmp_path: Path) -> dict[str, str]:
     driver = {"name": "qwen72b", "args": ["--distributed-executor-backend", "ray"],
               "ray_client": {"group": "ray", "temp_dir": "/var/lib/ray/tmp"}}
     jobs = [("vllm-unit", "vllm/templates/vllm@.service.j2", {}),
+            ("vllm-unit-cpu", "vllm/templates/vllm@.service.j2", {"vllm_wait_for_devices": []}),
+            ("ollama-cpu", "ollama/templates/ollama.service.j2",
+             {"_ollama_bin": "/usr/local/bin/ollama", "ollama_wait_for_devices": []}),
+            ("ray-cpu", "ray_cluster/templates/ray.service.j2",
+             {"__ray_cluster_part": "head", "__ray_cluster_node_ip": "10.0.0.21",
+              "ray_cluster_wait_for_devices": []}),
             ("vllm-dropin", "vllm/templates/deployment.conf.j2", {"item": driver}),
             ("vllm-dropin-rdma", "vllm/templates/deployment.conf.j2",
              {"item": driver, "vllm_rdma": True}),
@@ -94,6 +100,8 @@ def units(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
         "ollama": text["ollama"].splitlines(),
         "ray": text["ray"].splitlines(),
         "ray-rdma": text["ray-rdma"].splitlines(),
+        **{f"_{name}": text[name].splitlines()
+           for name in ("vllm-unit", "ollama", "ray", "vllm-unit-cpu", "ollama-cpu", "ray-cpu")},
         "_memlock": [f"{name}:{line}" for name in ("vllm-dropin-rdma", "ray-rdma",
                                                    "vllm-unit", "ray", "vllm-dropin")
                      for line in text[name].splitlines() if line.startswith("LimitMEMLOCK=")],
@@ -145,6 +153,17 @@ def test_infiniband_only_with_the_multi_host_setting(units, unit, rdma) -> None:
 def test_locked_memory_is_unlimited_only_with_the_multi_host_setting(units) -> None:
     assert units["_memlock"] == ["vllm-dropin-rdma:LimitMEMLOCK=infinity",
                                  "ray-rdma:LimitMEMLOCK=infinity"]
+
+
+@pytest.mark.parametrize("unit", ["vllm-unit", "ollama", "ray"])
+def test_gpu_units_load_the_modules_of_their_device_groups_before_starting(units, unit) -> None:
+    # systemd reads the char- groups from /proc/devices once, at start: nvidia-uvm loaded
+    # later (at the first CUDA call) would stay denied for the unit's lifetime.
+    wanted = "modprobe@nvidia.service modprobe@nvidia-uvm.service"
+    assert f"Wants={wanted}" in units[f"_{unit}"]
+    assert f"After={wanted}" in units[f"_{unit}"]
+    cpu = units[f"_{unit}-cpu"]
+    assert not [line for line in cpu if "modprobe@" in line]
 
 
 FLEET = """\
