@@ -24,6 +24,7 @@ from orchestrator.errors import PlanError
 from orchestrator.knowledge import DATA_DIR, Compat, StackProfile
 
 CUDA_COMPAT_PATH = DATA_DIR / "cuda_compat.yml"
+DRIVER_PATH = DATA_DIR / "nvidia_driver.yml"
 STACK_COMPAT_PATH = DATA_DIR / "compat.yml"
 GPU_PROFILE = "gpu"
 
@@ -176,13 +177,63 @@ def load_gpu_table(path: Path = DATA_DIR / "gpus.yml") -> GpuTable:
     return GpuTable.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
+class OpenRequiredGpu(_Data):
+    match: str
+    platform: str
+
+
+class OpenRequired(_Data):
+    min_compute_capability: str
+    gpus: list[OpenRequiredGpu]
+    source: Source
+
+
+class KernelModules(_Data):
+    source: Source
+    open_default_from_branch: int
+    open_min_compute_capability: str
+    open_required: OpenRequired
+
+
+class SubnetManager(_Data):
+    compute_capability_majors: list[int]
+    source: Source
+
+
+class OsBranches(_Data):
+    """The driver branches one OS release carries from one package source."""
+
+    os: str
+    distribution: str
+    version: str
+    source: Literal["distro", "cuda"]
+    branches: list[int]
+    # `from`, a Python keyword, in the data file.
+    origin: Source = Field(alias="from")
+
+
+class DriverTable(_Data):
+    """data/nvidia_driver.yml."""
+
+    schema_version: int
+    kernel_modules: KernelModules
+    nvlink_subnet_manager: SubnetManager
+    branches: list[OsBranches]
+    default_source: dict[str, Literal["distro", "cuda"]]
+
+
+def load_driver_table(path: Path = DRIVER_PATH) -> DriverTable:
+    return DriverTable.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
 class CompatTable(_Data):
     """What decide() needs: the compatibility data and the project's pinned GPU stack
-    (and, for fit planning, the GPU table)."""
+    (and, for fit planning, the GPU table; for driver installs, the driver table)."""
 
     cuda: CudaCompat
     gpu_stack: StackProfile
     gpus: GpuTable | None = None
+    driver: DriverTable | None = None
 
 
 def load_cuda_compat(path: Path = CUDA_COMPAT_PATH,
@@ -193,7 +244,8 @@ def load_cuda_compat(path: Path = CUDA_COMPAT_PATH,
     stack = compat.profiles.get(GPU_PROFILE)
     if stack is None:
         raise CompatError(f"{stack_path}: no '{GPU_PROFILE}' profile to take the pinned vLLM from")
-    return CompatTable(cuda=cuda, gpu_stack=stack, gpus=load_gpu_table())
+    return CompatTable(cuda=cuda, gpu_stack=stack, gpus=load_gpu_table(),
+                       driver=load_driver_table())
 
 
 # --- the decision ----------------------------------------------------------------------
@@ -497,6 +549,50 @@ def least_demanding_build(table: CompatTable) -> TorchChoice:
     build, need = min(known, key=lambda pair: parse_driver_version(pair[1]))
     return TorchChoice(version=table.gpu_stack.torch_version, cuda_build=build.tag,
                        cuda=build.cuda, index_url=build.index_url, min_driver=need)
+
+
+# --- driver installs (data/nvidia_driver.yml) ------------------------------------------
+
+
+def branch_driver(branch: int, cuda_compat: CudaCompat) -> str | None:
+    """The driver version a host is planned with once `branch` is installed: the newest
+    driver of NVIDIA's toolkit table in that branch or below it. A branch installed from
+    packages today is at least that version (the table lists released drivers), so the
+    toolkits it runs are the ones `orchestrate compat --driver <that version>` shows."""
+    rows = [r.min_driver for r in cuda_compat.nvidia.toolkits
+            if parse_driver_version(r.min_driver)[0] <= branch]
+    return max(rows, key=parse_driver_version) if rows else None
+
+
+def host_branches(table: DriverTable, source: str | None) -> list[OsBranches]:
+    """The OS releases and package sources a host may install its driver from: those of the
+    fleet's driver.source, else each distribution's default source (the role's default)."""
+    return [row for row in table.branches
+            if row.source == (source or table.default_source.get(row.distribution))]
+
+
+def describe_branches(rows: list[OsBranches]) -> str:
+    return "; ".join(f"{r.os} ({r.source}): {', '.join(map(str, r.branches))}" for r in rows)
+
+
+def open_modules_required(capability: str | None, gpu_name: str | None,
+                          modules: KernelModules) -> str | None:
+    """Why a GPU can run only NVIDIA's open kernel modules (Blackwell, Grace Hopper), or None."""
+    required = modules.open_required
+    if capability is not None and parse_compute_capability(capability) >= \
+            parse_compute_capability(required.min_compute_capability):
+        return "a Blackwell or newer GPU"
+    words = set((gpu_name or "").upper().replace("-", " ").split())
+    for gpu in required.gpus:
+        if set(gpu.match.upper().split()) <= words:
+            return f"a {gpu.platform} GPU ({gpu.match})"
+    return None
+
+
+def open_modules_supported(capability: str, modules: KernelModules) -> bool:
+    """Turing (7.5) and newer: the open modules need the GPU System Processor."""
+    return parse_compute_capability(capability) >= parse_compute_capability(
+        modules.open_min_compute_capability)
 
 
 def _checked(pattern: re.Pattern[str], value: str, what: str) -> str:

@@ -82,12 +82,21 @@ class DriverSettings(Strict):
     by default the driver is the host owners' and the drivers stage only checks it."""
 
     manage: bool | None = None
-    # Driver branch ("580"); default: the lowest branch that runs the planned torch build.
+    # Driver branch ("580"), whose vLLM and torch build the plan then picks; default: the
+    # lowest packaged branch that runs the pinned vLLM's build (never older than gpu.driver).
     branch: str | None = None
     # distro: the distribution's packages; cuda: NVIDIA's CUDA repository (role default:
     # distro on Debian and Ubuntu, cuda on RHEL/Rocky).
     source: Literal["distro", "cuda"] | None = None
+    # NVIDIA's open kernel modules; default: chosen from the GPU (gpu.name): open on
+    # Blackwell and Grace Hopper, proprietary before Turing, else NVIDIA's default (open
+    # from R560). Refused where the GPU cannot run the flavour set.
     open_kernel_modules: bool | None = None
+    # NVSwitch systems (HGX/DGX): Fabric Manager at the driver's exact version.
+    fabric_manager: bool | None = None
+    # The NVLink Subnet Manager (nvlsm) of fourth-generation NVSwitch systems; default:
+    # with fabric_manager on Blackwell data-centre GPUs (compute capability 10.x).
+    nvlink_subnet_manager: bool | None = None
 
     @field_validator("branch", mode="before")
     @classmethod

@@ -19,10 +19,20 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.compat import (
     CompatError,
     CompatTable,
+    Decision,
+    DriverTable,
+    KernelModules,
     TorchChoice,
+    branch_driver,
     decide,
+    describe_branches,
+    host_branches,
     least_demanding_build,
     lowest_driver_branch,
+    open_modules_required,
+    open_modules_supported,
+    parse_compute_capability,
+    parse_driver_version,
 )
 from orchestrator.config import Deployment, LoadedFleet, MirrorSettings, ResolvedHost
 from orchestrator.errors import PlanError
@@ -523,54 +533,198 @@ _RAY_CLIENT = {"group": "{{ ray_cluster_group | default('ray') }}",
                "temp_dir": "{{ ray_cluster_temp_dir | default('/var/lib/ray/tmp') }}"}
 
 
-def _driver_vars(host: ResolvedHost, build: TorchChoice, gpu_table: CompatTable,
+def _capability(host: ResolvedHost, gpu_table: CompatTable) -> str | None:
+    """The compute capability of the host's GPU (gpu.name in data/gpus.yml), or None."""
+    if not host.gpu.name or gpu_table.gpus is None:
+        return None
+    try:
+        return gpu_table.gpus.find(host.gpu.name).compute_capability
+    except CompatError:
+        return None
+
+
+def _driver_table(gpu_table: CompatTable) -> DriverTable:
+    if gpu_table.driver is None:
+        raise PlanError("driver.manage needs data/nvidia_driver.yml (load_cuda_compat loads it)")
+    return gpu_table.driver
+
+
+def _managed_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTable,
+                   loaded: LoadedFleet, capability: str | None
+                   ) -> tuple[TorchChoice, StackProfile, CompatTable, list[str], int]:
+    """driver.manage: the branch the drivers stage installs, and the stack chosen for it.
+
+    The branch is the fleet's (driver.branch), else the lowest branch packaged for the
+    systems the host may run that runs the newest vLLM the GPU can use (the pin where it
+    can); never one older than the driver found (gpu.driver). The stack is then what
+    that branch runs, as `orchestrate compat --driver` shows for it.
+    """
+    rows = host_branches(_driver_table(gpu_table), host.driver.source)
+    found = host.gpu.driver
+    found_branch = parse_driver_version(found)[0] if found else 0
+    found_at = loaded.locate(host.driver_keys["gpu.driver"]) if found else ""
+    offered = sorted({b for row in rows for b in row.branches})
+    reasons: list[str] = []
+    if host.driver.branch is not None:
+        branch = int(host.driver.branch)
+        where = loaded.locate(host.driver_keys["branch"])
+        if branch not in offered:
+            raise PlanError(f"{where}: driver branch {branch} is not packaged for the systems "
+                            f"host '{host.name}' may install it on ({describe_branches(rows)}); "
+                            "choose one of those branches, or another driver.source")
+        if branch < found_branch:
+            raise PlanError(f"{where}: driver branch {branch} is older than the driver found "
+                            f"on host '{host.name}', {found} (set at {found_at}): the drivers "
+                            f"stage does not downgrade; set branch {found_branch} or newer, "
+                            "or remove it")
+        chosen_by = f"set at {where}"
+    else:
+        where = loaded.locate(host.driver_keys["manage"])
+        newer = [b for b in offered if b >= found_branch]
+        if not newer:
+            raise PlanError(f"{where}: host '{host.name}' runs driver {found} (set at "
+                            f"{found_at}), newer than every branch packaged for the systems "
+                            f"it may install one on ({describe_branches(rows)}); leave its "
+                            "driver to the host (driver.manage: false)")
+        top = _decide_branch(newer[-1], capability, gpu_table, where, host)
+        need = lowest_driver_branch(top.torch.cuda, gpu_table.cuda)
+        assert need is not None  # decide took the build's driver from a row of its CUDA
+        branch = next(b for b in newer if b >= need)
+        chosen_by = (f"driver.manage: the lowest packaged branch that runs vLLM "
+                     f"{top.vllm.version}'s torch {top.torch.cuda_build} (CUDA {top.torch.cuda}, "
+                     f"driver >= {top.torch.min_driver})"
+                     + (f", and not older than the driver found, {found} (set at {found_at})"
+                        if found else ""))
+    decision = _decide_branch(branch, capability, gpu_table, where, host)
+    carriers = [row.os + f" ({row.source})" for row in rows if branch in row.branches]
+    missing = [row.os + f" ({row.source})" for row in rows if branch not in row.branches]
+    reasons.append(f"NVIDIA driver branch {branch} installed by the drivers stage ({chosen_by}); "
+                   f"packaged for {', '.join(carriers)}"
+                   + (f"; not for {', '.join(missing)}, where the role stops"
+                      if missing else ""))
+    if found and found_branch != branch:
+        reasons.append(f"  replaces driver {found} (set at {found_at}); the role does not "
+                       "remove installed driver packages of another branch itself")
+    chosen = gpu_table.cuda.vllm.releases[decision.vllm.version]
+    stack = stack.model_copy(update={"vllm_version": decision.vllm.version,
+                                     "torch_version": chosen.torch})
+    gpu_table = gpu_table.model_copy(update={"gpu_stack": stack})
+    reasons.append(f"vLLM {decision.vllm.version} and torch {decision.torch.cuda_build} "
+                   f"chosen for branch {branch} (`orchestrate compat --driver "
+                   f"{decision.driver}` shows the same):")
+    reasons.extend(f"  {reason}" for reason in decision.reasons)
+    return decision.torch, stack, gpu_table, reasons, branch
+
+
+def _decide_branch(branch: int, capability: str | None, gpu_table: CompatTable, where: str,
+                   host: ResolvedHost) -> Decision:
+    version = branch_driver(branch, gpu_table.cuda)
+    try:
+        if version is None:
+            raise CompatError(f"branch {branch} is older than every CUDA toolkit in "
+                              "cuda_compat.yml")
+        return decide(version, capability, gpu_table)
+    except CompatError as exc:
+        raise PlanError(f"{where}: host '{host.name}': driver branch {branch}: {exc}") from None
+
+
+def _kernel_modules(host: ResolvedHost, branch: int, capability: str | None,
+                    modules: KernelModules, loaded: LoadedFleet, reasons: list[str]) -> bool:
+    """Open or proprietary kernel modules, from the GPU (data/nvidia_driver.yml)."""
+    gpu = f"{host.gpu.name} (compute capability {capability})" if capability else \
+        host.gpu.name or "the GPU"
+    required = open_modules_required(capability, host.gpu.name, modules)
+    unsupported = capability is not None and not open_modules_supported(capability, modules)
+    setting = host.driver.open_kernel_modules
+    if setting is not None:
+        where = loaded.locate(host.driver_keys["open_kernel_modules"])
+        if setting and unsupported:
+            raise PlanError(f"{where}: {gpu} is older than Turing (compute capability "
+                            f"{modules.open_min_compute_capability}), and NVIDIA's open kernel "
+                            "modules run only on Turing and newer: set "
+                            "driver.open_kernel_modules: false, or remove it")
+        if not setting and required:
+            raise PlanError(f"{where}: {gpu} is {required}, where NVIDIA supports only the "
+                            "open kernel modules: set driver.open_kernel_modules: true, or "
+                            "remove it")
+        reasons.append(f"NVIDIA {'open' if setting else 'proprietary'} kernel modules (set at "
+                       f"{where})")
+        return setting
+    if required:
+        reasons.append(f"NVIDIA open kernel modules: {gpu} is {required}, where NVIDIA "
+                       "supports only the open modules")
+        return True
+    if unsupported:
+        reasons.append(f"NVIDIA proprietary kernel modules: {gpu} is older than Turing "
+                       f"(compute capability {modules.open_min_compute_capability}), which the "
+                       "open modules need")
+        return False
+    default_open = branch >= modules.open_default_from_branch
+    default = (f"NVIDIA's default for branch {branch} (open from "
+               f"R{modules.open_default_from_branch})")
+    if capability is None:
+        known = ("the fleet does not name the GPU (gpu.name)" if not host.gpu.name else
+                 f"{host.gpu.name} is not in data/gpus.yml")
+        reasons.append(f"NVIDIA {'open' if default_open else 'proprietary'} kernel modules: "
+                       f"{known}, so {default}; a Volta or older GPU needs "
+                       "driver.open_kernel_modules: false")
+    else:
+        reasons.append(f"NVIDIA {'open' if default_open else 'proprietary'} kernel modules: "
+                       f"{gpu} runs either, {default}")
+    return default_open
+
+
+def _driver_vars(host: ResolvedHost, branch: int, gpu_table: CompatTable,
                  loaded: LoadedFleet, reasons: list[str]) -> dict[str, Any]:
     """nvidia_driver role variables where the fleet has the toolkit install the driver
-    (driver.manage): the branch given, or the lowest one that runs the planned torch build."""
+    (driver.manage): the branch planned by _managed_build and the GPU's kernel modules."""
     driver = host.driver
-    if not driver.manage:
-        return {}
-    lowest = lowest_driver_branch(build.cuda, gpu_table.cuda)
-    # least_demanding_build or decide took build.min_driver from a row of this CUDA version.
-    assert lowest is not None
-    torch = f"torch {build.version}+{build.cuda_build}"
-    if driver.branch is None:
-        branch = str(lowest)
-        reasons.append(f"NVIDIA driver branch {branch} installed by the drivers stage "
-                       f"(driver.manage): the lowest branch that runs CUDA {build.cuda}, which "
-                       f"{torch} needs (driver >= {build.min_driver})")
-    else:
-        branch = driver.branch
-        where = loaded.locate(host.driver_keys["branch"])
-        if int(branch) < lowest:
-            raise PlanError(f"{where}: driver branch {branch} cannot run {torch}: CUDA "
-                            f"{build.cuda} needs driver >= {build.min_driver}, branch {lowest} "
-                            f"or newer; raise the branch, or remove it to install {lowest}")
-        reasons.append(f"NVIDIA driver branch {branch} installed by the drivers stage (set at "
-                       f"{where}): runs {torch}, which needs driver >= {build.min_driver}")
-    variables: dict[str, Any] = {"nvidia_driver_manage": True, "nvidia_driver_branch": branch}
+    table = _driver_table(gpu_table)
+    capability = _capability(host, gpu_table)
+    variables: dict[str, Any] = {"nvidia_driver_manage": True, "nvidia_driver_branch": str(branch)}
     if driver.source is not None:
         variables["nvidia_driver_source"] = driver.source
-    if driver.open_kernel_modules is not None:
-        variables["nvidia_driver_open_kernel_modules"] = driver.open_kernel_modules
+    variables["nvidia_driver_open_kernel_modules"] = _kernel_modules(
+        host, branch, capability, table.kernel_modules, loaded, reasons)
+    if driver.fabric_manager is not None:
+        variables["nvidia_driver_fabricmanager"] = driver.fabric_manager
+    nvlsm = driver.nvlink_subnet_manager
+    if nvlsm is not None:
+        reasons.append(f"NVLink Subnet Manager {'installed' if nvlsm else 'not installed'} "
+                       f"(set at {loaded.locate(host.driver_keys['nvlink_subnet_manager'])})")
+    elif driver.fabric_manager and capability is not None and \
+            parse_compute_capability(capability)[0] in \
+            table.nvlink_subnet_manager.compute_capability_majors:
+        nvlsm = True
+        reasons.append(f"NVLink Subnet Manager (nvlsm) with Fabric Manager: {host.gpu.name} "
+                       f"(compute capability {capability}) is Blackwell, whose HGX baseboards "
+                       "have fourth-generation NVSwitches")
+    if nvlsm is not None:
+        variables["nvidia_driver_nvlsm"] = nvlsm
     return variables
 
 
 def _gpu_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTable,
-               loaded: LoadedFleet) -> tuple[TorchChoice, StackProfile, CompatTable, list[str]]:
-    """The torch build, vLLM stack and compat table planned for a GPU host, with reasons.
+               loaded: LoadedFleet
+               ) -> tuple[TorchChoice, StackProfile, CompatTable, list[str], int | None]:
+    """The torch build, vLLM stack and compat table planned for a GPU host, with reasons,
+    and the driver branch the drivers stage installs (driver.manage) or None.
 
-    With the host's driver in the fleet (gpu.driver), decide() picks the vLLM release and
-    build that driver runs, the pinned one or an older one, and the stack and table follow
-    it (so fit planning uses that release's compute-capability floor). Without it, the
-    pinned vLLM's build needing the oldest driver, which the drivers stage checks.
+    With driver.manage, the stack is chosen for the branch to be installed
+    (_managed_build). Else, with the host's driver in the fleet (gpu.driver), decide()
+    picks the vLLM release and build that driver runs, the pinned one or an older one, and
+    the stack and table follow it (so fit planning uses that release's compute-capability
+    floor). Without it, the pinned vLLM's build needing the oldest driver, which the
+    drivers stage checks.
     """
+    if host.driver.manage:
+        return _managed_build(host, stack, gpu_table, loaded, _capability(host, gpu_table))
     if host.gpu.driver is None:
         build = least_demanding_build(gpu_table)
         return build, stack, gpu_table, [
             f"NVIDIA driver not given (gpu.driver): planned the pinned vLLM "
             f"{stack.vllm_version} and its torch build needing the oldest driver; the drivers "
-            "stage checks the host's driver against it"]
+            "stage checks the host's driver against it"], None
     where = loaded.locate(host.driver_keys["gpu.driver"])
     capability = None
     if host.gpu.name and gpu_table.gpus is not None:
@@ -589,7 +743,7 @@ def _gpu_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTable,
     return decision.torch, stack, gpu_table, [
         f"vLLM {decision.vllm.version} and torch {decision.torch.cuda_build} chosen for NVIDIA "
         f"driver {decision.driver} (set at {where}; `orchestrate compat` shows the same):",
-        *(f"  {reason}" for reason in decision.reasons)]
+        *(f"  {reason}" for reason in decision.reasons)], None
 
 
 def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
@@ -602,10 +756,13 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     gpu_vars: dict[str, Any] = {}
     stack_reasons: list[str] = []
     if host.profile == "gpu":
-        build, stack, gpu_table, stack_reasons = _gpu_build(host, stack, gpu_table, loaded)
+        build, stack, gpu_table, stack_reasons, branch = _gpu_build(host, stack, gpu_table,
+                                                                    loaded)
         torch_requirement, torch_index = build.requirement, build.index_url
         gpu_vars["gpu_check_min_driver"] = build.min_driver
         gpu_vars["pytorch_require_cuda"] = True
+        # Triton compiles a C helper against Python.h when vLLM starts on a GPU (vllm#27890).
+        gpu_vars["python_env_build_tools"] = True
         if host.gpu.name:
             gpu_vars["gpu_check_expected_name"] = host.gpu.name
             gpu_vars["gpu_check_expected_count"] = host.gpu.count or 1
@@ -616,7 +773,8 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     if gpu_vars:
         reasons.append(f"torch CUDA {build.cuda} build: the drivers stage requires NVIDIA "
                        f"driver >= {build.min_driver}")
-        driver_vars = _driver_vars(host, build, gpu_table, loaded, reasons)
+        if branch is not None:
+            driver_vars = _driver_vars(host, branch, gpu_table, loaded, reasons)
     else:
         reasons.append("torch CPU build: profile cpu, the host has no GPU to use")
         if host.driver.manage:
