@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from orchestrator import bench as benchmark
-from orchestrator import htmlreport, report, sandbox, sandbox_fleet
+from orchestrator import deepprobe, htmlreport, report, sandbox, sandbox_fleet
 from orchestrator import mirror as weights_mirror
 from orchestrator import mirror_packages as packages
 from orchestrator.compat import decide, load_cuda_compat, load_gpu_table
@@ -245,14 +245,26 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
 def probe(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
           as_json: JsonOpt = False, vault_password_file: VaultOpt = None,
           ssh: Annotated[bool, typer.Option("--ssh/--no-ssh", help="Also probe the hosts "
-                                            "over SSH.")] = True) -> None:
+                                            "over SSH.")] = True,
+          deep: Annotated[bool, typer.Option("--deep", help="Also run the GPU smoke test "
+                                             "(playbooks/gpu_smoke.yml) on every GPU host; "
+                                             "minutes per host.")] = False) -> None:
     """Probe the hosts over SSH (GPUs, torch, weights, services) and every deployment over
     HTTP; exit 1 if any probe fails."""
     with _errors():
         the_plan = _plan(hosts, fleet, inventory)
-        secrets, _ = _secrets(hosts, fleet, inventory, the_plan, vault_password_file)
+        secrets, password_file = _secrets(hosts, fleet, inventory, the_plan,
+                                          vault_password_file)
     result = (probe_all(the_plan, secrets=secrets) if ssh
               else probe_plan(the_plan, secrets=secrets))
+    if deep:
+        _log("GPU smoke test (playbooks/gpu_smoke.yml) on the GPU hosts")
+        with _errors():
+            smoke = deepprobe.run_smoke(the_plan, STATE_DIR / "runs",
+                                        new_run_id(dt.datetime.now(), "smoke"),
+                                        operator_inventory=inventory,
+                                        vault_password_file=password_file)
+        result = deepprobe.merged(result, smoke, the_plan)
     if as_json:
         print(json.dumps({**result.model_dump(), "passed": result.passed}, indent=2))
     else:
