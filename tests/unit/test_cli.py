@@ -61,7 +61,7 @@ def test_down_refuses_real_groups(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "sandbox only" in proc.stderr
 
 
-FIXTURES = REPO.parent / "shared" / "fixtures" / "nvidia-smi"
+FIXTURES = REPO / "tests" / "data" / "nvidia-smi"
 
 
 def test_facts_parse_json_of_a_healthy_host(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""nvidia-smi parsing against real outputs (shared/fixtures/nvidia-smi, see its SOURCES.md).
+"""nvidia-smi parsing against real outputs (tests/data/nvidia-smi: copies of
+shared/fixtures/nvidia-smi, kept in the repository; see its SOURCES.md).
 
 Every fixture file has a row in EXPECTED, with values read from the file itself.
 """
@@ -25,7 +26,7 @@ from orchestrator.facts import (
     summarize,
 )
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "nvidia-smi"
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "nvidia-smi"
 
 # The telegraf plugin's query (SOURCES.md) for the header-less fixture.
 TELEGRAF_COLUMNS = [

@@ -39,8 +39,8 @@ RTX4090_TABLE = (SMI / "table__RTX-4090__580.65.06.txt").read_text()  # CUDA 13.
 CUDA_NA_TABLE = (SMI / "table_cuda-NA__A100-PCIE-40GB__470.82.01.txt").read_text()
 # One GPU with MIG devices under it: only "GPU n:" lines are GPUs.
 H200_MIG_LIST = (SMI / "list_mig__H200__590.48.01.txt").read_text()
-T4_LIST = (DATA / "gpu-smoke" / "nvidia-smi-L-T4.txt").read_text()
-DRIVER_COMM = (DATA / "gpu-smoke" / "nvidia-smi-driver-comm.txt").read_text()
+T4_LIST = (SMI / "list__Tesla-T4__535.104.05.txt").read_text()
+DRIVER_COMM = (SMI / "error_driver_comm__unknown__460.x.txt").read_text()
 # A two-GPU listing in nvidia-smi -L's format (the real T4 line, twice): for the NCCL check.
 TWO_T4_LIST = T4_LIST + T4_LIST.replace("GPU 0:", "GPU 1:").replace("0079ab15", "0079ab16")
 OLD_PROC = (PROC / "nvidia-frontend-infiniband.txt").read_text()

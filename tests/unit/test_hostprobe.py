@@ -61,7 +61,7 @@ from orchestrator.sandbox import ensure_ssh_key
 from orchestrator.sandbox_fleet import sandbox_fleet
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "nvidia-smi"
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "nvidia-smi"
 MARKER = ".qwen-serve-complete"  # roles/model_weights/defaults/main.yml
 SMI = "/usr/bin/nvidia-smi"
 
