@@ -18,8 +18,8 @@ from ansible.parsing.vault import VaultLib, VaultSecret
 
 from orchestrator import ollama_standin, sandbox
 from orchestrator.config import Fleet, LoadedFleet
+from orchestrator.errors import OrchestrateError
 from orchestrator.knowledge import Knowledge
-from orchestrator.modelgen import generate_tiny_qwen2
 from orchestrator.ollama_standin_release import machine_arch, make_release
 from orchestrator.wheelhouse import stage_wheelhouse
 
@@ -65,6 +65,14 @@ def host_names() -> list[str]:
 
 def sandbox_model() -> Path:
     """The locally generated small Qwen2 model the sandbox serves (made once, cached)."""
+    # Imported here: numpy, safetensors and tokenizers are the `sandbox` extra, and an
+    # `orchestrate` installed without it must still run every other command.
+    try:
+        from orchestrator.modelgen import generate_tiny_qwen2
+    except ImportError as exc:
+        raise OrchestrateError(f"the sandbox's model generator needs the 'sandbox' extra "
+                               f"({exc.name} is missing): pip install "
+                               "'qwen-fleet-orchestrator[sandbox]'") from None
     return generate_tiny_qwen2(sandbox.cache_dir() / "models" / DEPLOYMENT)
 
 

@@ -3,6 +3,7 @@ import re
 import socket
 import stat
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -244,3 +245,23 @@ def test_molecule_scenarios_use_the_sandbox_image() -> None:
     repo = Path(__file__).resolve().parents[2]
     for scenario in (repo / "molecule").glob("*/molecule.yml"):
         assert f"image: {sandbox.IMAGE}\n" in scenario.read_text(), scenario
+
+
+def test_the_cli_runs_without_the_sandbox_extra_and_the_sandbox_says_what_is_missing() -> None:
+    # `pip install .` without [sandbox] has no numpy: every command but the sandbox's runs,
+    # and the sandbox ends in one line naming the extra (numpy blocked in a child process).
+    program = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "from typer.testing import CliRunner\n"
+        "from orchestrator import cli, sandbox_fleet\n"
+        "from orchestrator.errors import OrchestrateError\n"
+        "result = CliRunner().invoke(cli.app, ['compat', '--driver', '535.104.05'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "try:\n"
+        "    sandbox_fleet.sandbox_model()\n"
+        "except OrchestrateError as exc:\n"
+        "    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "'sandbox' extra (numpy is missing)" in proc.stdout
