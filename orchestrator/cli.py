@@ -15,22 +15,32 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator import bench as benchmark
-from orchestrator import deepprobe, htmlreport, report, sandbox, sandbox_fleet
-from orchestrator import mirror as weights_mirror
-from orchestrator import mirror_packages as packages
-from orchestrator.compat import decide, load_cuda_compat, load_gpu_table
-from orchestrator.config import LoadedFleet, MirrorSettings, load_fleet
+from orchestrator.config.fleet import LoadedFleet, MirrorSettings, load_fleet
+from orchestrator.config.vault import load_secrets
 from orchestrator.errors import ConfigError, OrchestrateError
-from orchestrator.facts import parse_nvidia_smi, summarize
-from orchestrator.fit import check_same_gpu, fit, gpus_from_facts
-from orchestrator.hostprobe import probe_all
-from orchestrator.knowledge import load_knowledge
-from orchestrator.plan import STAGES, Plan, make_plan, select_stages, weights_origins
-from orchestrator.probe import probe_plan
-from orchestrator.render import ROOT, new_run_id, render
-from orchestrator.runner import run_playbook
-from orchestrator.vault import load_secrets
+from orchestrator.facts.nvidia_smi import parse_nvidia_smi, summarize
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import decide, load_cuda_compat, load_gpu_table
+from orchestrator.mirror import packages
+from orchestrator.mirror import weights as weights_mirror
+from orchestrator.plan.fit import check_same_gpu, fit, gpus_from_facts
+from orchestrator.plan.planner import (
+    STAGES,
+    Plan,
+    make_plan,
+    select_stages,
+    weights_origins,
+)
+from orchestrator.report import console as report
+from orchestrator.report import htmlreport
+from orchestrator.run.render import ROOT, new_run_id, render
+from orchestrator.run.runner import run_playbook
+from orchestrator.sandbox import fleet as sandbox_fleet
+from orchestrator.sandbox import hosts as sandbox
+from orchestrator.verify import bench as benchmark
+from orchestrator.verify import deepprobe
+from orchestrator.verify.hostprobe import probe_all
+from orchestrator.verify.httpprobe import probe_plan
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Provision GPU hosts to serve Qwen2.5 with vLLM, and prove they work.")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What one control core can drive: `orchestrate bench`'s load generator against a trivial endpoint.
 
-The endpoint (orchestrator/bench_endpoint.py) answers every request at once with
+The endpoint (tests/doubles/bench_endpoint.py) answers every request at once with
 `--output-tokens` one-token chunks, in a child process on another core; this
 process is pinned to one core. Whatever it measures is therefore the load
 generator's own cost: the requests/s and tokens/s ceilings, and the latency it
@@ -23,11 +23,18 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import sys
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 
-from orchestrator import bench, bench_endpoint
+# The test double lives with the tests, not in the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from doubles import bench_endpoint
+
 from orchestrator.errors import ConfigError
+from orchestrator.verify import bench
 
 
 def _endpoint(core: int, conn: Connection) -> None:

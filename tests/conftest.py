@@ -34,8 +34,9 @@ def write(tmp_path: Path):
 def artifacts_env() -> dict[str, str]:
     """Build (or reuse) the sandbox image, wheelhouse and model; an environment naming them,
     for the Molecule and sandbox suites."""
-    from orchestrator import sandbox, sandbox_fleet
-    from orchestrator.knowledge import load_knowledge
+    from orchestrator.knowledge.catalog import load_knowledge
+    from orchestrator.sandbox import fleet as sandbox_fleet
+    from orchestrator.sandbox import hosts as sandbox
 
     wheelhouse = sandbox_fleet.sandbox_wheelhouse(load_knowledge(), print)
     sandbox.ensure_image(print)

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator import sandbox
-from orchestrator.vault import load_secrets
+from orchestrator.config.vault import load_secrets
+from orchestrator.sandbox import hosts as sandbox
 
 ORCHESTRATE = str(Path(sys.executable).parent / "orchestrate")
 STATE = Path(".orchestrate/sandbox")

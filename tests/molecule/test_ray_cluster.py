@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import sandbox, sandbox_fleet
-from orchestrator.wheelhouse import stage_wheelhouse
+from orchestrator.mirror.wheelhouse import stage_wheelhouse
+from orchestrator.sandbox import fleet as sandbox_fleet
+from orchestrator.sandbox import hosts as sandbox
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIO = "ray_cluster"

@@ -4,7 +4,7 @@ Servers here are stand-ins on loopback: `StandIn` answers as vLLM's OpenAI serve
 (server-sent events, shapes taken from the sandbox's real vLLM) and Ollama's
 /api/chat (NDJSON, shapes from Ollama's API documentation) do, with failure modes
 switched on per test. The real vLLM is benchmarked in the sandbox. The project's
-own trivial endpoint (orchestrator/bench_endpoint.py) is exercised too, for
+own trivial endpoint (tests/doubles/bench_endpoint.py) is exercised too, for
 function only: its timing is measured by scripts/bench-overhead.py, not asserted.
 """
 
@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from doubles import bench_endpoint
 
-from orchestrator import bench, bench_endpoint, htmlreport
-from orchestrator.benchstats import RequestSample, distribution, percentile, summarize
 from orchestrator.errors import ConfigError
-from orchestrator.plan import HostPlan, Plan, ProbeTarget
-from orchestrator.probe import ProbeReport, ProbeResult
+from orchestrator.plan.planner import HostPlan, Plan, ProbeTarget
+from orchestrator.report import htmlreport
+from orchestrator.verify import bench
+from orchestrator.verify.benchstats import RequestSample, distribution, percentile, summarize
+from orchestrator.verify.httpprobe import ProbeReport, ProbeResult
 
 ORCHESTRATE = str(Path(sys.executable).parent / "orchestrate")
 REPO = Path(__file__).resolve().parents[2]

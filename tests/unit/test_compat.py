@@ -21,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.compat import (
+from orchestrator.errors import PlanError
+from orchestrator.facts.nvidia_smi import parse_nvidia_smi
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import (
     CompatError,
     CompatTable,
     CudaCompat,
@@ -37,9 +40,6 @@ from orchestrator.compat import (
     parse_compute_capability,
     parse_driver_version,
 )
-from orchestrator.errors import PlanError
-from orchestrator.facts import parse_nvidia_smi
-from orchestrator.knowledge import load_knowledge
 
 
 @pytest.fixture(scope="module")
@@ -460,9 +460,9 @@ def test_decide_is_pure(table: CompatTable) -> None:
 
 
 def test_data_file_is_package_data() -> None:
-    import orchestrator
+    import orchestrator.knowledge
 
-    assert (Path(orchestrator.__file__).parent / "data" / "cuda_compat.yml").is_file()
+    assert (Path(orchestrator.knowledge.__file__).parent / "data" / "cuda_compat.yml").is_file()
 
 
 @pytest.mark.parametrize(("name", "capability"), [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_fleet
+from orchestrator.config.fleet import load_fleet
 from orchestrator.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

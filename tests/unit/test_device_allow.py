@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.compat import load_cuda_compat
-from orchestrator.config import load_fleet
-from orchestrator.deviceallow import (
+from orchestrator.config.fleet import load_fleet
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import load_cuda_compat
+from orchestrator.plan.planner import make_plan
+from orchestrator.verify.deviceallow import (
     DeviceNode,
     node_of,
     parse_device_allow,
     parse_proc_devices,
     resolve,
 )
-from orchestrator.knowledge import load_knowledge
-from orchestrator.plan import make_plan
 
 REPO = Path(__file__).resolve().parents[2]
 LISTINGS = REPO / "tests" / "data" / "proc-devices"

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import pytest
 
-from orchestrator.facts import (
+from orchestrator.facts.nvidia_smi import (
     GpuFacts,
     GpuInfo,
     parse_list,

@@ -1,4 +1,5 @@
-"""The model catalog (data/catalog.yml) against its sources, and the VRAM fit (orchestrator/fit.py).
+"""The model catalog (knowledge/data/catalog.yml) against its sources, and the VRAM fit
+(orchestrator/plan/fit.py).
 
 Literal values below are copied from these sources:
 - [card] Qwen's model cards (https://huggingface.co/Qwen/<id>; read from the copies in
@@ -35,9 +36,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.compat import CompatError, GpuModel, load_gpu_table
-from orchestrator.facts import parse_nvidia_smi
-from orchestrator.fit import (
+from orchestrator.facts.nvidia_smi import parse_nvidia_smi
+from orchestrator.knowledge.catalog import Catalog, load_knowledge, weight_bytes
+from orchestrator.knowledge.compat import CompatError, GpuModel, load_gpu_table
+from orchestrator.plan.fit import (
     BLOCK_TOKENS,
     RESERVE_GIB,
     TENSOR_PARALLEL_RESERVE_GIB,
@@ -52,7 +54,6 @@ from orchestrator.fit import (
     spec_from_catalog,
     tensor_parallel_problem,
 )
-from orchestrator.knowledge import Catalog, load_knowledge, weight_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 SMI = REPO / "tests" / "data" / "nvidia-smi"

@@ -1,4 +1,4 @@
-"""The GPU smoke test (orchestrator/gpu_smoke.py, scripts/gpu-smoke) without a GPU.
+"""The GPU smoke test (orchestrator/verify/gpu_smoke.py, scripts/gpu-smoke) without a GPU.
 
 Most tests run the checks against RecordedHost, a STAND-IN for a GPU host: nvidia-smi
 answers with real outputs (tests/data/nvidia-smi, tests/data/gpu-smoke), /proc/devices with
@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator import deepprobe, deviceallow, gpu_smoke
-from orchestrator.gpu_smoke import MARK, Options, Outcome
-from orchestrator.plan import STAGES, HostPlan, Plan
-from orchestrator.probe import ProbeReport, ProbeResult
-from orchestrator.runner import RunResult
+from orchestrator.plan.planner import STAGES, HostPlan, Plan
+from orchestrator.run.runner import RunResult
+from orchestrator.verify import deepprobe, deviceallow, gpu_smoke
+from orchestrator.verify.gpu_smoke import MARK, Options, Outcome
+from orchestrator.verify.httpprobe import ProbeReport, ProbeResult
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -538,7 +538,7 @@ def test_the_script_runs_from_a_directory_holding_only_it_and_deviceallow(
         tmp_path: Path) -> None:
     """As playbooks/gpu_smoke.yml runs it on a host: the two files side by side."""
     for name in ("gpu_smoke.py", "deviceallow.py"):
-        shutil.copy(REPO / "orchestrator" / name, tmp_path / name)
+        shutil.copy(REPO / "orchestrator" / "verify" / name, tmp_path / name)
     proc = subprocess.run([sys.executable, "-I", str(tmp_path / "gpu_smoke.py"), "--help"],
                           capture_output=True, text=True, timeout=60, check=False,
                           cwd=tmp_path, env={"PATH": os.environ["PATH"]})

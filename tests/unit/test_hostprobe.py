@@ -1,4 +1,5 @@
-"""Host probes over SSH: orchestrator/hostprobe.py and its collector, orchestrator/hostcollect.py.
+"""Host probes over SSH: orchestrator/verify/hostprobe.py and its collector,
+orchestrator/verify/hostcollect.py.
 
 * The judging functions, fed the collector's evidence for healthy and broken hosts:
   nvidia-smi evidence is real output (shared/fixtures/nvidia-smi, see its SOURCES.md),
@@ -33,11 +34,20 @@ from typing import Any
 import paramiko
 import pytest
 
-from orchestrator import hostcollect, hostprobe
-from orchestrator.compat import load_cuda_compat
-from orchestrator.config import load_fleet
-from orchestrator.facts import NEXT_STEPS, GpuFacts, parse_nvidia_smi, parse_xml_health
-from orchestrator.hostprobe import (
+from orchestrator.config.fleet import load_fleet
+from orchestrator.facts.nvidia_smi import (
+    NEXT_STEPS,
+    GpuFacts,
+    parse_nvidia_smi,
+    parse_xml_health,
+)
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import load_cuda_compat
+from orchestrator.plan.planner import HostPlan, Plan, make_plan
+from orchestrator.sandbox.fleet import sandbox_fleet
+from orchestrator.sandbox.hosts import ensure_ssh_key
+from orchestrator.verify import hostcollect, hostprobe
+from orchestrator.verify.hostprobe import (
     CollectError,
     Service,
     collector_config,
@@ -54,11 +64,7 @@ from orchestrator.hostprobe import (
     stack_result,
     weights_result,
 )
-from orchestrator.knowledge import load_knowledge
-from orchestrator.plan import HostPlan, Plan, make_plan
-from orchestrator.probe import ProbeResult
-from orchestrator.sandbox import ensure_ssh_key
-from orchestrator.sandbox_fleet import sandbox_fleet
+from orchestrator.verify.httpprobe import ProbeResult
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "nvidia-smi"
@@ -415,7 +421,7 @@ def test_cpu_host_stack_says_cpu_build() -> None:
 # ---------------------------------------------------------------- weights
 
 def local_model(dest: Path) -> dict[str, Any]:
-    """A local copy with manifest.json, as orchestrator/modelgen.py writes it."""
+    """A local copy with manifest.json, as orchestrator/sandbox/modelgen.py writes it."""
     dest.mkdir(parents=True)
     (dest / "config.json").write_text('{"hidden_size": 128}')
     (dest / "model.safetensors").write_bytes(b"x" * 1000)
@@ -882,8 +888,8 @@ def test_a_dead_host_fails_ssh_while_the_live_one_answers(
 
 SILENT_HOST = """
 import socket, sys
-from orchestrator.hostprobe import CollectError, run_collector
-from orchestrator.plan import HostPlan
+from orchestrator.verify.hostprobe import CollectError, run_collector
+from orchestrator.plan.planner import HostPlan
 silent = socket.create_server(("127.0.0.1", 0))
 host = HostPlan(name="sandbox-1", group="sandbox", profile="cpu", probes=[], reasons=[],
                 connection={"ansible_host": "127.0.0.1", "ansible_user": "root",

@@ -27,13 +27,14 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from doubles.modelhub import StandInHub
 
-from orchestrator import cli, sandbox_fleet
-from orchestrator.compat import load_cuda_compat
-from orchestrator.config import load_fleet
+from orchestrator import cli
+from orchestrator.config.fleet import load_fleet
 from orchestrator.errors import ConfigError
-from orchestrator.knowledge import load_knowledge
-from orchestrator.mirror import (
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import load_cuda_compat
+from orchestrator.mirror.weights import (
     MANIFEST,
     MirrorError,
     MirrorServer,
@@ -42,8 +43,8 @@ from orchestrator.mirror import (
     serving,
     stage_weights,
 )
-from orchestrator.modelhub import StandInHub
-from orchestrator.plan import make_plan, weights_origins
+from orchestrator.plan.planner import make_plan, weights_origins
+from orchestrator.sandbox import fleet as sandbox_fleet
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

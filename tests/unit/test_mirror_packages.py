@@ -5,9 +5,9 @@ given are checked (the hosts' Python, the platform tags, torch alone from its ow
 tests/unit/test_wheelhouse.py downloads small wheels from PyPI for real.
 
 Ollama: GitHub cannot be reached here. The origin is a STAND-IN: a loopback HTTP server
-(orchestrator.mirror.MirrorServer, which counts what it sends) over a directory laid out
+(orchestrator.mirror.weights.MirrorServer, which counts what it sends) over a directory laid out
 like GitHub's release downloads, holding the Ollama stand-in packed as the release archive
-(orchestrator/ollama_standin_release.py).
+(orchestrator/sandbox/ollama_standin_release.py).
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator import cli, wheelhouse
-from orchestrator.compat import least_demanding_build, load_cuda_compat
-from orchestrator.config import load_fleet
-from orchestrator.knowledge import load_knowledge
-from orchestrator.mirror import MirrorError, MirrorServer, Request
-from orchestrator.mirror_packages import ollama_archives, stage_wheels, wheel_stacks
-from orchestrator.ollama_standin_release import machine_arch, make_release
-from orchestrator.plan import make_plan
+from orchestrator import cli
+from orchestrator.config.fleet import load_fleet
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import least_demanding_build, load_cuda_compat
+from orchestrator.mirror import wheelhouse
+from orchestrator.mirror.packages import ollama_archives, stage_wheels, wheel_stacks
+from orchestrator.mirror.weights import MirrorError, MirrorServer, Request
+from orchestrator.plan.planner import make_plan
+from orchestrator.sandbox.ollama_standin_release import machine_arch, make_release
 
 MIRROR_URL = "http://ctl:8090"
 VERSION = "0.32.7"  # the ollama role's default ollama_version

@@ -2,7 +2,7 @@
 against tmp directories.
 
 ModelScope itself cannot be reached here: the `modelscope` source downloads with the real
-client from orchestrator.modelhub, a local STAND-IN for the ModelScope hub on 127.0.0.1.
+client from tests/doubles/modelhub.py, a local STAND-IN for the ModelScope hub on 127.0.0.1.
 The `mirror` source fetches from a plain local HTTP server of a model directory.
 
 Each scenario is one inventory host (all of them this machine, each with its own models
@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from orchestrator.modelhub import StandInHub
+from doubles.modelhub import StandInHub
 
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOK = REPO / "tests" / "data" / "model-weights-playbook.yml"
@@ -96,7 +95,7 @@ def sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small model directory with a manifest.json as orchestrator/modelgen.py writes it."""
+    """A small model directory with a manifest.json as the sandbox's modelgen.py writes it."""
     directory = tmp_path_factory.mktemp("source") / "model"
     (directory / "original").mkdir(parents=True)
     (directory / "config.json").write_text('{"model_type": "qwen2"}\n')

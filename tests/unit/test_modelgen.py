@@ -12,8 +12,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from orchestrator import modelgen
-from orchestrator.modelgen import generate_tiny_qwen2
+from orchestrator.sandbox import modelgen
+from orchestrator.sandbox.modelgen import generate_tiny_qwen2
 
 MODEL_FILES = {
     "config.json",
@@ -293,7 +293,7 @@ def test_same_seed_gives_identical_bytes_in_another_process(
     # A fresh interpreter has new hash seeds (Python's and the Rust tokenizer's).
     code = (
         "import sys; from pathlib import Path; "
-        "from orchestrator.modelgen import generate_tiny_qwen2; "
+        "from orchestrator.sandbox.modelgen import generate_tiny_qwen2; "
         "generate_tiny_qwen2(Path(sys.argv[1]))"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "other")], check=True)

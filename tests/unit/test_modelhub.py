@@ -2,7 +2,7 @@
 orchestrator.modelhub, a local STAND-IN for the ModelScope hub.
 
 modelscope.cn cannot be reached from here: every download below goes to the stand-in on
-127.0.0.1, which serves the generated tiny Qwen2 model (orchestrator/modelgen.py) as a
+127.0.0.1, which serves the generated tiny Qwen2 model (orchestrator/sandbox/modelgen.py) as a
 repository. The client is the real one, run as its users run it (`modelscope download`,
 `snapshot_download`), pointed at the stand-in with MODELSCOPE_ENDPOINT.
 """
@@ -24,9 +24,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from doubles.modelhub import StandInHub
 
-from orchestrator.modelgen import generate_tiny_qwen2
-from orchestrator.modelhub import StandInHub
+from orchestrator.sandbox.modelgen import generate_tiny_qwen2
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

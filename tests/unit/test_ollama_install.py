@@ -2,10 +2,10 @@
 into a temporary prefix.
 
 The Ollama release cannot be downloaded here: the archive is the Ollama STAND-IN
-(orchestrator/ollama_standin.py) packed with the release's layout and compression, served by a
-local HTTP server on loopback laid out like GitHub's release downloads. The role's real code
-fetches it by URL, checks its sha256, unpacks it and links it; a wrong checksum is refused, and
-so is a run without one (the checksum is a required input: the role ships none).
+(orchestrator/sandbox/ollama_standin.py) packed with the release's layout and compression,
+served by a local HTTP server on loopback laid out like GitHub's release downloads. The role's
+real code fetches it by URL, checks its sha256, unpacks it and links it; a wrong checksum is
+refused, and so is a run without one (the checksum is a required input: the role ships none).
 """
 
 from __future__ import annotations

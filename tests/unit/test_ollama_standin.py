@@ -1,4 +1,4 @@
-"""The Ollama STAND-IN (orchestrator/ollama_standin.py) behaves as the role and the
+"""The Ollama STAND-IN (orchestrator/sandbox/ollama_standin.py) behaves as the role and the
 probes expect of Ollama: its CLI talks to its server, models land under OLLAMA_MODELS in Ollama's
 layout, and it refuses to start where Ollama does (an OLLAMA_MODELS it cannot write)."""
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-STANDIN = Path(__file__).resolve().parents[2] / "orchestrator" / "ollama_standin.py"
+STANDIN = Path(__file__).resolve().parents[2] / "orchestrator" / "sandbox" / "ollama_standin.py"
 GGUF_HEADER = b"GGUF" + (3).to_bytes(4, "little") + bytes(16)  # version 3, no tensors, no keys
 TEMPLATE = '{{- if .Messages }}\n# Tools\n{{ range .Messages }}{{ .Content }}{{ end }}{{ end }}'
 

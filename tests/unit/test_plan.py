@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.compat import load_cuda_compat
-from orchestrator.config import load_fleet
+from orchestrator.config.fleet import load_fleet
 from orchestrator.errors import PlanError
-from orchestrator.knowledge import load_knowledge
-from orchestrator.plan import STAGES, make_plan, select_stages
-from orchestrator.sandbox_fleet import OllamaRelease, sandbox_fleet
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import load_cuda_compat
+from orchestrator.plan.planner import STAGES, make_plan, select_stages
+from orchestrator.sandbox.fleet import OllamaRelease, sandbox_fleet
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.compat import decide, load_cuda_compat
-from orchestrator.config import load_fleet
+from orchestrator.config.fleet import load_fleet
 from orchestrator.errors import ConfigError, PlanError
-from orchestrator.knowledge import load_knowledge
-from orchestrator.plan import HostPlan, make_plan
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import decide, load_cuda_compat
+from orchestrator.plan.planner import HostPlan, make_plan
 
 FLEET = """\
 groups:

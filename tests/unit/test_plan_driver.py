@@ -13,16 +13,16 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator import cli
-from orchestrator.compat import (
+from orchestrator.config.fleet import load_fleet
+from orchestrator.errors import ConfigError, PlanError
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import (
     branch_driver,
     load_cuda_compat,
     load_driver_table,
     lowest_driver_branch,
 )
-from orchestrator.config import load_fleet
-from orchestrator.errors import ConfigError, PlanError
-from orchestrator.knowledge import load_knowledge
-from orchestrator.plan import HostPlan, make_plan
+from orchestrator.plan.planner import HostPlan, make_plan
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden"

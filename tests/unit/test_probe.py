@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import httpx
 
-from orchestrator.plan import HostPlan, Plan, ProbeTarget
-from orchestrator.probe import probe_plan
+from orchestrator.plan.planner import HostPlan, Plan, ProbeTarget
+from orchestrator.verify.httpprobe import probe_plan
 
 Handler = Callable[[httpx.Request], httpx.Response]
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.plan import STAGES, HostPlan, Plan
-from orchestrator.render import render
-from orchestrator.runner import Progress, RunResult, run_playbook
+from orchestrator.plan.planner import STAGES, HostPlan, Plan
+from orchestrator.run.render import render
+from orchestrator.run.runner import Progress, RunResult, run_playbook
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the roles chown to root: needs root")
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.compat import load_cuda_compat
-from orchestrator.knowledge import load_knowledge
-from orchestrator.plan import make_plan, select_stages
-from orchestrator.render import ROOT, render
-from orchestrator.sandbox_fleet import sandbox_fleet
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import load_cuda_compat
+from orchestrator.plan.planner import make_plan, select_stages
+from orchestrator.run.render import ROOT, render
+from orchestrator.sandbox.fleet import sandbox_fleet
 
 
 def sandbox_plan(stages=None):
@@ -49,14 +49,14 @@ def test_no_private_key_material_in_the_run_directory(tmp_path: Path) -> None:
 
 def test_every_stage_has_a_tagged_playbook() -> None:
     site = yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())
-    from orchestrator.plan import STAGES
+    from orchestrator.plan.planner import STAGES
     assert [entry["tags"] for entry in site] == [[s] for s in STAGES]
     assert [entry["ansible.builtin.import_playbook"] for entry in site] == [
         f"{s}.yml" for s in STAGES]
 
 
 def test_a_deployment_across_hosts_renders_the_ray_groups(tmp_path: Path, write) -> None:
-    from orchestrator.config import load_fleet
+    from orchestrator.config.fleet import load_fleet
     fleet = write("fleet.yml", """\
 groups:
   big:

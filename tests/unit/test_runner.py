@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from orchestrator.plan import STAGES, HostPlan, Plan
-from orchestrator.render import render
-from orchestrator.runner import Progress, failure_message, run_playbook
+from orchestrator.plan.planner import STAGES, HostPlan, Plan
+from orchestrator.run.render import render
+from orchestrator.run.runner import Progress, failure_message, run_playbook
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -66,7 +66,7 @@ def test_failure_message_without_anything_points_at_artifacts() -> None:
 
 
 def test_run_ids_sort_by_time() -> None:
-    from orchestrator.render import new_run_id
+    from orchestrator.run.render import new_run_id
     early = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 5), "up")
     late = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 6), "up")
     assert early < late and early.endswith("-up")

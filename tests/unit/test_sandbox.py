@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import sandbox
-from orchestrator.sandbox import SandboxError, SandboxHost
+from orchestrator.sandbox import hosts as sandbox
+from orchestrator.sandbox.hosts import SandboxError, SandboxHost
 
 
 def test_port_scheme_offsets_each_host_by_its_number() -> None:
@@ -253,7 +253,8 @@ def test_the_cli_runs_without_the_sandbox_extra_and_the_sandbox_says_what_is_mis
     program = (
         "import sys; sys.modules['numpy'] = None\n"
         "from typer.testing import CliRunner\n"
-        "from orchestrator import cli, sandbox_fleet\n"
+        "from orchestrator import cli\n"
+        "from orchestrator.sandbox import fleet as sandbox_fleet\n"
         "from orchestrator.errors import OrchestrateError\n"
         "result = CliRunner().invoke(cli.app, ['compat', '--driver', '535.104.05'])\n"
         "assert result.exit_code == 0, result.output\n"

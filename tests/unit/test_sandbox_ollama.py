@@ -1,5 +1,5 @@
 """The sandbox's second engine: an Ollama deployment on every sandbox host, installed from
-the Ollama STAND-IN (orchestrator/ollama_standin.py) packed as a release archive, because
+the Ollama STAND-IN (orchestrator/sandbox/ollama_standin.py) packed as a release archive, because
 the real Ollama cannot be downloaded here. Checked: the archive (layout, checksum,
 reproducible), the plan the sandbox fleet gives (both deployments, the role's archive
 inputs, the published port), and that the probes pass against the running stand-in while
@@ -22,13 +22,16 @@ import httpx
 import pytest
 from rich.console import Console
 
-from orchestrator import ollama_standin, report, sandbox, sandbox_fleet
-from orchestrator.compat import load_cuda_compat
-from orchestrator.knowledge import load_knowledge
-from orchestrator.ollama_standin_release import make_release
-from orchestrator.plan import HostPlan, Plan, make_plan
-from orchestrator.probe import probe_plan
-from orchestrator.sandbox_fleet import OllamaRelease
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import load_cuda_compat
+from orchestrator.plan.planner import HostPlan, Plan, make_plan
+from orchestrator.report import console as report
+from orchestrator.sandbox import fleet as sandbox_fleet
+from orchestrator.sandbox import hosts as sandbox
+from orchestrator.sandbox import ollama_standin
+from orchestrator.sandbox.fleet import OllamaRelease
+from orchestrator.sandbox.ollama_standin_release import make_release
+from orchestrator.verify.httpprobe import is_standin, probe_plan
 
 RELEASE = OllamaRelease(Path("/cache/ollama-standin/v0.32.7/ollama-linux-amd64.tar.zst"),
                         "ab" * 32, "amd64")
@@ -170,3 +173,11 @@ def test_the_ollama_probes_pass_on_the_standin_and_say_it_is_one(standin: str) -
         ("ollama_chat", "pass")]
     assert "the Ollama STAND-IN, not the real Ollama" in results[0].evidence
     assert "Stand-in answer" in results[3].evidence
+
+
+def test_the_probe_knows_the_standin_only_by_its_server_header() -> None:
+    """The verify layer does not import the stand-in: the stand-in's Server header carries
+    the mark the probe looks for, and the real Ollama sends no Server header."""
+    assert is_standin(f"{ollama_standin.SERVER_NAME}/{ollama_standin.VERSION}")
+    assert not is_standin("")
+    assert not is_standin("uvicorn")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config.vault import load_secrets
 from orchestrator.errors import ConfigError
-from orchestrator.vault import load_secrets
 
 
 def _vault(tmp_path: Path, text: str, password: str = "pw") -> tuple[Path, Path]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import wheelhouse
-from orchestrator.wheelhouse import download_command, platform_tags, stage_wheelhouse
+from orchestrator.mirror import wheelhouse
+from orchestrator.mirror.wheelhouse import download_command, platform_tags, stage_wheelhouse
 
 
 def test_platform_tags_cover_glibc_up_to_debian_12() -> None:

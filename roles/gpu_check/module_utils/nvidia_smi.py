@@ -1,1 +1,1 @@
-../../../orchestrator/facts.py
+../../../orchestrator/facts/nvidia_smi.py

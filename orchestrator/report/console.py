@@ -1,0 +1,224 @@
+"""What the operator reads: plan, live progress, run outcome and probe results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from orchestrator.mirror.packages import OLLAMA, WHEELS, OllamaArchive, WheelStack
+from orchestrator.mirror.weights import Staged, Traffic
+from orchestrator.plan.planner import Plan, command_line
+from orchestrator.run.runner import Progress, RunResult
+from orchestrator.verify.bench import BenchReport
+from orchestrator.verify.httpprobe import ProbeReport
+
+
+def plan_table(plan: Plan, console: Console) -> None:
+    table = Table(title=f"Plan for '{plan.group}' (stages: {', '.join(plan.stages)})")
+    for column in ("host", "profile", "address", "deployments", "why"):
+        table.add_column(column, overflow="fold")
+    ray = plan.ray_cluster
+    for host in plan.hosts:
+        planned = host.vars.get("vllm_deployments", [])
+        lines = [f"{d['name']}: vllm {command_line(d['args'])}" for d in planned]
+        if ray is not None and host.name in ray.members:
+            lines.insert(0, f"{ray.deployment}: Ray head" if host.name == ray.head
+                         else f"{ray.deployment}: Ray worker (head {ray.head})")
+        # One Ollama server per host serves its Ollama deployments (roles/ollama).
+        lines += [f"{t.deployment}: ollama {t.served_model_name} on "
+                  f"{host.vars.get('ollama_host')}:{host.vars.get('ollama_port')}"
+                  for t in host.probes if t.engine == "ollama"]
+        deployments = "\n".join(lines) or "-"
+        conn = host.connection
+        table.add_row(host.name, host.profile,
+                      f"{conn['ansible_user']}@{conn['ansible_host']}:{conn['ansible_port']}",
+                      deployments, "\n".join(host.reasons))
+    console.print(table)
+
+
+@dataclass
+class _HostProgress:
+    play: str = ""
+    task: str = ""
+    ok: int = 0
+    changed: int = 0
+    failed: int = 0
+
+
+class LiveProgress:
+    """Per-host progress: a live table on a terminal, one line per event elsewhere (CI logs)."""
+
+    def __init__(self, console: Console, hosts: list[str]) -> None:
+        self.console = console
+        self.state = {h: _HostProgress() for h in hosts}
+        self.play = ""
+        self.live = Live(self._table(), console=console, refresh_per_second=4,
+                         transient=False) if console.is_terminal else None
+
+    def __enter__(self) -> LiveProgress:
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self.live.__exit__(None, None, None)
+
+    def _table(self) -> Table:
+        table = Table(box=None)
+        for column in ("host", "stage", "task", "ok", "changed", "failed"):
+            table.add_column(column)
+        for host, s in self.state.items():
+            failed = f"[red]{s.failed}[/red]" if s.failed else "0"
+            table.add_row(host, s.play, s.task, str(s.ok), str(s.changed), failed)
+        return table
+
+    def __call__(self, event: Progress) -> None:
+        if event.kind == "play":
+            self.play = event.play
+            if not self.live:
+                self.console.print(f"[bold]PLAY[/bold] {event.play}")
+        elif event.host in self.state:
+            s = self.state[event.host]
+            s.play, s.task = event.play, event.task
+            if event.kind in ("ok", "changed"):
+                s.ok += 1
+            if event.kind == "changed":
+                s.changed += 1
+            if event.kind == "failed":
+                s.failed += 1
+            if event.kind in ("failed", "unreachable") and not self.live:
+                self.console.print(f"  [red]{event.kind.upper()}[/red] {event.host}: "
+                                   f"{event.task}")
+        if self.live:
+            self.live.update(self._table())
+
+
+def run_summary(result: RunResult, console: Console, run_dir: str) -> None:
+    table = Table(title="Ansible run")
+    for column in ("host", "ok", "changed", "failed", "unreachable", "skipped"):
+        table.add_column(column)
+    for host, s in sorted(result.stats.items()):
+        table.add_row(host, str(s.ok), str(s.changed),
+                      f"[red]{s.failed}[/red]" if s.failed else "0",
+                      f"[red]{s.unreachable}[/red]" if s.unreachable else "0", str(s.skipped))
+    console.print(table)
+    for failure in result.failures:
+        what = "UNREACHABLE" if failure.unreachable else "FAILED"
+        console.print(f"[red]{what}[/red] [bold]{failure.host}[/bold] "
+                      f"({failure.play} / {failure.task}):")
+        console.print(f"    {failure.message}".replace("\n", "\n    "), markup=False,
+                      highlight=False)
+    if result.rc != 0 and not result.failures:
+        console.print(f"[red]ansible-playbook exited with {result.rc}[/red] ({result.status}) "
+                      f"without a failed task; its output is in {run_dir}/artifacts/ansible/stdout")
+    console.print(f"changed={result.changed_total}  run directory: {run_dir}")
+
+
+def probe_table(report: ProbeReport, console: Console) -> None:
+    table = Table(title=f"Probes for '{report.group}'")
+    for column in ("host", "deployment", "probe", "result", "evidence"):
+        table.add_column(column, overflow="fold")
+    for r in report.results:
+        verdict = {"pass": "[green]pass[/green]", "skip": "[yellow]skip[/yellow]",
+                   "fail": "[red]FAIL[/red]"}[r.status]
+        evidence = r.evidence if r.passed else f"{r.evidence}\nnext: {r.next_step}"
+        table.add_row(r.host, r.deployment, r.probe, verdict, evidence)
+    console.print(table)
+    if report.results:
+        failed = report.failed_hosts()
+        console.print("[green]all probes passed[/green]" if not failed
+                      else f"[red]probes failed on: {', '.join(failed)}[/red]")
+    else:
+        console.print("no deployments to probe")
+
+
+def _ms(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def bench_table(bench: BenchReport, console: Console) -> None:
+    w = bench.workload
+    table = Table(title=f"Benchmark of '{bench.group}': {w.requests} requests per level, "
+                        f"{w.input_tokens} words in, {w.output_tokens} tokens out")
+    for column in ("host", "deployment", "conc.", "req/s", "out tok/s", "TTFT p50/p95/p99 ms",
+                   "ITL p50/p95/p99 ms", "errors"):
+        table.add_column(column, overflow="fold")
+    for d in bench.deployments:
+        if d.skipped:
+            table.add_row(d.host, d.deployment, "-", "-", "-", "-", "-",
+                          f"[red]skipped[/red]: {escape(d.skipped)}")
+        for lv in d.levels:
+            t, i = lv.ttft_ms, lv.itl_ms
+            errors = (f"[red]{lv.errors}/{lv.requests}[/red] {escape(lv.error_messages[0])}"
+                      if lv.errors else f"0/{lv.requests}")
+            table.add_row(d.host, f"{d.deployment} ({d.engine})", str(lv.concurrency),
+                          f"{lv.requests_per_s:.2f}",
+                          f"{lv.output_tokens_per_s:.1f} ({lv.tokens_from})",
+                          f"{_ms(t.p50)}/{_ms(t.p95)}/{_ms(t.p99)}",
+                          f"{_ms(i.p50, 2)}/{_ms(i.p95, 2)}/{_ms(i.p99, 2)}", errors)
+    console.print(table)
+
+
+def run_json(result: RunResult) -> dict[str, Any]:
+    return {
+        "status": result.status,
+        "rc": result.rc,
+        "changed": result.changed_total,
+        "hosts": {h: vars(s) for h, s in sorted(result.stats.items())},
+        "failures": [vars(f) for f in result.failures],
+    }
+
+
+def mirror_table(staged: list[Staged], directory: str, console: Console) -> None:
+    table = Table(title=f"Mirror {directory}")
+    for column in ("model", "origin", "deployments", "files", "size", "from origin now"):
+        table.add_column(column, overflow="fold")
+    for s in staged:
+        table.add_row(s.key, escape(s.origin), ", ".join(s.deployments), str(s.files),
+                      f"{s.total_bytes} B ({s.total_bytes / 2**30:.2f} GiB)",
+                      f"{s.origin_bytes} B" + (" (already staged)" if s.already_staged else "")
+                      + (f" (fetched again, damaged: {', '.join(s.repaired)})"
+                         if s.repaired else ""))
+    console.print(table)
+    console.print(f"bytes taken from the origin by this run: "
+                  f"{sum(s.origin_bytes for s in staged)}", highlight=False)
+
+
+def mirror_packages(stacks: list[WheelStack], archives: list[OllamaArchive], directory: str,
+                    console: Console) -> None:
+    """The wheels and Ollama archives `orchestrate mirror` staged beside the weights."""
+    if stacks:
+        table = Table(title=f"Wheels {directory}/{WHEELS}")
+        for column in ("python", "requirements", "torch index", "hosts", "this run"):
+            table.add_column(column, overflow="fold")
+        for s in stacks:
+            table.add_row(s.python_version, escape(", ".join(s.requirements)),
+                          escape(s.index or "PyPI"), ", ".join(s.hosts),
+                          "already staged, nothing downloaded" if s.already_staged
+                          else "downloaded")
+        console.print(table)
+    if archives:
+        table = Table(title=f"Ollama {directory}/{OLLAMA}")
+        for column in ("archive", "sha256", "hosts", "from origin now"):
+            table.add_column(column, overflow="fold")
+        for a in archives:
+            table.add_row(escape(a.path), a.sha256, ", ".join(a.hosts),
+                          f"{a.origin_bytes} B" + (" (already staged)" if a.already_staged
+                                                   else f" from {escape(a.url)}"))
+        console.print(table)
+
+
+def mirror_traffic(traffic: Traffic, console: Console) -> None:
+    """What the mirror served to the hosts during `up`: each file, how often, how much."""
+    served = traffic.to_dict()
+    console.print(f"the mirror served {served['requests']} request(s), {served['bytes']} B",
+                  highlight=False)
+    for path, seen in served["paths"].items():
+        console.print(f"  {escape(path)}: {seen['ok']} of {seen['requests']} answered, "
+                      f"{seen['bytes']} B", highlight=False)
