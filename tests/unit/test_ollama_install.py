@@ -75,7 +75,8 @@ def run_archive_tasks(tmp_path: Path, **variables: Any) -> tuple[int, dict[str, 
         "- name: Install the Ollama archive\n"
         "  hosts: all\n"
         "  gather_facts: true\n"
-        "  gather_subset: [\"!all\", \"!min\", platform]\n"
+        # platform: the architecture; distribution: the role's OS check.
+        "  gather_subset: [\"!all\", \"!min\", platform, distribution]\n"
         "  tasks:\n"
         "    - name: Run the role's checks\n"
         "      ansible.builtin.include_role:\n"
