@@ -120,6 +120,10 @@ def run_summary(result: RunResult, console: Console, run_dir: str) -> None:
     console.print(f"changed={result.changed_total}  run directory: {run_dir}")
 
 
+# On every row a stand-in engine answered: its results are the stand-in's, not a model's.
+STANDIN_MARK = "[bold yellow]STAND-IN[/bold yellow]"
+
+
 def probe_table(report: ProbeReport, console: Console) -> None:
     table = Table(title=f"Probes for '{report.group}'")
     for column in ("host", "deployment", "probe", "result", "evidence"):
@@ -128,7 +132,8 @@ def probe_table(report: ProbeReport, console: Console) -> None:
         verdict = {"pass": "[green]pass[/green]", "skip": "[yellow]skip[/yellow]",
                    "fail": "[red]FAIL[/red]"}[r.status]
         evidence = r.evidence if r.passed else f"{r.evidence}\nnext: {r.next_step}"
-        table.add_row(r.host, r.deployment, r.probe, verdict, evidence)
+        table.add_row(r.host, r.deployment + (f" {STANDIN_MARK}" if r.standin else ""),
+                      r.probe, verdict, evidence)
     console.print(table)
     if report.results:
         failed = report.failed_hosts()
@@ -150,19 +155,26 @@ def bench_table(bench: BenchReport, console: Console) -> None:
                    "ITL p50/p95/p99 ms", "errors"):
         table.add_column(column, overflow="fold")
     for d in bench.deployments:
+        name = escape(f"{d.deployment} ({d.engine})") + (f" {STANDIN_MARK}" if d.standin
+                                                         else "")
         if d.skipped:
-            table.add_row(d.host, d.deployment, "-", "-", "-", "-", "-",
+            table.add_row(d.host, name, "-", "-", "-", "-", "-",
                           f"[red]skipped[/red]: {escape(d.skipped)}")
         for lv in d.levels:
             t, i = lv.ttft_ms, lv.itl_ms
             errors = (f"[red]{lv.errors}/{lv.requests}[/red] {escape(lv.error_messages[0])}"
                       if lv.errors else f"0/{lv.requests}")
-            table.add_row(d.host, f"{d.deployment} ({d.engine})", str(lv.concurrency),
+            table.add_row(d.host, name, str(lv.concurrency),
                           f"{lv.requests_per_s:.2f}",
                           f"{lv.output_tokens_per_s:.1f} ({lv.tokens_from})",
                           f"{_ms(t.p50)}/{_ms(t.p95)}/{_ms(t.p99)}",
                           f"{_ms(i.p50, 2)}/{_ms(i.p95, 2)}/{_ms(i.p99, 2)}", errors)
     console.print(table)
+    standins = [f"{d.host}/{d.deployment}" for d in bench.deployments if d.standin]
+    if standins:
+        console.print(f"{STANDIN_MARK}: {escape(', '.join(standins))} answered as a stand-in "
+                      "engine (its Server header says so): the numbers measure the stand-in, "
+                      "not the real engine, and are not compared with real engines")
 
 
 def run_json(result: RunResult) -> dict[str, Any]:

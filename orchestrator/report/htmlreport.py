@@ -111,18 +111,46 @@ def deployment_charts(bench: DeploymentBench) -> list[Chart]:
     ]
 
 
-def comparison_chart(bench: BenchReport) -> Chart | None:
+@dataclass(frozen=True)
+class Comparison:
+    """The throughput comparison across deployments, real engines only."""
+
+    chart: Chart | None  # None with fewer than two real deployments benchmarked
+    engines: list[str]  # the real engines on the chart
+    standins: list[str]  # "host/deployment (engine)" left out: a stand-in answered them
+    note: str | None  # what the reader must know to read the chart (or its absence)
+
+
+def comparison(bench: BenchReport) -> Comparison:
     """Output tokens/s of every benchmarked deployment on one chart (vLLM against Ollama,
-    host against host); None with fewer than two."""
+    host against host), leaving out those a stand-in engine answered: a stand-in runs no
+    model, so its numbers set beside a real engine's would compare nothing."""
     ran = [d for d in bench.deployments if d.levels]
-    if len(ran) < 2:
-        return None
-    x = sorted({level.concurrency for d in ran for level in d.levels})
-    lines: list[tuple[str, list[float | None]]] = []
-    for d in ran:
-        by_level = {level.concurrency: level.output_tokens_per_s for level in d.levels}
-        lines.append((f"{d.host}/{d.deployment} ({d.engine})", [by_level.get(c) for c in x]))
-    return line_chart("Output throughput by deployment", "tokens/s", x, lines)
+    real = [d for d in ran if not d.standin]
+    engines = sorted({d.engine for d in real})
+    standins = [f"{d.host}/{d.deployment} ({d.engine})" for d in ran if d.standin]
+    notes = []
+    if standins:
+        notes.append(f"Left out of the comparison: {', '.join(standins)}, answered by a "
+                     "stand-in engine (its Server header says so), which runs no model.")
+    if len(engines) == 1 and len({d.engine for d in ran}) > 1:
+        notes.append(f"No engine comparison: {engines[0]} is the only real engine "
+                     "benchmarked" + ("; the chart compares its deployments." if len(real) > 1
+                                      else "."))
+    elif not real and standins:
+        notes.append("No real engine was benchmarked.")
+    chart = None
+    if len(real) >= 2:
+        x = sorted({level.concurrency for d in real for level in d.levels})
+        lines: list[tuple[str, list[float | None]]] = []
+        for d in real:
+            by_level = {level.concurrency: level.output_tokens_per_s for level in d.levels}
+            lines.append((f"{d.host}/{d.deployment} ({d.engine})", [by_level.get(c) for c in x]))
+        title = "Output throughput by deployment" + (f", {engines[0]} only"
+                                                     if len(engines) == 1 else "")
+        chart = line_chart(title, "tokens/s", x, lines)
+    return Comparison(chart=chart, engines=engines, standins=standins,
+                      note=" ".join(notes) or None)
 
 
 def render_report(*, command: str, run_id: str, plan: Plan, probes: ProbeReport | None,
@@ -137,13 +165,14 @@ def render_report(*, command: str, run_id: str, plan: Plan, probes: ProbeReport 
             "deployments": [(d["name"], command_line(d["args"]))
                             for d in host.vars.get("vllm_deployments", [])],
             "probes": [r for r in probes.results if r.host == host.name] if probes else [],
-            "bench": [(d, deployment_charts(d)) for d in bench.deployments
-                      if d.host == host.name] if bench else [],
+            "bench": [(d, deployment_charts(d),
+                       sorted({server for level in d.levels for server in level.servers}))
+                      for d in bench.deployments if d.host == host.name] if bench else [],
         })
     return _jinja.get_template("report.html.j2").render(
         command=command, run_id=run_id, group=plan.group, stages=plan.stages,
         generated=now.isoformat(timespec="seconds"), hosts=hosts, probes=probes, bench=bench,
-        comparison=comparison_chart(bench) if bench else None)
+        comparison=comparison(bench) if bench else None)
 
 
 def write_report(run_dir: Path, *, command: str, plan: Plan, probes: ProbeReport | None,

@@ -22,6 +22,10 @@ Protocols, chosen by the deployment's engine:
 Both get the same deterministic prompts, so an Ollama and a vLLM deployment of
 one model can be compared on equal terms. Deployments are benchmarked one after
 another: two engines on one host share its GPU, and must not be measured at once.
+
+A deployment that answers as a stand-in (its Server header says so, as the sandbox's
+Ollama does) is benchmarked like any other and marked `standin`: its numbers measure the
+stand-in's HTTP, not a model, and the report leaves it out of the engine comparison.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestrator.errors import ConfigError
 from orchestrator.plan.planner import Plan, ProbeTarget
 from orchestrator.verify.benchstats import LevelStats, RequestSample, summarize
-from orchestrator.verify.httpprobe import ProbeReport
+from orchestrator.verify.httpprobe import ProbeReport, is_standin
 
 Protocol = Literal["openai", "ollama"]
 ENGINE_PROTOCOL: dict[str, Protocol] = {"vllm": "openai", "ollama": "ollama"}
@@ -95,6 +99,9 @@ class DeploymentBench(BaseModel):
     base_url: str
     model: str = Field(description="the served model name requests ask for")
     skipped: str | None = Field(description="why it was not benchmarked, else null")
+    standin: bool = Field(description="a stand-in engine answered (the Server header of its "
+                                      "probes' or benchmark's answers says so): not a "
+                                      "measurement of the real engine")
     levels: list[LevelStats]
 
     @property
@@ -243,11 +250,13 @@ class _Client:
         try:
             self.conn.request("POST", self.prefix + path, body=payload, headers=self.headers)
             response = self.conn.getresponse()
+            server = response.getheader("Server")
             if response.status != 200:
                 body = response.read(4096).decode("utf-8", "replace")
                 self.close()
                 return RequestSample(start=start, end=time.perf_counter(),
-                                     error=f"HTTP {response.status}: {_short(body)}")
+                                     error=f"HTTP {response.status}: {_short(body)}",
+                                     server=server)
             rest = b""
             # One timestamp per read: chunks that arrived together arrived at once.
             while (data := response.read1(65536)) and parser.error is None:
@@ -273,7 +282,7 @@ class _Client:
             self.close()
         return RequestSample(start=start, end=end, chunk_times=parser.chunk_times,
                              output_tokens=parser.output_tokens,
-                             prompt_tokens=parser.prompt_tokens, error=error)
+                             prompt_tokens=parser.prompt_tokens, error=error, server=server)
 
 
 def run_level(base_url: str, protocol: Protocol, model: str, workload: Workload,
@@ -326,32 +335,37 @@ def run_level(base_url: str, protocol: Protocol, model: str, workload: Workload,
     return summarize(concurrency, samples, started[0])
 
 
-def _skipped(host: str, target: ProbeTarget, why: str) -> DeploymentBench:
+def _skipped(host: str, target: ProbeTarget, why: str, standin: bool) -> DeploymentBench:
     return DeploymentBench(host=host, deployment=target.deployment, engine=target.engine,
                            protocol=ENGINE_PROTOCOL.get(target.engine),
                            base_url=target.base_url, model=target.served_model_name,
-                           skipped=why, levels=[])
+                           skipped=why, standin=standin, levels=[])
 
 
 def bench_target(host: str, target: ProbeTarget, workload: Workload,
                  log: Callable[[str], None] = lambda _: None,
-                 api_key: str | None = None) -> DeploymentBench:
-    """Every level of `workload` against one deployment."""
+                 api_key: str | None = None, standin: bool = False) -> DeploymentBench:
+    """Every level of `workload` against one deployment. `standin`: its probes saw a
+    stand-in; the benchmark's own answers can say so too."""
     protocol = ENGINE_PROTOCOL.get(target.engine)
     if protocol is None:
-        return _skipped(host, target, f"no benchmark protocol for engine '{target.engine}'")
+        return _skipped(host, target, f"no benchmark protocol for engine '{target.engine}'",
+                        standin)
     levels = []
     first_prompt = 0
     for concurrency in workload.concurrency:
         level = run_level(target.base_url, protocol, target.served_model_name, workload,
                           concurrency, first_prompt, api_key)
         first_prompt += concurrency * workload.warmup + workload.requests
+        standin = standin or any(is_standin(server) for server in level.servers)
         log(f"{host}/{target.deployment} concurrency {concurrency}: "
-            f"{level.output_tokens_per_s:.1f} output tokens/s, {level.errors} errors")
+            f"{level.output_tokens_per_s:.1f} output tokens/s, {level.errors} errors"
+            + (" (a STAND-IN answered, not the real engine)" if standin else ""))
         levels.append(level)
     return DeploymentBench(host=host, deployment=target.deployment, engine=target.engine,
                            protocol=protocol, base_url=target.base_url,
-                           model=target.served_model_name, skipped=None, levels=levels)
+                           model=target.served_model_name, skipped=None, standin=standin,
+                           levels=levels)
 
 
 def make_workload(concurrency: str, requests: int, input_tokens: int, output_tokens: int,
@@ -401,12 +415,14 @@ def bench_plan(plan: Plan, workload: Workload, probes: ProbeReport,
     entries = []
     for host in plan.hosts:
         for target in host.probes:
-            failed = [r.probe for r in probes.results if not r.passed
-                      and (r.host, r.deployment) == (host.name, target.deployment)]
+            own = [r for r in probes.results
+                   if (r.host, r.deployment) == (host.name, target.deployment)]
+            failed = [r.probe for r in own if not r.passed]
+            standin = any(r.standin for r in own)
             if failed:
                 entries.append(_skipped(host.name, target,
-                                        f"its probes failed ({', '.join(failed)})"))
+                                        f"its probes failed ({', '.join(failed)})", standin))
             else:
                 key = (secrets or {}).get(target.api_key_var) if target.api_key_var else None
-                entries.append(bench_target(host.name, target, workload, log, key))
+                entries.append(bench_target(host.name, target, workload, log, key, standin))
     return BenchReport(group=plan.group, workload=workload, deployments=entries)

@@ -56,6 +56,7 @@ class RequestSample:
     output_tokens: int | None = None  # the server's count, when it gave one
     prompt_tokens: int | None = None
     error: str | None = None
+    server: str | None = None  # the answer's Server header, when it had one
 
 
 class Distribution(BaseModel):
@@ -96,6 +97,8 @@ class LevelStats(BaseModel):
     ttft_ms: Distribution = Field(description="time to first token")
     itl_ms: Distribution = Field(description="inter-token latency: gaps between text chunks")
     latency_ms: Distribution = Field(description="whole request, send to end of stream")
+    servers: list[str] = Field(description="the distinct Server headers of the answers "
+                                           "(failed ones included), sorted")
 
 
 def distribution(seconds: Sequence[float]) -> Distribution:
@@ -134,4 +137,5 @@ def summarize(concurrency: int, samples: Sequence[RequestSample], started: float
         ttft_ms=distribution([s.chunk_times[0] - s.start for s in ok if s.chunk_times]),
         itl_ms=distribution([b - a for s in ok
                              for a, b in pairwise(s.chunk_times)]),
-        latency_ms=distribution([s.end - s.start for s in ok]))
+        latency_ms=distribution([s.end - s.start for s in ok]),
+        servers=sorted({s.server for s in samples if s.server is not None}))

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.plan.planner import Plan, ProbeTarget
 
@@ -33,6 +33,9 @@ class ProbeResult(BaseModel):
     # "skip": the probe does not apply here (GPU probes on a CPU host), the evidence says
     # why. Follows `passed` when not given.
     status: Literal["pass", "fail", "skip"] = "pass"
+    standin: bool = Field(default=False, description=(
+        "the deployment answered with a stand-in engine's Server header: what passed is the "
+        "stand-in, not the real engine"))
 
     @model_validator(mode="before")
     @classmethod
@@ -71,18 +74,33 @@ def is_standin(server_header: str) -> bool:
     """Whether an HTTP Server header names a stand-in engine."""
     return STANDIN_SERVER_MARK in server_header.lower()
 
+
+class _Results:
+    """One target's results; each carries whether the target has shown itself a stand-in."""
+
+    def __init__(self, host: str, deployment: str) -> None:
+        self.host, self.deployment = host, deployment
+        self.standin = False
+
+    def saw(self, response: httpx.Response) -> None:
+        """Take note of what the server calls itself."""
+        self.standin = self.standin or is_standin(response.headers.get("server", ""))
+
+    def __call__(self, probe: str, passed: bool, evidence: str,
+                 next_step: str | None = None) -> ProbeResult:
+        return ProbeResult(host=self.host, deployment=self.deployment, probe=probe,
+                           passed=passed, evidence=evidence,
+                           next_step=None if passed else next_step, standin=self.standin)
+
+
 def _short(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client,
-                 api_key: str | None = None) -> list[ProbeResult]:
-    def result(probe: str, passed: bool, evidence: str,
-               next_step: str | None = None) -> ProbeResult:
-        return ProbeResult(host=host, deployment=target.deployment, probe=probe, passed=passed,
-                           evidence=evidence, next_step=None if passed else next_step)
-
+                 api_key: str | None = None, quick: bool = False) -> list[ProbeResult]:
+    result = _Results(host, target.deployment)
     unit = f"vllm@{target.deployment}"
     logs = f"on {host}: systemctl status {unit}; journalctl -u {unit} -n 100"
     url = target.base_url
@@ -101,6 +119,7 @@ def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client,
         out.append(result("health", False, f"GET {url}/health: {type(exc).__name__}: {exc}",
                           f"the service does not answer; {logs}"))
         return out
+    result.saw(health)
     out.append(result("health", health.status_code == 200,
                       f"GET {url}/health -> {health.status_code}",
                       f"vLLM is up but unhealthy; {logs}"))
@@ -127,6 +146,8 @@ def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client,
                       f"GET {url}/v1/models -> {models.status_code} {ids}",
                       f"expected '{target.served_model_name}' to be served; check "
                       f"--served-model-name in `systemctl cat {unit}` on {host}"))
+    if quick:
+        return out
     if target.api_key_var:
         out.append(_api_key_probe(url, client, result, unit, host))
 
@@ -159,7 +180,7 @@ TOOL = {"type": "function", "function": {
 
 
 def _tool_probe(url: str, target: ProbeTarget, client: httpx.Client,
-                result: Callable[..., ProbeResult], logs: str) -> ProbeResult:
+                result: _Results, logs: str) -> ProbeResult:
     """Tool calling as the deployment enables it: `tool_choice: auto` is accepted (vLLM
     answers 400 without --enable-auto-tool-choice), and `required` returns a well-formed
     call of the offered function. The call is the model's work (vLLM 0.32's CPU build was
@@ -196,7 +217,7 @@ def _tool_probe(url: str, target: ProbeTarget, client: httpx.Client,
                   f"and --tool-call-parser in the unit's command line; {logs}")
 
 
-def _api_key_probe(url: str, client: httpx.Client, result: Callable[..., ProbeResult],
+def _api_key_probe(url: str, client: httpx.Client, result: _Results,
                    unit: str, host: str) -> ProbeResult:
     """The API refuses a request without the key and one with a wrong key."""
     statuses: dict[str, int | str] = {}
@@ -218,7 +239,7 @@ def _api_key_probe(url: str, client: httpx.Client, result: Callable[..., ProbeRe
 
 
 def _stream_probe(url: str, body: dict[str, object], client: httpx.Client,
-                  result: Callable[..., ProbeResult], logs: str) -> ProbeResult:
+                  result: _Results, logs: str) -> ProbeResult:
     """A streamed chat completion, its server-sent events read to the final [DONE]."""
     request = f"POST {url}/v1/chat/completions (stream)"
     pieces: list[str] = []
@@ -248,23 +269,20 @@ def _stream_probe(url: str, body: dict[str, object], client: httpx.Client,
                   f"the stream did not end properly; {logs}")
 
 
-def _ollama_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list[ProbeResult]:
-    def result(probe: str, passed: bool, evidence: str,
-               next_step: str | None = None) -> ProbeResult:
-        return ProbeResult(host=host, deployment=target.deployment, probe=probe, passed=passed,
-                           evidence=evidence, next_step=None if passed else next_step)
-
+def _ollama_probes(host: str, target: ProbeTarget, client: httpx.Client,
+                   quick: bool = False) -> list[ProbeResult]:
+    result = _Results(host, target.deployment)
     logs = f"on {host}: systemctl status ollama; journalctl -u ollama -n 100"
     url, model = target.base_url, target.served_model_name
     out: list[ProbeResult] = []
     try:
         version = client.get(f"{url}/api/version")
-        server = version.headers.get("server", "")
-        standin = (f" (Server: {server}: the Ollama STAND-IN, not the real Ollama; it runs "
-                   "no model)" if is_standin(server) else "")
+        result.saw(version)
+        note = (f" (Server: {version.headers.get('server')}: the Ollama STAND-IN, not the "
+                "real Ollama; it runs no model)" if result.standin else "")
         out.append(result("version", version.status_code == 200,
                           f"GET {url}/api/version -> {version.status_code} "
-                          f"{_short(version.text)}{standin}",
+                          f"{_short(version.text)}{note}",
                           f"Ollama is up but unhealthy; {logs}"))
         tags = client.get(f"{url}/api/tags")
         names = [m.get("name") for m in tags.json().get("models", [])]
@@ -277,7 +295,7 @@ def _ollama_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list
     out.append(result("tags", listed, f"GET {url}/api/tags -> {tags.status_code} {names}",
                       f"'{model}' is not in Ollama's models: rerun the services stage, or "
                       f"`ollama pull {model}` on {host}"))
-    if not listed:
+    if quick or not listed:
         return out
     options = {"temperature": 0, "num_predict": 16}
     for probe, path, body in (
@@ -306,9 +324,10 @@ def _ollama_probes(host: str, target: ProbeTarget, client: httpx.Client) -> list
 
 def probe_plan(plan: Plan, *, timeout: float = 60.0, workers: int = 16,
                client_factory: Callable[[], httpx.Client] | None = None,
-               secrets: Mapping[str, str] | None = None) -> ProbeReport:
+               secrets: Mapping[str, str] | None = None, quick: bool = False) -> ProbeReport:
     """Probe every deployment of every host of `plan` in parallel; `secrets` holds the API
-    keys by their api_key_var names."""
+    keys by their api_key_var names. `quick`: only whether each one answers and serves its
+    model (vLLM /health and /v1/models, Ollama /api/version and /api/tags), no completion."""
     def make_client() -> httpx.Client:
         return client_factory() if client_factory else httpx.Client(timeout=timeout)
 
@@ -319,9 +338,9 @@ def probe_plan(plan: Plan, *, timeout: float = 60.0, workers: int = 16,
         host, target = job
         with make_client() as client:
             if target.engine == "ollama":
-                return _ollama_probes(host, target, client)
+                return _ollama_probes(host, target, client, quick)
             key = (secrets or {}).get(target.api_key_var) if target.api_key_var else None
-            return _vllm_probes(host, target, client, key)
+            return _vllm_probes(host, target, client, key, quick)
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
         results = [r for rs in pool.map(run, jobs) for r in rs]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import re
 import subprocess
@@ -26,17 +27,25 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import test_sandbox_ollama
 from doubles import bench_endpoint
+from rich.console import Console
 
 from orchestrator.errors import ConfigError
 from orchestrator.plan.planner import HostPlan, Plan, ProbeTarget
+from orchestrator.report import console as report_console
 from orchestrator.report import htmlreport
 from orchestrator.verify import bench
 from orchestrator.verify.benchstats import RequestSample, distribution, percentile, summarize
-from orchestrator.verify.httpprobe import ProbeReport, ProbeResult
+from orchestrator.verify.httpprobe import ProbeReport, ProbeResult, probe_plan
 
 ORCHESTRATE = str(Path(sys.executable).parent / "orchestrate")
 REPO = Path(__file__).resolve().parents[2]
+
+# The sandbox's Ollama stand-in (orchestrator/sandbox/ollama_standin.py) served from a
+# subprocess with the sandbox's model pulled, as test_sandbox_ollama runs it; its base URL.
+standin = test_sandbox_ollama.standin
+STANDIN_MODEL = "qwen2.5:0.5b"
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -346,8 +355,11 @@ def test_same_prompts_for_every_engine(serve) -> None:
             == sorted(b["messages"][0]["content"] for b in ollama.bodies))
 
 
-@pytest.mark.parametrize("protocol", ["openai", "ollama"])
-def test_trivial_endpoint_serves_both_protocols(protocol: bench.Protocol) -> None:
+@pytest.fixture
+def endpoint() -> Iterator[str]:
+    """The project's trivial endpoint (tests/doubles/bench_endpoint.py) on loopback: it
+    answers both protocols and sends no Server header, as the real Ollama does not; its
+    base URL."""
     ports: list[int] = []
     ready = threading.Event()
     loop = asyncio.new_event_loop()
@@ -355,19 +367,25 @@ def test_trivial_endpoint_serves_both_protocols(protocol: bench.Protocol) -> Non
     def main() -> None:
         task = loop.create_task(bench_endpoint.serve(0, lambda p: (ports.append(p),
                                                                    ready.set())))
-        with contextlib.suppress(asyncio.CancelledError):  # how the test stops it
+        with contextlib.suppress(asyncio.CancelledError):  # how the fixture stops it
             loop.run_until_complete(task)
 
     thread = threading.Thread(target=main, daemon=True)
     thread.start()
     assert ready.wait(10)
     try:
-        level = bench.run_level(f"http://127.0.0.1:{ports[0]}", protocol, "m",
-                                workload([4], 20, output_tokens=32), 4)
+        yield f"http://127.0.0.1:{ports[0]}"
     finally:
         loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
         thread.join(10)
+
+
+@pytest.mark.parametrize("protocol", ["openai", "ollama"])
+def test_trivial_endpoint_serves_both_protocols(endpoint: str,
+                                                protocol: bench.Protocol) -> None:
+    level = bench.run_level(endpoint, protocol, "m", workload([4], 20, output_tokens=32), 4)
     assert (level.ok, level.output_tokens, level.tokens_from) == (20, 640, "usage")
+    assert level.servers == []
 
 
 def test_overhead_script_runs_both_protocols() -> None:
@@ -489,6 +507,8 @@ def test_cli_bench_probes_benchmarks_and_writes_the_run_dir(tmp_path: Path, serv
     [dep] = out["bench"]["deployments"]
     assert [lv["concurrency"] for lv in dep["levels"]] == [1, 2]
     assert dep["levels"][0]["output_tokens"] == 20
+    assert dep["standin"] is False  # http.server's own Server header names no stand-in
+    assert dep["levels"][0]["servers"][0].startswith("BaseHTTP/")
     run_dir = Path(out["run_dir"])
     assert run_dir.parent == (tmp_path / ".orchestrate" / "runs").resolve()
     assert json.loads((run_dir / "bench.json").read_text()) == {
@@ -575,15 +595,15 @@ def sample_report() -> tuple[Plan, ProbeReport, bench.BenchReport]:
         deployments=[
             bench.DeploymentBench(host="gpu-01", deployment="qwen7b", engine="vllm",
                                   protocol="openai", base_url="http://10.0.0.11:8000",
-                                  model="m", skipped=None, levels=levels),
+                                  model="m", skipped=None, standin=False, levels=levels),
             bench.DeploymentBench(host="gpu-01", deployment="ollama7b", engine="ollama",
                                   protocol="ollama", base_url="http://10.0.0.11:11434",
-                                  model="m", skipped="its probes failed (health)", levels=[])])
+                                  model="m", skipped="its probes failed (health)",
+                                  standin=False, levels=[])])
     return plan, probes, benched
 
 
 def test_html_report_is_well_formed_and_holds_the_numbers() -> None:
-    import datetime as dt
     plan, probes, benched = sample_report()
     html = htmlreport.render_report(command="bench", run_id="r1", plan=plan, probes=probes,
                                     bench=benched, now=dt.datetime(2026, 1, 2, 3, 4, 5))
@@ -613,6 +633,115 @@ def test_html_report_compares_deployments_and_writes_the_file(tmp_path: Path) ->
     assert path == tmp_path / "report.html"
     assert "Output throughput by deployment" in html
     assert "gpu-01/qwen7b (vllm)" in html and "gpu-01/other (vllm)" in html
+
+
+# --- stand-ins: marked from what they answer, kept out of the comparison -----------------
+
+def host_with(*targets: ProbeTarget) -> Plan:
+    return Plan(group="g", stages=["verify"], hosts=[HostPlan(
+        name="h", group="g", profile="cpu", connection={}, vars={}, reasons=[],
+        probes=list(targets))])
+
+
+def named(url: str, deployment: str, engine: str, model: str = "m") -> ProbeTarget:
+    return ProbeTarget(deployment=deployment, engine=engine, base_url=url,
+                       served_model_name=model)
+
+
+def test_standin_is_marked_in_the_table_the_json_and_the_report(standin: str,
+                                                                endpoint: str) -> None:
+    real = named(endpoint, "tiny", "vllm")
+    fake = named(standin, "qwen-ollama", "ollama", STANDIN_MODEL)
+    plan = host_with(real, fake)
+    # The probes of the stand-in say what it is; the trivial endpoint has no /health,
+    # so the real one is benchmarked without probe results here.
+    probes = probe_plan(host_with(fake))
+    assert probes.passed and all(r.standin for r in probes.results)
+    result = bench.bench_plan(plan, workload([1, 2], 4), probes)
+    assert result.passed
+
+    console = Console(record=True, width=250)
+    report_console.bench_table(result, console)
+    report_console.probe_table(probes, console)
+    text = console.export_text()
+    rows = [line for line in text.splitlines() if "│ h " in line]
+    assert [("STAND-IN" in row, "qwen-ollama" in row) for row in rows] == [
+        (False, False), (False, False), (True, True), (True, True),  # bench: 2 levels each
+        *[(True, True)] * 4]  # probes: version, tags, generate, chat
+    assert "STAND-IN: h/qwen-ollama answered as a stand-in engine" in text
+
+    dumped = json.loads(result.model_dump_json())
+    assert [(d["deployment"], d["standin"]) for d in dumped["deployments"]] == [
+        ("tiny", False), ("qwen-ollama", True)]
+    assert all(lv["servers"] == [] for lv in dumped["deployments"][0]["levels"])
+    assert all(lv["servers"][0].startswith("ollama-standin/")
+               for lv in dumped["deployments"][1]["levels"])
+
+    html = htmlreport.render_report(command="bench", run_id="r1", plan=plan, probes=probes,
+                                    bench=result, now=dt.datetime(2026, 1, 2, 3, 4, 5))
+    tiny, ollama = html.split("<h3>Benchmark: ")[1:]
+    assert "STAND-IN" not in tiny
+    assert ollama.startswith("qwen-ollama (ollama") and "STAND-IN" in ollama
+    assert "A stand-in engine answered (Server: <code>ollama-standin/" in ollama
+    # One real engine left: no comparison chart, and the page says why.
+    assert "Output throughput by deployment" not in html
+    assert ("Left out of the comparison: h/qwen-ollama (ollama), answered by a stand-in "
+            "engine") in html
+    assert "No engine comparison: vllm is the only real engine benchmarked." in html
+    assert html.count('<td>qwen-ollama <span class="standin">STAND-IN</span></td>') == 4
+
+
+def test_standin_known_from_the_benchmarks_answers_alone(standin: str) -> None:
+    result = bench.bench_target("h", named(standin, "qwen-ollama", "ollama", STANDIN_MODEL),
+                                workload([1], 2))
+    assert result.standin and result.errors == 0
+
+
+def test_standin_whose_probes_fail_is_skipped_and_still_marked(standin: str) -> None:
+    plan = host_with(named(standin, "qwen-ollama", "ollama", "absent:1b"))
+    probes = probe_plan(plan)
+    assert [(r.probe, r.status, r.standin) for r in probes.results] == [
+        ("version", "pass", True), ("tags", "fail", True)]
+    [skipped] = bench.bench_plan(plan, workload([1], 2), probes).deployments
+    assert skipped.skipped == "its probes failed (tags)" and skipped.standin
+
+
+def test_comparison_plots_real_engines_only(standin: str, endpoint: str) -> None:
+    plan = host_with(named(endpoint, "tiny", "vllm"), named(endpoint, "ollama-real", "ollama"),
+                     named(standin, "qwen-ollama", "ollama", STANDIN_MODEL))
+    result = bench.bench_plan(plan, workload([1, 2], 4), ProbeReport(group="g", results=[]))
+    assert [d.standin for d in result.deployments] == [False, False, True]
+    compared = htmlreport.comparison(result)
+    assert compared.chart is not None
+    assert compared.chart.title == "Output throughput by deployment"
+    assert [s.name for s in compared.chart.series] == ["h/tiny (vllm)",
+                                                       "h/ollama-real (ollama)"]
+    assert compared.engines == ["ollama", "vllm"]
+    assert compared.standins == ["h/qwen-ollama (ollama)"]
+    assert compared.note is not None and "No engine comparison" not in compared.note
+
+    html = htmlreport.render_report(command="bench", run_id="r1", plan=plan, probes=None,
+                                    bench=result, now=dt.datetime(2026, 1, 2, 3, 4, 5))
+    chart = re.findall(r"<svg.*?</svg>", html, flags=re.S)[0]
+    assert "Output throughput by deployment" in chart
+    assert "h/tiny (vllm)" in chart and "h/ollama-real (ollama)" in chart
+    assert "qwen-ollama" not in chart
+
+
+def test_two_real_deployments_of_one_engine_are_compared_as_such() -> None:
+    _, _, benched = sample_report()
+    first = benched.deployments[0]
+    other = first.model_copy(update={"deployment": "other"})
+    fake = first.model_copy(update={"deployment": "fake", "engine": "ollama", "standin": True})
+    compared = htmlreport.comparison(benched.model_copy(update={
+        "deployments": [first, other, fake]}))
+    assert compared.chart is not None
+    assert compared.chart.title == "Output throughput by deployment, vllm only"
+    assert [s.name for s in compared.chart.series] == ["gpu-01/qwen7b (vllm)",
+                                                       "gpu-01/other (vllm)"]
+    assert compared.note is not None and compared.note.endswith(
+        "No engine comparison: vllm is the only real engine benchmarked; the chart compares "
+        "its deployments.")
 
 
 def test_json_schema_document_names_every_field() -> None:
