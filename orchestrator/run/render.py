@@ -20,9 +20,10 @@ from pathlib import Path
 import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+# The checkout's root, defined once there; re-exported for the modules that import it here.
+from orchestrator.knowledge.roles import ROOT as ROOT
 from orchestrator.plan.planner import STAGES, Plan
 
-ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOK = "playbooks/site.yml"
 
 _jinja = Environment(loader=FileSystemLoader(ROOT / "templates"), undefined=StrictUndefined,
@@ -78,17 +79,24 @@ def new_run_id(now: dt.datetime, command: str) -> str:
     return f"{now.strftime('%Y%m%d-%H%M%S-%f')}-{command}"
 
 
+def make_run_dir(plan: Plan, runs_root: Path, run_id: str) -> Path:
+    """A fresh run directory holding `plan`: where every command that works on hosts (with
+    a playbook or without: probe, bench) keeps what it did."""
+    # Absolute: ansible-runner runs ansible-playbook from the project directory.
+    path = (runs_root / run_id).resolve()
+    path.mkdir(parents=True)
+    (path / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
            operator_inventory: Path | None = None,
            vault_password_file: Path | None = None) -> RunDir:
     """Write the run directory for `plan`; stage selection becomes tags on site.yml."""
-    # Absolute: ansible-runner runs ansible-playbook from the project directory.
-    path = (runs_root / run_id).resolve()
+    path = make_run_dir(plan, runs_root, run_id)
     inventory = path / "inventory"
     (inventory / "host_vars").mkdir(parents=True)
     (path / "artifacts").mkdir()
-
-    (path / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n", encoding="utf-8")
     hosts = {h.name: h.connection for h in plan.hosts}
     children: dict[str, object] = {plan.group: {"hosts": hosts}}
     if plan.ray_cluster is not None:
