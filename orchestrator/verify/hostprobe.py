@@ -37,7 +37,8 @@ from orchestrator.facts.nvidia_smi import (
     summarize,
 )
 from orchestrator.knowledge.compat import CompatError, parse_driver_version
-from orchestrator.plan.planner import ENV_PATH, HostPlan, Plan
+from orchestrator.knowledge.roles import load_role_defaults
+from orchestrator.plan.planner import HostPlan, Plan
 from orchestrator.verify import hostcollect
 from orchestrator.verify.httpprobe import ProbeReport, ProbeResult, probe_plan
 
@@ -45,11 +46,6 @@ SSH_TIMEOUT = 30.0
 # Beyond a host's timeout before it is reported and left behind: paramiko's connection
 # set-up (TCP, banner, authentication) has its own timeouts, which may add up past it.
 SSH_GRACE = 10.0
-# roles/model_weights default (model_weights_marker); a host's vars may name another.
-MARKER = ".qwen-serve-complete"
-# A unit restarted more often than this since it was started is crashing in a loop;
-# the vllm role's StartLimitBurst (5) stops it soon after.
-MAX_RESTARTS = 2
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
 # nvml.h nvmlClocksEventReason* bits, by the names nvidia-smi's XML uses.
 _NVML_REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap",
@@ -111,16 +107,34 @@ def services(host: HostPlan) -> list[Service]:
            for d in v.get("vllm_deployments") or []]
     if v.get("ollama_models"):
         # One Ollama server serves every Ollama deployment of the host (roles/ollama).
-        out += [Service(t.deployment, "ollama.service", int(v.get("ollama_port", 11434)),
-                        str(v.get("ollama_host", "127.0.0.1")))
+        defaults = load_role_defaults()
+        out += [Service(t.deployment, "ollama.service",
+                        int(v.get("ollama_port", defaults.ollama_port)),
+                        str(v.get("ollama_host", defaults.ollama_host)))
                 for t in host.probes if t.engine == "ollama"]
     return out
+
+
+def _marker(host: HostPlan) -> str:
+    """The weights' completion marker: the host's model_weights_marker, else the role's."""
+    return str(host.vars.get("model_weights_marker") or load_role_defaults().model_weights_marker)
+
+
+def max_restarts(host: HostPlan, service: Service) -> int:
+    """Restarts (systemd's NRestarts) above which a unit is restarting in a loop: the
+    role's <role>_max_restarts (a host's vars may set it), which its verify step uses too."""
+    defaults = load_role_defaults()
+    name, default = (("ollama_max_restarts", defaults.ollama_max_restarts)
+                     if service.unit == "ollama.service" else
+                     ("vllm_max_restarts", defaults.vllm_max_restarts))
+    return int(host.vars.get(name, default))
 
 
 def environments(host: HostPlan) -> dict[str, str]:
     """Environment path -> the deployment it serves ("" for the host's shared one)."""
     v = host.vars
-    paths = v.get("python_env_paths") or [v.get("python_env_path") or ENV_PATH]
+    paths = v.get("python_env_paths") or [v.get("python_env_path")
+                                           or load_role_defaults().python_env_path]
     owner = {d.get("env_path"): d["name"] for d in v.get("vllm_deployments") or []}
     return {str(p): owner.get(p, "") for p in paths}
 
@@ -132,11 +146,11 @@ def collector_config(host: HostPlan, deadline: float) -> dict[str, Any]:
         "command_timeout_s": min(20.0, deadline),
         "torch_timeout_s": deadline,
         "gpu": host.profile == "gpu",
-        "nvidia_smi": v.get("gpu_check_nvidia_smi") or "nvidia-smi",
+        "nvidia_smi": v.get("gpu_check_nvidia_smi") or load_role_defaults().gpu_check_nvidia_smi,
         "envs": list(environments(host)),
         "models": [{"name": m["name"], "dest": m["dest"]}
                    for m in v.get("model_weights_models") or []],
-        "marker": v.get("model_weights_marker") or MARKER,
+        "marker": _marker(host),
         "units": list(dict.fromkeys(s.unit for s in services(host))),
     }
 
@@ -570,7 +584,7 @@ def weights_result(host: HostPlan, entry: Mapping[str, Any],
     """The completion marker (or a local copy's manifest.json) and every listed file's size."""
     name, dest = str(entry["name"]), str(entry["dest"])
     source = entry.get("source", "")
-    marker = str(host.vars.get("model_weights_marker") or MARKER)
+    marker = _marker(host)
     rerun = (f"rerun the models stage (`orchestrate up --only models`) for {host.name}; it "
              "resumes downloads and verifies every file")
     if found is None or not found.get("exists"):
@@ -643,7 +657,7 @@ def service_results(host: HostPlan, service: Service, unit: Mapping[str, Any] | 
             state = _result(host, service.deployment, "service", False, facts,
                             f"the unit is not installed: rerun the services stage "
                             f"(`orchestrate up --only services`) for {host.name}")
-        elif p.get("ActiveState") == "active" and restarts <= MAX_RESTARTS:
+        elif p.get("ActiveState") == "active" and restarts <= max_restarts(host, service):
             state = _result(host, service.deployment, "service", True, facts)
         elif p.get("ActiveState") == "active" or p.get("SubState") == "auto-restart":
             state = _result(host, service.deployment, "service", False,

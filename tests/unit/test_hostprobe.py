@@ -31,8 +31,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import jinja2
 import paramiko
 import pytest
+import yaml
 
 from orchestrator.config.fleet import load_fleet
 from orchestrator.facts.nvidia_smi import (
@@ -43,6 +45,7 @@ from orchestrator.facts.nvidia_smi import (
 )
 from orchestrator.knowledge.catalog import load_knowledge
 from orchestrator.knowledge.compat import load_cuda_compat
+from orchestrator.knowledge.roles import load_role_defaults
 from orchestrator.plan.planner import HostPlan, Plan, make_plan
 from orchestrator.sandbox.fleet import sandbox_fleet
 from orchestrator.sandbox.hosts import ensure_ssh_key
@@ -570,6 +573,34 @@ def test_a_unit_restarting_in_a_loop(props: dict[str, str]) -> None:
     assert not state.passed and state.evidence.endswith(": restarting in a loop")
     assert state.next_step == ("it crashes and systemd starts it again: on gpu-01: "
                                "journalctl -u vllm@qwen7b -n 200")
+
+
+def _verify_restart_check(role: str) -> str:
+    """The condition on NRestarts in roles/<role>/tasks/verify.yml's assert."""
+    tasks = yaml.safe_load((REPO / "roles" / role / "tasks" / "verify.yml").read_text())
+    [condition] = [c for task in tasks for c in task.get("ansible.builtin.assert", {})
+                   .get("that", []) if "NRestarts" in c]
+    return str(condition)
+
+
+@pytest.mark.parametrize(("role", "service", "state_var"), [
+    ("vllm", VLLM, "item"), ("ollama", OLLAMA, "__ollama_unit_state")])
+def test_the_probe_and_the_roles_verify_step_call_the_same_restarts_a_loop(
+        role: str, service: Service, state_var: str) -> None:
+    """One definition of "restarting in a loop": NRestarts above the role default
+    <role>_max_restarts, which a host's vars override for both sides alike."""
+    name = f"{role}_max_restarts"
+    default = load_role_defaults().model_dump()[name]
+    check = jinja2.Environment().compile_expression(_verify_restart_check(role))
+    assert name in _verify_restart_check(role)
+    for limit, host in ((default, gpu_host()),
+                        (default + 3, gpu_host().model_copy(update={"vars": {
+                            **gpu_host().vars, name: default + 3}}))):
+        on_host = [bool(check(**{state_var: {"status": {"NRestarts": str(n)}}, name: limit}))
+                   for n in range(limit + 3)]
+        probe = [service_results(host, service, unit(NRestarts=str(n)), UP)[0].passed
+                 for n in range(limit + 3)]
+        assert on_host == probe == [n <= limit for n in range(limit + 3)]
 
 
 def test_a_unit_systemd_gave_up_on() -> None:
