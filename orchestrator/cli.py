@@ -1,46 +1,47 @@
-"""`orchestrate`: glue between the layers; no logic of its own beyond choosing what to call."""
+"""`orchestrate`: parses options, calls a workflow (orchestrator/workflows), prints its result
+as tables or, with --json, as JSON. The built-in sandbox is reached from here only, and
+imported only when `--hosts sandbox` asks for it."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.config.fleet import LoadedFleet, MirrorSettings, load_fleet
-from orchestrator.config.vault import load_secrets
-from orchestrator.errors import ConfigError, OrchestrateError
-from orchestrator.facts.nvidia_smi import parse_nvidia_smi, summarize
-from orchestrator.knowledge.catalog import load_knowledge
-from orchestrator.knowledge.compat import decide, load_cuda_compat, load_gpu_table
-from orchestrator.mirror import packages
-from orchestrator.mirror import weights as weights_mirror
-from orchestrator.plan.fit import check_same_gpu, fit, gpus_from_facts
-from orchestrator.plan.planner import (
-    STAGES,
-    Plan,
-    make_plan,
-    select_stages,
-    weights_origins,
-)
+from orchestrator.errors import OrchestrateError
+from orchestrator.plan.planner import STAGES, Plan
 from orchestrator.report import console as report
-from orchestrator.report import htmlreport
-from orchestrator.run.render import ROOT, new_run_id, render
-from orchestrator.run.runner import run_playbook
-from orchestrator.sandbox import fleet as sandbox_fleet
-from orchestrator.sandbox import hosts as sandbox
-from orchestrator.verify import bench as benchmark
-from orchestrator.verify import deepprobe
-from orchestrator.verify.hostprobe import probe_all
-from orchestrator.verify.httpprobe import probe_plan
+from orchestrator.run.runner import Progress
+from orchestrator.workflows import bench as bench_flow
+from orchestrator.workflows import compat as compat_flow
+from orchestrator.workflows import down as down_flow
+from orchestrator.workflows import facts as facts_flow
+from orchestrator.workflows import fit as fit_flow
+from orchestrator.workflows import init as init_flow
+from orchestrator.workflows import mirror as mirror_flow
+from orchestrator.workflows import plan as plan_flow
+from orchestrator.workflows import probe as probe_flow
+from orchestrator.workflows import schemas
+from orchestrator.workflows import status as status_flow
+from orchestrator.workflows import up as up_flow
+from orchestrator.workflows.common import (
+    DEFAULT_FLEET,
+    STATE_DIR,
+    Events,
+    Target,
+    no_fleet_given,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.config.fleet import LoadedFleet
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Provision GPU hosts to serve Qwen2.5 with vLLM, and prove they work.")
@@ -49,16 +50,16 @@ app.add_typer(facts_app, name="facts")
 console = Console()
 err = Console(stderr=True)
 
-STATE_DIR = Path(".orchestrate")
-DEFAULT_FLEET = Path("fleet.yml")
+SANDBOX = "sandbox"  # orchestrator.sandbox.fleet.GROUP, without importing the sandbox
 
 FleetOpt = Annotated[Path | None, typer.Option("-f", "--fleet", help="Fleet file "
-                                               "(default: ./fleet.yml).")]
+                                               f"(default: ./{DEFAULT_FLEET}).")]
 InventoryOpt = Annotated[Path | None, typer.Option("-i", "--inventory",
                                                    help="An Ansible YAML inventory of hosts.")]
 HostsOpt = Annotated[str, typer.Option("--hosts", help="Host group ('all' for every host; "
                                        "'sandbox' for the built-in local fleet).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON (schema: "
+                                       "`orchestrate schema COMMAND`).")]
 OnlyOpt = Annotated[list[str] | None, typer.Option("--only", help=f"Run only this stage "
                                                    f"({', '.join(STAGES)}); repeatable.")]
 SkipOpt = Annotated[list[str] | None, typer.Option("--skip", help="Skip this stage; "
@@ -68,114 +69,108 @@ VaultOpt = Annotated[Path | None, typer.Option(
     help="Opens the fleet's Vault-encrypted secrets file (API keys).")]
 
 
+def _known_errors() -> tuple[type[Exception], ...]:
+    # OSError: a run directory that cannot be written (disk full, permissions). The
+    # sandbox's own errors can only come once `--hosts sandbox` has imported it.
+    hosts = sys.modules.get("orchestrator.sandbox.hosts")
+    return (OrchestrateError, OSError, *((hosts.SandboxError,) if hosts else ()))
+
+
+def _fail(exc: Exception) -> NoReturn:
+    err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(getattr(exc, "exit_code", 1)) from None
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     """Every known failure ends as one line and its exit code, never a traceback."""
     try:
         yield
-    except (OrchestrateError, sandbox.SandboxError, OSError) as exc:
-        # OSError: a run directory that cannot be written (disk full, permissions).
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(getattr(exc, "exit_code", 1)) from None
+    except Exception as exc:
+        if not isinstance(exc, _known_errors()):
+            raise
+        _fail(exc)
 
 
 def _log(message: str) -> None:
-    err.print(f"[dim]{message}[/dim]", highlight=False)
+    err.print(f"[dim]{escape(message)}[/dim]", highlight=False)
 
 
-def _uses_sandbox(hosts: str, fleet: Path | None, inventory: Path | None) -> bool:
-    return (hosts == sandbox_fleet.GROUP and fleet is None and inventory is None
-            and not DEFAULT_FLEET.exists())
+def _events(out: Console) -> Events:
+    def progress(hosts: list[str]) -> AbstractContextManager[Callable[[Progress], None]]:
+        return report.LiveProgress(out, hosts)
+
+    return Events(log=_log, progress=progress)
 
 
-def _load(hosts: str, fleet: Path | None, inventory: Path | None) -> LoadedFleet:
-    if _uses_sandbox(hosts, fleet, inventory):
-        # Absolute: ansible-playbook runs from the project directory, not from here.
-        state = (STATE_DIR / "sandbox").resolve()
-        secrets_file, _ = sandbox_fleet.sandbox_secrets(state)
-        _log(f"note: {sandbox_fleet.STANDIN_NOTE}")
-        return sandbox_fleet.sandbox_fleet(sandbox.ensure_ssh_key(state),
-                                           sandbox_fleet.sandbox_model(), secrets_file,
-                                           sandbox_fleet.sandbox_ollama_release(),
-                                           mirror_dir=state / "mirror")
-    path = fleet or (DEFAULT_FLEET if DEFAULT_FLEET.exists() or inventory is None else None)
-    if path is not None and not path.exists() and fleet is None:
-        raise ConfigError("no fleet file here: run `orchestrate init` to write one, pass "
-                          "-f FILE or -i INVENTORY, or use --hosts sandbox", file=str(path))
-    return load_fleet(path, inventory)
+def _emit(result: BaseModel) -> None:
+    print(result.model_dump_json(indent=2))
 
 
-def _plan(hosts: str, fleet: Path | None, inventory: Path | None,
-          only: list[str] | None = None, skip: list[str] | None = None) -> Plan:
-    return _loaded_plan(hosts, fleet, inventory, only, skip)[1]
+# --- the built-in sandbox: imported here only, and only when asked for ---------------------
+
+def _sandbox_state() -> Path:
+    # Absolute: ansible-playbook runs from the project directory, not from here.
+    return (STATE_DIR / "sandbox").resolve()
 
 
-def _loaded_plan(hosts: str, fleet: Path | None, inventory: Path | None,
-                 only: list[str] | None = None, skip: list[str] | None = None
-                 ) -> tuple[LoadedFleet, Plan]:
-    loaded = _load(hosts, fleet, inventory)
-    return loaded, make_plan(loaded, hosts, load_knowledge(), load_cuda_compat(),
-                             select_stages(only, skip))
+def _sandbox_fleet() -> tuple[LoadedFleet, Path]:
+    """The sandbox's fleet and the password file of its secrets."""
+    from orchestrator.sandbox import fleet as sandbox_fleet
+    from orchestrator.sandbox import hosts as sandbox
 
-
-def _stage_mirror(loaded: LoadedFleet, hosts: str, the_plan: Plan, check: bool
-                  ) -> list[weights_mirror.Staged]:
-    """What `up` stages before the playbooks: the plan's weights, when the fleet keeps its
-    mirror here and the run has a models stage that changes hosts."""
-    settings = loaded.fleet.mirror
-    if settings is None or not settings.stage or check or "models" not in the_plan.stages:
-        return []
-    return weights_mirror.stage_weights(
-        weights_origins(loaded, hosts), _mirror_path(settings),
-        endpoint=weights_mirror.modelscope_endpoint(settings),
-        token=os.environ.get("MODELSCOPE_API_TOKEN") or None, log=_log)
-
-
-def _mirror_path(settings: MirrorSettings | None) -> Path:
-    return weights_mirror.mirror_dir(settings, STATE_DIR / "mirror").resolve()
-
-
-def _secrets(hosts: str, fleet: Path | None, inventory: Path | None, the_plan: Plan,
-             password_file: Path | None) -> tuple[dict[str, str], Path | None]:
-    """The API keys of the plan's secrets file, opened before anything runs so that a
-    wrong password fails first; and the password file Ansible gets (the sandbox's own)."""
-    if _uses_sandbox(hosts, fleet, inventory):
-        password_file = sandbox_fleet.sandbox_secrets((STATE_DIR / "sandbox").resolve())[1]
-    if the_plan.secrets_file is None:
-        return {}, password_file
-    return load_secrets(Path(the_plan.secrets_file), password_file), password_file
-
-
-def _report_dir(command: str, the_plan: Plan) -> Path:
-    """A fresh run directory for a command that runs no playbook (probe, bench)."""
-    path = (STATE_DIR / "runs" / new_run_id(dt.datetime.now(), command)).resolve()
-    path.mkdir(parents=True)
-    (path / "plan.json").write_text(the_plan.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    return path
+    state = _sandbox_state()
+    secrets_file, password_file = sandbox_fleet.sandbox_secrets(state)
+    _log(f"note: {sandbox_fleet.STANDIN_NOTE}")
+    loaded = sandbox_fleet.sandbox_fleet(sandbox.ensure_ssh_key(state),
+                                         sandbox_fleet.sandbox_model(), secrets_file,
+                                         sandbox_fleet.sandbox_ollama_release(),
+                                         mirror_dir=state / "mirror")
+    return loaded, password_file
 
 
 def _start_sandbox(plan: Plan) -> None:
+    from orchestrator.knowledge.catalog import load_knowledge
+    from orchestrator.sandbox import fleet as sandbox_fleet
+    from orchestrator.sandbox import hosts as sandbox
+
     wheelhouse = sandbox_fleet.sandbox_wheelhouse(load_knowledge(), _log)
-    sandbox.up(STATE_DIR / "sandbox", count=len(plan.hosts),
+    sandbox.up(_sandbox_state(), count=len(plan.hosts),
                ssh_base_port=sandbox_fleet.SSH_BASE_PORT,
                service_ports=[sandbox_fleet.VLLM_PORT, sandbox_fleet.OLLAMA_PORT],
                mounts={wheelhouse: sandbox_fleet.WHEELHOUSE_MOUNT}, log=_log)
 
 
+def _uses_sandbox(hosts: str, fleet: Path | None, inventory: Path | None) -> bool:
+    return hosts == SANDBOX and no_fleet_given(fleet, inventory)
+
+
+def _target(hosts: str, fleet: Path | None, inventory: Path | None,
+            vault_password_file: Path | None = None) -> Target:
+    """Which hosts, from where: the operator's files, or the built-in sandbox's fleet (with
+    its own vault password) for `--hosts sandbox` where no fleet is given."""
+    if _uses_sandbox(hosts, fleet, inventory):
+        loaded, password_file = _sandbox_fleet()
+        return Target(hosts=hosts, builtin=loaded, vault_password_file=password_file)
+    return Target(hosts=hosts, fleet=fleet, inventory=inventory,
+                  vault_password_file=vault_password_file)
+
+
+# --- commands --------------------------------------------------------------------------------
+
 @app.command()
 def init(
     fleet: FleetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write a commented example fleet.yml to start from."""
-    path = fleet or DEFAULT_FLEET
     with _errors():
-        if path.exists() and not force:
-            raise ConfigError("already exists; pass --force to overwrite it", file=str(path))
-        path.write_text((ROOT / "templates" / "fleet.yml").read_text(encoding="utf-8"),
-                        encoding="utf-8")
-    console.print(f"wrote {path}: edit the hosts and deployments, then "
-                  f"`orchestrate plan --hosts gpu-cluster`")
+        result = init_flow.init(init_flow.InitOptions(path=fleet or DEFAULT_FLEET, force=force))
+    if as_json:
+        _emit(result)
+    else:
+        console.print(f"wrote {escape(result.path)}: {escape(result.next)}", highlight=False)
 
 
 @app.command()
@@ -183,11 +178,12 @@ def plan(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None
          only: OnlyOpt = None, skip: SkipOpt = None, as_json: JsonOpt = False) -> None:
     """Show what would be installed where, and why; changes nothing."""
     with _errors():
-        the_plan = _plan(hosts, fleet, inventory, only, skip)
+        result = plan_flow.plan(plan_flow.PlanOptions(
+            _target(hosts, fleet, inventory), tuple(only or ()), tuple(skip or ())))
     if as_json:
-        print(the_plan.model_dump_json(indent=2))
+        _emit(result)
     else:
-        report.plan_table(the_plan, console)
+        report.plan_table(result, console)
 
 
 @app.command()
@@ -199,55 +195,24 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
     """Provision the hosts (stage by stage), then probe every deployment. With `mirror:` in
     the fleet, the weights are staged there first (fetched once, for every host) and, with
     mirror.listen, served from this machine while the playbooks run."""
-    with _errors():
-        loaded, the_plan = _loaded_plan(hosts, fleet, inventory, only, skip)
-        secrets, vault_password_file = _secrets(hosts, fleet, inventory, the_plan,
-                                                vault_password_file)
-        settings = loaded.fleet.mirror
-        listen = (weights_mirror.parse_listen(settings.listen, settings, key="mirror.listen")
-                  if settings is not None and settings.listen else None)
-        # Before any host is changed: a bad file from the origin stops the run here.
-        staged = _stage_mirror(loaded, hosts, the_plan, check)
-        if _uses_sandbox(hosts, fleet, inventory):
-            _start_sandbox(the_plan)
-        run_dir = render(the_plan, STATE_DIR / "runs", new_run_id(dt.datetime.now(), "up"),
-                         check=check, operator_inventory=inventory,
-                         vault_password_file=vault_password_file)
     out = err if as_json else console
-    if staged:
-        report.mirror_table(staged, str(_mirror_path(settings)), out)
-    out.print(f"run {run_dir.run_id}: stages {', '.join(the_plan.stages)} on "
-              f"{len(the_plan.hosts)} host(s) of '{hosts}'")
-    traffic = None
     with _errors():
-        with ExitStack() as serving:
-            if listen is not None:
-                traffic = serving.enter_context(
-                    weights_mirror.serving(_mirror_path(settings), listen, _log))
-            with report.LiveProgress(out, [h.name for h in the_plan.hosts]) as progress:
-                result = run_playbook(run_dir, progress)
-        report.run_summary(result, out, str(run_dir.path))
-        if traffic is not None:
-            report.mirror_traffic(traffic, out)
-
-        probes = None
-        if not check and "verify" in the_plan.stages:
-            probes = probe_all(the_plan, secrets=secrets)
-            report.probe_table(probes, out)
-            (run_dir.path / "probes.json").write_text(probes.model_dump_json(indent=2) + "\n")
-        html = htmlreport.write_report(run_dir.path, command="up", plan=the_plan, probes=probes)
-        out.print(f"report: {html}", highlight=False)
+        target = _target(hosts, fleet, inventory, vault_password_file)
+        result = up_flow.up(up_flow.UpOptions(
+            target, check=check, only=tuple(only or ()), skip=tuple(skip or ()),
+            before_run=_start_sandbox if target.builtin is not None else None),
+            _events(out))
+    if result.mirror is not None and result.mirror.models:
+        report.mirror_table(result.mirror.models, result.mirror.dir, out)
+    report.run_summary(result.ansible.run_result(), out, result.run_dir)
+    if result.mirror is not None and result.mirror.served is not None:
+        report.mirror_traffic(result.mirror.served.traffic(), out)
+    if result.probes is not None:
+        report.probe_table(result.probes, out)
+    out.print(f"report: {escape(result.report)}", highlight=False)
     if as_json:
-        mirrored = None if settings is None else {
-            "dir": str(_mirror_path(settings)), "url": settings.url,
-            "models": [s.to_dict() for s in staged],
-            "origin_bytes": sum(s.origin_bytes for s in staged),
-            "served": traffic.to_dict() if traffic is not None else None}
-        print(json.dumps({"run_id": run_dir.run_id, "run_dir": str(run_dir.path),
-                          "ansible": report.run_json(result),
-                          "mirror": mirrored,
-                          "probes": probes.model_dump() if probes else None}, indent=2))
-    if not result.ok or (probes is not None and not probes.passed):
+        _emit(result)
+    if not result.passed:
         raise typer.Exit(1)
 
 
@@ -261,29 +226,16 @@ def probe(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = Non
                                              "minutes per host.")] = False) -> None:
     """Probe the hosts over SSH (GPUs, torch, weights, services) and every deployment over
     HTTP; exit 1 if any probe fails."""
+    out = err if as_json else console
     with _errors():
-        the_plan = _plan(hosts, fleet, inventory)
-        secrets, password_file = _secrets(hosts, fleet, inventory, the_plan,
-                                          vault_password_file)
-    result = (probe_all(the_plan, secrets=secrets) if ssh
-              else probe_plan(the_plan, secrets=secrets))
-    if deep:
-        _log("GPU smoke test (playbooks/gpu_smoke.yml) on the GPU hosts")
-        with _errors():
-            smoke = deepprobe.run_smoke(the_plan, STATE_DIR / "runs",
-                                        new_run_id(dt.datetime.now(), "smoke"),
-                                        operator_inventory=inventory,
-                                        vault_password_file=password_file)
-        result = deepprobe.merged(result, smoke, the_plan)
+        result = probe_flow.probe(probe_flow.ProbeOptions(
+            _target(hosts, fleet, inventory, vault_password_file), ssh=ssh, deep=deep),
+            _events(out))
     if as_json:
-        print(json.dumps({**result.model_dump(), "passed": result.passed}, indent=2))
+        _emit(result)
     else:
         report.probe_table(result, console)
-    with _errors():
-        run_path = _report_dir("probe", the_plan)
-        (run_path / "probes.json").write_text(result.model_dump_json(indent=2) + "\n")
-        html = htmlreport.write_report(run_path, command="probe", plan=the_plan, probes=result)
-    (err if as_json else console).print(f"report: {html}", highlight=False)
+    out.print(f"report: {escape(result.report)}", highlight=False)
     if not result.passed:
         raise typer.Exit(1)
 
@@ -305,30 +257,18 @@ def bench(
 ) -> None:
     """Probe, then load-test each deployment (streamed chat completions at each concurrency);
     exit 1 if a probe or a request failed. Report and JSON in the run directory."""
-    with _errors():
-        workload = benchmark.make_workload(concurrency, requests, input_tokens, output_tokens)
-        the_plan = benchmark.only_deployments(_plan(hosts, fleet, inventory), deployment)
-        secrets, _ = _secrets(hosts, fleet, inventory, the_plan, vault_password_file)
-        run_path = _report_dir("bench", the_plan)
     out = err if as_json else console
-    probes = probe_plan(the_plan, secrets=secrets)
-    report.probe_table(probes, out)
-    result = benchmark.bench_plan(the_plan, workload, probes, _log, secrets=secrets)
-    report.bench_table(result, out)
     with _errors():
-        (run_path / "probes.json").write_text(probes.model_dump_json(indent=2) + "\n")
-        (run_path / "bench.json").write_text(result.model_dump_json(indent=2) + "\n")
-        html = htmlreport.write_report(run_path, command="bench", plan=the_plan, probes=probes,
-                                       bench=result)
-    out.print(f"report: {html}", highlight=False)
-    passed = probes.passed and result.passed
+        result = bench_flow.bench(bench_flow.BenchOptions(
+            _target(hosts, fleet, inventory, vault_password_file),
+            deployments=tuple(deployment or ()), concurrency=concurrency, requests=requests,
+            input_tokens=input_tokens, output_tokens=output_tokens), _events(out))
+    report.probe_table(result.probes, out)
+    report.bench_table(result.bench, out)
+    out.print(f"report: {escape(result.report)}", highlight=False)
     if as_json:
-        print(json.dumps({"run_id": run_path.name, "run_dir": str(run_path),
-                          "report": str(html), "passed": passed,
-                          "probes": {**probes.model_dump(), "passed": probes.passed},
-                          "bench": {**result.model_dump(), "passed": result.passed}},
-                         indent=2))
-    if not passed:
+        _emit(result)
+    if not result.passed:
         raise typer.Exit(1)
 
 
@@ -342,19 +282,16 @@ def facts_parse(
 ) -> None:
     """Parse a host's saved nvidia-smi output; exit 1 when it shows a broken driver."""
     with _errors():
-        try:
-            text = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read: {exc}", file=str(file)) from None
-    parsed = parse_nvidia_smi(text, columns=columns.split(",") if columns else None)
+        result = facts_flow.facts_parse(facts_flow.FactsOptions(
+            file, tuple(columns.split(",")) if columns else None))
     if as_json:
-        print(json.dumps(parsed.to_dict(), indent=2))
+        _emit(result)
     else:
-        console.print(summarize(parsed), highlight=False)
-        if parsed.error:
-            console.print(f"[red]{parsed.error.kind}[/red]: {escape(parsed.error.message)}\n"
-                          f"next: {escape(parsed.error.next_step)}")
-    if parsed.error:
+        console.print(result.summary, highlight=False)
+        if result.error:
+            console.print(f"[red]{result.error.kind}[/red]: {escape(result.error.message)}\n"
+                          f"next: {escape(result.error.next_step)}")
+    if result.error:
         raise typer.Exit(1)
 
 
@@ -368,24 +305,20 @@ def compat(
         "--compute-capability", help="Instead of --gpu: e.g. 8.6.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Which torch CUDA build and vLLM a host with this driver (and GPU) gets, and why."""
+    """Which torch CUDA build and vLLM a host with this driver (and GPU) gets, and why;
+    exit 2 if none."""
     with _errors():
-        capability = compute_capability
-        if gpu is not None and capability is None:
-            capability = load_gpu_table().find(gpu).compute_capability
-        decision = decide(driver, capability, load_cuda_compat())
+        result = compat_flow.compat(compat_flow.CompatOptions(driver, gpu, compute_capability))
     if as_json:
-        print(json.dumps({"driver": decision.driver, "max_cuda": decision.max_cuda,
-                          "torch": {"version": decision.torch.version,
-                                    "cuda_build": decision.torch.cuda_build,
-                                    "index_url": decision.torch.index_url,
-                                    "min_driver": decision.torch.min_driver},
-                          "vllm": {"version": decision.vllm.version},
-                          "reasons": decision.reasons}, indent=2))
-    else:
-        console.print(f"{decision.torch.requirement} from {decision.torch.index_url} with "
-                      f"vllm {decision.vllm.version}", highlight=False)
-        for reason in decision.reasons:
+        _emit(result)
+    if result.refused is not None:
+        err.print(f"[red]error:[/red] {escape(result.refused)}", highlight=False,
+                  soft_wrap=True)
+        raise typer.Exit(2)
+    if not as_json and result.torch is not None and result.vllm is not None:
+        console.print(f"{result.torch.requirement} from {result.torch.index_url} with "
+                      f"vllm {result.vllm.version}", highlight=False)
+        for reason in result.reasons:
             console.print(f"  - {escape(reason)}", highlight=False)
 
 
@@ -408,35 +341,20 @@ def fit_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Does the model fit these GPUs under vLLM, how, and if not, what would; exit 2 if not."""
-    found = ""
     with _errors():
-        if memory_mib is not None and facts_file is not None:
-            raise ConfigError("give --memory-mib or --facts, not both")
-        gpus = load_gpu_table()
-        source = "measured on the host"
-        if facts_file is not None:
-            try:
-                text = facts_file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"cannot read: {exc}", file=str(facts_file)) from None
-            name, count, memory_mib = gpus_from_facts(parse_nvidia_smi(text), str(facts_file))
-            if gpu is not None:
-                check_same_gpu(gpu, name, gpus, str(facts_file))
-            gpu, source, found = name, f"found in {facts_file}", f" (found in {facts_file})"
-        if gpu is None:
-            raise ConfigError("give --gpu, or --facts with the host's saved nvidia-smi output")
-        knowledge = load_knowledge()
-        gpu_table = load_cuda_compat()
-        floor = gpu_table.cuda.vllm.releases[gpu_table.gpu_stack.vllm_version]
-        result = fit(model, gpu, count, max_model_len, catalog=knowledge.catalog, gpus=gpus,
-                     memory_mib=memory_mib, memory_source=source,
-                     engine_min_compute_capability=floor.min_compute_capability, nodes=nodes)
+        result = fit_flow.fit_model(fit_flow.FitOptions(
+            model, gpu, count, max_model_len, nodes, memory_mib, facts_file))
     if as_json:
-        print(result.model_dump_json(indent=2))
-    else:
+        _emit(result)
+    if isinstance(result, fit_flow.FitRefusal):
+        err.print(f"[red]error:[/red] {escape(result.refused)}", highlight=False,
+                  soft_wrap=True)
+        raise typer.Exit(2)
+    if not as_json:
         verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
         hosts = f"{nodes} hosts x " if nodes > 1 else ""
-        console.print(f"{escape(model)} on {hosts}{count}x {escape(result.gpu)}"
+        found = f" (found in {result.found_in})" if result.found_in else ""
+        console.print(f"{escape(model)} on {hosts}{result.count}x {escape(result.gpu)}"
                       f"{escape(found)}: {verdict}")
         for line in result.reasons:
             console.print(f"  - {escape(line)}", highlight=False)
@@ -476,66 +394,86 @@ def mirror(
     real client, token from MODELSCOPE_API_TOKEN, or model_dir), checked by size and sha256,
     and the wheels and Ollama archive of the hosts that take them from the mirror; with
     mirror.url in the fleet, hosts take them from here."""
-    with _errors():
-        loaded = _load(hosts, fleet, inventory)
-        knowledge, gpu_table = load_knowledge(), load_cuda_compat()
-        # Refuses what `orchestrate plan` refuses, before anything is downloaded.
-        the_plan = make_plan(loaded, hosts, knowledge, gpu_table)
-        settings = loaded.fleet.mirror
-        url = settings.url if settings else None
-        where = directory.resolve() if directory else _mirror_path(settings)
-        address = (weights_mirror.parse_listen(
-            listen or (settings.listen if settings else None), settings) if serve else None)
-        # Both before any download: a missing Ollama checksum stops the run here.
-        stacks = ([] if wheels is False else packages.wheel_stacks(
-            the_plan, knowledge, gpu_table, mirror_url=url, every_host=bool(wheels)))
-        archives = ([] if ollama is False else packages.ollama_archives(
-            the_plan, where, origin=packages.ollama_origin(settings), mirror_url=url,
-            every_host=bool(ollama)))
-        staged = weights_mirror.stage_weights(
-            weights_origins(loaded, hosts), where,
-            endpoint=weights_mirror.modelscope_endpoint(settings),
-            token=os.environ.get("MODELSCOPE_API_TOKEN") or None, log=_log, verify=verify)
-        stacks = packages.stage_wheels(stacks, where, _log)
-        archives = packages.stage_ollama(archives, _log)
     out = err if as_json else console
-    if as_json:
-        print(json.dumps({"dir": str(where), "models": [s.to_dict() for s in staged],
-                          "origin_bytes": sum(s.origin_bytes for s in staged),
-                          "wheels": {"dir": str(where / packages.WHEELS),
-                                     "stacks": [s.to_dict() for s in stacks]},
-                          "ollama": {"dir": str(where / packages.OLLAMA),
-                                     "archives": [a.to_dict() for a in archives]}}, indent=2))
-    else:
-        report.mirror_table(staged, str(where), console)
-        report.mirror_packages(stacks, archives, str(where), console)
-    if settings is None:
-        out.print("the fleet sets no mirror.url: hosts still fetch from the origin; add "
-                  f"`mirror: {{url: http://THIS-MACHINE:{weights_mirror.DEFAULT_PORT}}}` to use "
-                  "this mirror (docs/airgapped.md)", highlight=False)
-    if address is None:
-        return
     with _errors():
-        server = weights_mirror.MirrorServer(
-            where, *address, on_request=lambda r: _log(f"{r.client} {r.status} {r.bytes} B "
-                                                        f"{r.path}"))
-    out.print(f"serving {where} on {address[0]}:{server.address[1]} (Ctrl-C stops)",
-              highlight=False)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
+        result = mirror_flow.mirror(mirror_flow.MirrorOptions(
+            _target(hosts, fleet, inventory), directory=directory, verify=verify,
+            wheels=wheels, ollama=ollama, serve=serve, listen=listen), _events(out))
+    if as_json:
+        _emit(result)
+    else:
+        report.mirror_table(result.models, result.dir, console)
+        report.mirror_packages(result.wheels.stacks, result.ollama.archives, result.dir,
+                               console)
+    if result.url is None:
+        out.print("the fleet sets no mirror.url: hosts still fetch from the origin; add "
+                  "`mirror: {url: http://THIS-MACHINE:8090}` to use this mirror "
+                  "(docs/airgapped.md)", highlight=False)
+    if result.serve is not None:
+        with _errors():
+            mirror_flow.serve_mirror(Path(result.dir), result.serve, _log)
 
 
 @app.command()
-def down(hosts: HostsOpt) -> None:
-    """Remove the sandbox fleet: its hosts and their state."""
+def status(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
+           as_json: JsonOpt = False, vault_password_file: VaultOpt = None) -> None:
+    """A quick, read-only look: per deployment its systemd unit (state, restarts) over SSH
+    and /health and /v1/models over HTTP, and the group's last run; exit 1 if a deployment
+    is down."""
     with _errors():
-        if hosts != sandbox_fleet.GROUP:
-            raise ConfigError(f"`down` removes the built-in sandbox only, not '{hosts}': "
-                              "real hosts are never deleted by this tool", key="--hosts")
-        removed = sandbox.down(STATE_DIR / "sandbox", _log)
-    console.print(f"removed {', '.join(removed)}" if removed else "no sandbox hosts were running")
+        result = status_flow.status(status_flow.StatusOptions(
+            _target(hosts, fleet, inventory, vault_password_file)))
+    if as_json:
+        _emit(result)
+    else:
+        report.status_table(result.group, result.deployments, result.unreachable, console)
+        last = result.last_run
+        console.print("last run: none in .orchestrate/runs" if last is None else
+                      f"last run: {escape(last.run_id)} ({escape(last.command)}, "
+                      f"{last.started:%Y-%m-%d %H:%M:%S}): "
+                      + {True: "[green]passed[/green]", False: "[red]failed[/red]",
+                         None: "no result"}[last.passed], highlight=False)
+    if not result.up:
+        raise typer.Exit(1)
 
+
+@app.command()
+def down(hosts: HostsOpt, as_json: JsonOpt = False) -> None:
+    """Remove the sandbox fleet: its hosts and their state."""
+    def remove() -> list[str]:
+        from orchestrator.sandbox import hosts as sandbox
+
+        return sandbox.down(STATE_DIR / "sandbox", _log)
+
+    with _errors():
+        result = down_flow.down(down_flow.DownOptions(hosts, SANDBOX, remove))
+    if as_json:
+        _emit(result)
+    else:
+        console.print(f"removed {', '.join(result.removed)}" if result.removed
+                      else "no sandbox hosts were running")
+
+
+@app.command()
+def schema(
+    command: Annotated[list[str] | None, typer.Argument(
+        help="A command, e.g. up or facts parse; none: list the commands.")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the commands.")] = False,
+    markdown: Annotated[bool, typer.Option(
+        "--markdown", help="Print docs/json.md: every command's fields and schema.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The JSON Schema of a command's --json output (docs/json.md documents them all)."""
+    if markdown:
+        sys.stdout.write(schemas.markdown())
+        return
+    if list_ or not command:
+        if as_json:
+            print(json.dumps(list(schemas.COMMANDS), indent=2))
+        else:
+            for c in schemas.COMMANDS.values():
+                console.print(f"{c.name:12} {escape(c.summary)}", highlight=False)
+        return
+    with _errors():
+        found = schemas.command(" ".join(command))
+    print(json.dumps(found.schema(), indent=2))

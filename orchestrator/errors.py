@@ -32,3 +32,10 @@ class PlanError(OrchestrateError):
     """The fleet is valid YAML but asks for something that cannot be planned."""
 
     exit_code = 2
+
+
+class MissingExtra(OrchestrateError):
+    """A command needs an optional part of the package that is not installed: the message
+    names the extra to install."""
+
+    exit_code = 2

@@ -43,7 +43,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from orchestrator.config.fleet import MirrorSettings
-from orchestrator.errors import ConfigError, OrchestrateError
+from orchestrator.errors import ConfigError, MissingExtra, OrchestrateError
 from orchestrator.plan.planner import MIRROR_MODELS, WeightsOrigin
 
 MANIFEST = "manifest.json"
@@ -296,7 +296,7 @@ def _client() -> str:
     beside = Path(sys.executable).parent / "modelscope"
     found = str(beside) if beside.exists() else shutil.which("modelscope")
     if found is None:
-        raise MirrorError("the modelscope client is not installed: pip install "
+        raise MissingExtra("the modelscope client is not installed: pip install "
                           "'qwen-fleet-orchestrator[mirror]' (modelscope==1.40.2)")
     return found
 

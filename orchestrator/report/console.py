@@ -15,7 +15,8 @@ from orchestrator.mirror.weights import Staged, Traffic
 from orchestrator.plan.planner import Plan, command_line
 from orchestrator.run.runner import Progress, RunResult
 from orchestrator.verify.bench import BenchReport
-from orchestrator.verify.httpprobe import ProbeReport
+from orchestrator.verify.httpprobe import ProbeReport, ProbeResult
+from orchestrator.verify.liveness import DeploymentStatus
 
 
 def plan_table(plan: Plan, console: Console) -> None:
@@ -141,6 +142,29 @@ def probe_table(report: ProbeReport, console: Console) -> None:
                       else f"[red]probes failed on: {', '.join(failed)}[/red]")
     else:
         console.print("no deployments to probe")
+
+
+def status_table(group: str, deployments: list[DeploymentStatus],
+                 unreachable: list[ProbeResult], console: Console) -> None:
+    """`orchestrate status`: one row per deployment, its unit and its HTTP answer."""
+    table = Table(title=f"Status of '{escape(group)}'")
+    for column in ("host", "deployment", "unit", "state", "restarts", "checks", "up"):
+        table.add_column(column, overflow="fold")
+    for d in deployments:
+        state = "/".join(s for s in (d.active_state, d.sub_state) if s) or "unknown"
+        failed = [r for r in d.checks if not r.passed]
+        checks = "\n".join(f"{r.probe}: {r.evidence}" + (f"\nnext: {r.next_step}"
+                                                         if r.next_step else "")
+                           for r in failed) or ", ".join(r.probe for r in d.checks) or "-"
+        table.add_row(escape(d.host), escape(d.deployment), escape(d.unit or "-"),
+                      escape(state), "-" if d.restarts is None else str(d.restarts),
+                      escape(checks), "[green]up[/green]" if d.up else "[red]DOWN[/red]")
+    console.print(table)
+    for r in unreachable:
+        console.print(f"[yellow]{escape(r.host)}: SSH did not answer, its units are "
+                      f"unknown[/yellow]: {escape(r.evidence)}", highlight=False)
+    if not deployments:
+        console.print("no deployments on these hosts")
 
 
 def _ms(value: float | None, digits: int = 1) -> str:

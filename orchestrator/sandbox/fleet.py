@@ -17,7 +17,7 @@ import yaml
 from ansible.parsing.vault import VaultLib, VaultSecret
 
 from orchestrator.config.fleet import Fleet, LoadedFleet
-from orchestrator.errors import OrchestrateError
+from orchestrator.errors import MissingExtra
 from orchestrator.knowledge.catalog import Knowledge
 from orchestrator.mirror.wheelhouse import stage_wheelhouse
 from orchestrator.sandbox import hosts as sandbox
@@ -71,7 +71,7 @@ def sandbox_model() -> Path:
     try:
         from orchestrator.sandbox.modelgen import generate_tiny_qwen2
     except ImportError as exc:
-        raise OrchestrateError(f"the sandbox's model generator needs the 'sandbox' extra "
+        raise MissingExtra(f"the sandbox's model generator needs the 'sandbox' extra "
                                f"({exc.name} is missing): pip install "
                                "'qwen-fleet-orchestrator[sandbox]'") from None
     return generate_tiny_qwen2(sandbox.cache_dir() / "models" / DEPLOYMENT)

@@ -62,6 +62,10 @@ _WEIGHTS_NOTE = ("sizes checked here; sha256 was checked at install by the model
                  "(hashing many GB is too slow for a probe)")
 
 Collector = Callable[[HostPlan, float], dict[str, Any]]
+# What the collector is asked of a host (collector_config, or less for a quick look).
+Configure = Callable[[HostPlan, float], dict[str, Any]]
+# The collector's evidence of a host -> its probe results (interpret, or a part of it).
+Judge = Callable[[HostPlan, Mapping[str, Any]], list[ProbeResult]]
 
 # paramiko logs its transport thread's failures (a host that sends no banner) with their
 # tracebacks; with no handler anywhere, Python's last-resort handler would print those on
@@ -207,7 +211,8 @@ def _python(host: HostPlan) -> str:
     return "python3"
 
 
-def run_collector(host: HostPlan, timeout: float = SSH_TIMEOUT) -> dict[str, Any]:
+def run_collector(host: HostPlan, timeout: float = SSH_TIMEOUT, *,
+                  configure: Configure = collector_config) -> dict[str, Any]:
     """Run the collector on `host` over one SSH connection, within `timeout` seconds."""
     conn = host.connection
     address, port = str(conn.get("ansible_host", host.name)), int(conn.get("ansible_port", 22))
@@ -250,7 +255,7 @@ def run_collector(host: HostPlan, timeout: float = SSH_TIMEOUT) -> dict[str, Any
             raise CollectError(f"ssh {where}: {type(exc).__name__}: {exc}", reach) from None
         # What is left after connecting, less a few seconds, so that the collector's own
         # report of what ran out of time still gets back.
-        program = collector_program(collector_config(
+        program = collector_program(configure(
             host, max(1.0, deadline - time.monotonic() - 5.0)))
         rc, out, err = _execute(client, f"{shlex.quote(_python(host))} -", program, deadline)
     except TimeoutError:
@@ -737,14 +742,15 @@ def _ssh_failure(host: HostPlan, message: str, next_step: str) -> list[ProbeResu
 
 
 def probe_host(host: HostPlan, timeout: float = SSH_TIMEOUT,
-               collect: Collector = run_collector) -> list[ProbeResult]:
+               collect: Collector = run_collector,
+               judge: Judge = interpret) -> list[ProbeResult]:
     """All SSH probes of one host; a host that cannot be reached gives one failed `ssh`."""
     try:
         evidence = collect(host, timeout)
     except CollectError as exc:
         return _ssh_failure(host, str(exc), exc.next_step)
     try:
-        return interpret(host, evidence)
+        return judge(host, evidence)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         # The collector is sent from this very orchestrator, so this is no version skew:
         # something else answered on the host's python3 (see ansible_python_interpreter).
@@ -757,14 +763,15 @@ def probe_host(host: HostPlan, timeout: float = SSH_TIMEOUT,
 
 
 def probe_hosts(plan: Plan, *, timeout: float = SSH_TIMEOUT, workers: int = 16,
-                collect: Collector = run_collector) -> list[ProbeResult]:
+                collect: Collector = run_collector,
+                judge: Judge = interpret) -> list[ProbeResult]:
     """SSH probes of every host in parallel; a host still running after its timeout (and a
     few seconds of grace) is reported and left behind, never waited for."""
     if not plan.hosts:
         return []
     pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(plan.hosts))))
     try:
-        futures = [pool.submit(probe_host, h, timeout, collect) for h in plan.hosts]
+        futures = [pool.submit(probe_host, h, timeout, collect, judge) for h in plan.hosts]
         wait(futures, timeout=timeout + SSH_GRACE)
         out: list[ProbeResult] = []
         for host, future in zip(plan.hosts, futures, strict=True):

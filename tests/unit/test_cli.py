@@ -100,9 +100,13 @@ def test_compat_json_falls_back_to_the_newest_vllm_the_driver_runs(
     proc = run(tmp_path, "compat", "--driver", driver, "--gpu", "Tesla T4", "--json")
     assert proc.returncode == 0, proc.stderr
     decision = json.loads(proc.stdout)
-    assert set(decision) == {"driver", "max_cuda", "torch", "vllm", "reasons"}
+    assert set(decision) == {"driver", "gpu", "compute_capability", "max_cuda", "torch",
+                             "vllm", "reasons", "refused"}
     assert (decision["driver"], decision["max_cuda"]) == (driver, max_cuda)
+    assert (decision["gpu"], decision["compute_capability"], decision["refused"]) == (
+        "Tesla T4", "7.5", None)
     assert decision["torch"] == {"version": torch, "cuda_build": build,
+                                 "cuda": decision["torch"]["cuda"],
                                  "index_url": f"https://download.pytorch.org/whl/{build}",
                                  "min_driver": decision["torch"]["min_driver"]}
     assert decision["vllm"] == {"version": vllm}
@@ -111,16 +115,27 @@ def test_compat_json_falls_back_to_the_newest_vllm_the_driver_runs(
 
 
 def test_compat_refuses_a_driver_too_old_for_every_vllm(tmp_path: Path) -> None:
+    """The refusal is one line on stderr and, with --json, the same keys as an answer with
+    `refused` saying why."""
     proc = run(tmp_path, "compat", "--driver", "470.82.01", "--gpu", "Tesla T4", "--json")
     assert proc.returncode == 2
-    assert proc.stdout == ""
-    assert "no supported combination for NVIDIA driver 470.82.01 (CUDA <= 11.4)" in proc.stderr
-    assert "install the R530 driver branch or newer" in proc.stderr
+    refusal = json.loads(proc.stdout)
+    assert (refusal["torch"], refusal["vllm"], refusal["max_cuda"]) == (None, None, None)
+    assert refusal["driver"] == "470.82.01" and refusal["compute_capability"] == "7.5"
+    for said in (refusal["refused"], " ".join(proc.stderr.split())):
+        assert "no supported combination for NVIDIA driver 470.82.01 (CUDA <= 11.4)" in said
+        assert "install the R530 driver branch or newer" in said
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    plain = run(tmp_path, "compat", "--driver", "470.82.01", "--gpu", "Tesla T4")
+    assert (plain.returncode, plain.stdout) == (2, "")
 
 
 def test_compat_unknown_gpu_name(tmp_path: Path) -> None:
     proc = run(tmp_path, "compat", "--driver", "590.48.01", "--gpu", "Voodoo 5")
     assert proc.returncode == 2 and "--compute-capability" in proc.stderr
+    as_json = run(tmp_path, "compat", "--driver", "590.48.01", "--gpu", "Voodoo 5", "--json")
+    assert as_json.returncode == 2
+    assert "GPU 'Voodoo 5' is not in data/gpus.yml" in json.loads(as_json.stdout)["refused"]
 
 
 def test_fit_7b_on_one_a10(tmp_path: Path) -> None:
@@ -137,7 +152,7 @@ def test_fit_72b_on_one_h100_refuses_and_suggests(tmp_path: Path) -> None:
                "NVIDIA H100 80GB HBM3", "--json")
     assert proc.returncode == 2
     result = json.loads(proc.stdout)
-    assert not result["fits"]
+    assert not result["fits"] and result["refused"] is None
     assert any("4x" in s for s in result["suggestions"])
     assert any("AWQ" in s for s in result["suggestions"])
 
@@ -200,6 +215,22 @@ def test_fit_with_measured_memory(tmp_path: Path) -> None:
 def test_fit_unknown_model_is_one_line(tmp_path: Path) -> None:
     proc = run(tmp_path, "fit", "--model", "Qwen/Qwen2.5-4B-Instruct", "--gpu", "Tesla T4")
     assert proc.returncode == 2 and "not in the catalog" in proc.stderr
+    assert proc.stdout == "" and proc.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["--model", "Qwen/Qwen2.5-4B-Instruct", "--gpu", "Tesla T4"],
+    ["--model", "Qwen/Qwen2.5-7B-Instruct"],
+    ["--model", "Qwen/Qwen2.5-7B-Instruct", "--facts", "missing.txt"],
+    ["--model", "Qwen/Qwen2.5-7B-Instruct", "--facts",
+     str(SMI / "error_driver_comm__unknown__460.x.txt")],
+])
+def test_fit_json_refusals_print_json_with_the_reason(tmp_path: Path, args: list[str]) -> None:
+    proc = run(tmp_path, "fit", *args, "--json")
+    assert proc.returncode == 2
+    refusal = json.loads(proc.stdout)
+    assert refusal["fits"] is False and refusal["model"] == args[1]
+    assert refusal["refused"] and refusal["refused"] in " ".join(proc.stderr.split())
 
 
 def test_plan_table_for_an_inventory_without_deployments(tmp_path: Path) -> None:

@@ -29,7 +29,6 @@ import pytest
 import yaml
 from doubles.modelhub import StandInHub
 
-from orchestrator import cli
 from orchestrator.config.fleet import load_fleet
 from orchestrator.errors import ConfigError
 from orchestrator.knowledge.catalog import load_knowledge
@@ -45,6 +44,7 @@ from orchestrator.mirror.weights import (
 )
 from orchestrator.plan.planner import make_plan, weights_origins
 from orchestrator.sandbox import fleet as sandbox_fleet
+from orchestrator.workflows.mirror import stage_for_up
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -619,11 +619,15 @@ def test_up_stages_only_when_its_run_changes_hosts_weights(write: Any) -> None:
                              "hosts": "gpu", "port": 8000}]})))
         return loaded, make_plan(loaded, "gpu", load_knowledge(), load_cuda_compat(), stages)
 
+    def stage(loaded: Any, plan: Any, check: bool) -> list[Any]:
+        return stage_for_up(loaded, "gpu", plan, check=check, state_dir=Path(".orchestrate"),
+                            log=lambda _: None)
+
     loaded, plan = plan_of({"stage": False}, ("models",))
-    assert cli._stage_mirror(loaded, "gpu", plan, check=False) == []
+    assert stage(loaded, plan, check=False) == []
     loaded, plan = plan_of({}, ("services", "verify"))
-    assert cli._stage_mirror(loaded, "gpu", plan, check=False) == []
+    assert stage(loaded, plan, check=False) == []
     loaded, plan = plan_of({}, ("models",))
-    assert cli._stage_mirror(loaded, "gpu", plan, check=True) == []
+    assert stage(loaded, plan, check=True) == []
     with pytest.raises(MirrorError, match=r"cannot reach http://127\.0\.0\.1:9"):
-        cli._stage_mirror(loaded, "gpu", plan, check=False)
+        stage(loaded, plan, check=False)

@@ -1,0 +1,40 @@
+"""`orchestrate init`: a commented example fleet.yml to start from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field
+
+from orchestrator.errors import ConfigError
+from orchestrator.run.render import ROOT
+from orchestrator.workflows.common import DEFAULT_FLEET, Result
+
+EXAMPLE = ROOT / "templates" / "fleet.yml"
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    path: Path = DEFAULT_FLEET
+    # Overwrite an existing file.
+    force: bool = False
+
+
+class InitResult(Result):
+    """`orchestrate init --json`."""
+
+    path: str = Field(description="the fleet file written")
+    overwrote: bool = Field(description="a file was there and --force replaced it")
+    next: str = Field(description="what to run next")
+
+
+def init(options: InitOptions) -> InitResult:
+    path = options.path
+    existed = path.exists()
+    if existed and not options.force:
+        raise ConfigError("already exists; pass --force to overwrite it", file=str(path))
+    path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+    return InitResult(path=str(path), overwrote=existed,
+                      next="edit the hosts and deployments, then "
+                           "`orchestrate plan --hosts gpu-cluster`")

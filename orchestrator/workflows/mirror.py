@@ -1,0 +1,127 @@
+"""`orchestrate mirror`, and what `up` stages into the mirror before its playbooks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field
+
+from orchestrator.config.fleet import LoadedFleet
+from orchestrator.knowledge.catalog import load_knowledge
+from orchestrator.knowledge.compat import load_cuda_compat
+from orchestrator.mirror import packages
+from orchestrator.mirror import weights as weights_mirror
+from orchestrator.mirror.packages import OllamaArchive, WheelStack
+from orchestrator.mirror.weights import Staged
+from orchestrator.plan.planner import Plan, make_plan, weights_origins
+from orchestrator.workflows.common import Events, Result, Target, load, mirror_path
+
+
+def _token() -> str | None:
+    return os.environ.get("MODELSCOPE_API_TOKEN") or None
+
+
+def stage_for_up(loaded: LoadedFleet, hosts: str, plan: Plan, *, check: bool,
+                 state_dir: Path, log: Callable[[str], None]) -> list[Staged]:
+    """What `up` stages before the playbooks: the plan's weights, when the fleet keeps its
+    mirror here and the run has a models stage that changes hosts."""
+    settings = loaded.fleet.mirror
+    if settings is None or not settings.stage or check or "models" not in plan.stages:
+        return []
+    return weights_mirror.stage_weights(
+        weights_origins(loaded, hosts), mirror_path(settings, state_dir),
+        endpoint=weights_mirror.modelscope_endpoint(settings), token=_token(), log=log)
+
+
+@dataclass(frozen=True)
+class MirrorOptions:
+    target: Target
+    # Default: the fleet's mirror.dir, else <state>/mirror.
+    directory: Path | None = None
+    verify: bool = False
+    # None: the hosts that take them from the mirror; True: every host; False: none.
+    wheels: bool | None = None
+    ollama: bool | None = None
+    # Serve the mirror afterwards (serve_mirror), on `listen` or mirror.listen/mirror.url.
+    serve: bool = False
+    listen: str | None = None
+
+
+class Listen(Result):
+    host: str
+    port: int
+
+
+class WheelsStaged(Result):
+    dir: str
+    stacks: list[WheelStack]
+
+
+class OllamaStaged(Result):
+    dir: str
+    archives: list[OllamaArchive]
+
+
+class MirrorResult(Result):
+    """`orchestrate mirror --json`."""
+
+    dir: str = Field(description="the mirror directory on this machine")
+    url: str | None = Field(description="mirror.url: where hosts fetch from; null: the "
+                                        "fleet sets none, hosts still use the origin")
+    models: list[Staged] = Field(description="each model of the group's hosts, in the mirror")
+    origin_bytes: int = Field(description="bytes this run took from the origins")
+    wheels: WheelsStaged
+    ollama: OllamaStaged
+    serve: Listen | None = Field(description="where --serve serves the mirror; null "
+                                             "without --serve")
+
+
+def mirror(options: MirrorOptions, events: Events) -> MirrorResult:
+    """Stage the weights, wheels and Ollama archives the group's hosts need, checked."""
+    target = options.target
+    loaded = load(target)
+    knowledge, gpu_table = load_knowledge(), load_cuda_compat()
+    # Refuses what `orchestrate plan` refuses, before anything is downloaded.
+    plan = make_plan(loaded, target.hosts, knowledge, gpu_table)
+    settings = loaded.fleet.mirror
+    url = settings.url if settings else None
+    where = (options.directory.resolve() if options.directory
+             else mirror_path(settings, target.state_dir))
+    address = (weights_mirror.parse_listen(
+        options.listen or (settings.listen if settings else None), settings)
+        if options.serve else None)
+    # Both before any download: a missing Ollama checksum stops the run here.
+    stacks = ([] if options.wheels is False else packages.wheel_stacks(
+        plan, knowledge, gpu_table, mirror_url=url, every_host=bool(options.wheels)))
+    archives = ([] if options.ollama is False else packages.ollama_archives(
+        plan, where, origin=packages.ollama_origin(settings), mirror_url=url,
+        every_host=bool(options.ollama)))
+    staged = weights_mirror.stage_weights(
+        weights_origins(loaded, target.hosts), where,
+        endpoint=weights_mirror.modelscope_endpoint(settings), token=_token(),
+        log=events.log, verify=options.verify)
+    stacks = packages.stage_wheels(stacks, where, events.log)
+    archives = packages.stage_ollama(archives, events.log)
+    return MirrorResult(
+        dir=str(where), url=url, models=staged,
+        origin_bytes=sum(s.origin_bytes for s in staged),
+        wheels=WheelsStaged(dir=str(where / packages.WHEELS), stacks=stacks),
+        ollama=OllamaStaged(dir=str(where / packages.OLLAMA), archives=archives),
+        serve=Listen(host=address[0], port=address[1]) if address else None)
+
+
+def serve_mirror(directory: Path, listen: Listen, log: Callable[[str], None]) -> None:
+    """Serve the mirror to the hosts until interrupted (Ctrl-C), one log line per request."""
+    server = weights_mirror.MirrorServer(
+        directory, listen.host, listen.port,
+        on_request=lambda r: log(f"{r.client} {r.status} {r.bytes} B {r.path}"))
+    log(f"serving {directory} on {listen.host}:{server.address[1]} (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()

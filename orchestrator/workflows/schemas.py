@@ -1,0 +1,138 @@
+"""One JSON schema per command, from the result model its `--json` prints, and docs/json.md
+made from them (`orchestrate schema --markdown > docs/json.md`; a unit test fails while
+the file differs)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from orchestrator.errors import ConfigError
+from orchestrator.plan.planner import Plan
+from orchestrator.workflows.bench import BenchRun
+from orchestrator.workflows.compat import CompatResult
+from orchestrator.workflows.down import DownResult
+from orchestrator.workflows.facts import FactsResult
+from orchestrator.workflows.fit import FitAnswer, FitRefusal
+from orchestrator.workflows.init import InitResult
+from orchestrator.workflows.mirror import MirrorResult
+from orchestrator.workflows.probe import ProbeRun
+from orchestrator.workflows.status import StatusResult
+from orchestrator.workflows.up import UpResult
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    # What `--json` prints: a model, or a union of models.
+    output: Any
+    summary: str
+    exits: str
+
+    def schema(self) -> dict[str, Any]:
+        found: dict[str, Any] = TypeAdapter(self.output).json_schema(mode="serialization")
+        return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+                "$id": f"orchestrate {self.name} --json", **found}
+
+
+COMMANDS = {c.name: c for c in [
+    Command("init", InitResult, "the fleet file written",
+            "0 written; 2 the file exists (without --force)"),
+    Command("plan", Plan, "the plan: per host its role variables, probes and reasons",
+            "0; 2 bad input (fleet, group, stage)"),
+    Command("up", UpResult, "the Ansible run, the mirror's work and the probes",
+            "0 all passed; 1 a playbook or a probe failed; 2 bad input, nothing run"),
+    Command("probe", ProbeRun, "every probe's result, with evidence and next step",
+            "0 all passed; 1 a probe failed; 2 bad input"),
+    Command("bench", BenchRun, "the probes and each deployment's measurements",
+            "0 all passed; 1 a probe or a request failed; 2 bad input"),
+    Command("mirror", MirrorResult, "what is staged in the mirror and what was downloaded",
+            "0 staged; 1 a download or check failed; 2 bad input"),
+    Command("facts parse", FactsResult, "the GPU facts of saved nvidia-smi output",
+            "0 healthy; 1 it shows a broken driver or tool (see `error`); 2 unreadable"),
+    Command("compat", CompatResult, "the torch build and vLLM release, or why none",
+            "0 answered; 2 refused (`refused` says why; the JSON is printed too)"),
+    Command("fit", FitAnswer | FitRefusal, "whether the model fits, how, or what would",
+            "0 fits; 2 does not fit, or the question is refused (`refused`); the JSON is "
+            "printed in both cases"),
+    Command("status", StatusResult, "each deployment's unit and HTTP answer now, and the "
+                                    "group's last run",
+            "0 every deployment is up; 1 one is down; 2 bad input"),
+    Command("down", DownResult, "the sandbox hosts removed",
+            "0; 2 a group other than the sandbox"),
+]}
+
+
+def command(name: str) -> Command:
+    try:
+        return COMMANDS[name]
+    except KeyError:
+        raise ConfigError(f"no command '{name}' (commands: {', '.join(COMMANDS)})",
+                          key="COMMAND") from None
+
+
+def _type(schema: dict[str, Any]) -> str:
+    """A short type name for a property's schema, for the tables of docs/json.md."""
+    if "$ref" in schema:
+        return str(schema["$ref"]).rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        return " or ".join(_type(s) for s in schema["anyOf"])
+    if "const" in schema:
+        return json.dumps(schema["const"])
+    if "enum" in schema:
+        return " or ".join(json.dumps(v) for v in schema["enum"])
+    kind = schema.get("type")
+    if kind == "array":
+        return f"list of {_type(schema.get('items', {}))}"
+    if kind == "object" and isinstance(schema.get("additionalProperties"), dict):
+        return f"map of {_type(schema['additionalProperties'])}"
+    if kind == "string" and schema.get("format"):
+        return f"string ({schema['format']})"
+    return str(kind or "any")
+
+
+def _fields(schema: dict[str, Any]) -> list[str]:
+    rows = []
+    required = set(schema.get("required", []))
+    for name, spec in schema.get("properties", {}).items():
+        what = " ".join(str(spec.get("description", "")).split()).replace("|", "\\|")
+        optional = "" if name in required else " (optional)"
+        rows.append(f"| `{name}` | {_type(spec).replace('|', '/')}{optional} | {what} |")
+    return ["| field | type | meaning |", "|---|---|---|", *rows]
+
+
+def markdown() -> str:
+    """docs/json.md: every command's JSON output, its fields and its full schema."""
+    out = [
+        "# JSON output",
+        "",
+        "<!-- Generated by `orchestrate schema --markdown > docs/json.md` from the result",
+        "     models in orchestrator/workflows/; tests/unit/test_workflows.py fails while it",
+        "     differs. Edit the models' field descriptions, not this file. -->",
+        "",
+        "Every command takes `--json`: standard output then holds one JSON document and",
+        "nothing else (tables, progress and the report's path go to standard error). Bad",
+        "input that stops a command before it starts (exit 2) prints one `error:` line on",
+        "standard error and no JSON, except `compat` and `fit`, which answer a question and",
+        "print their JSON with `refused` set. `orchestrate schema COMMAND` prints the JSON",
+        "Schema (draft 2020-12) of a command's output; `orchestrate schema --list` names the",
+        "commands. Keys are only ever added, never renamed or removed without a note here.",
+        "",
+    ]
+    for c in COMMANDS.values():
+        schema = c.schema()
+        out += [f"## `orchestrate {c.name} --json`", "",
+                f"{c.summary[0].upper()}{c.summary[1:]}.", "", f"Exit codes: {c.exits}.", ""]
+        variants = ([schema["$defs"][s["$ref"].rsplit("/", 1)[-1]] for s in schema["anyOf"]]
+                    if "anyOf" in schema else [schema])
+        for variant in variants:
+            if len(variants) > 1:
+                about = " ".join(str(variant.get("description", "")).split())
+                out += [f"{variant.get('title')}: {about}", ""]
+            out += [*_fields(variant), ""]
+        out += ["<details><summary>JSON Schema</summary>", "", "```json",
+                json.dumps(schema, indent=2), "```", "", "</details>", ""]
+    return "\n".join(out)
