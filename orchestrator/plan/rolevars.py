@@ -53,7 +53,7 @@ class PreflightVars(RoleVars):
 class NvidiaDriverVars(RoleVars):
     role = "nvidia_driver"
     nvidia_driver_branch: str
-    nvidia_driver_source: str | None = None
+    nvidia_driver_source: Literal["distro", "cuda"] | None = None
     nvidia_driver_open_kernel_modules: bool
     nvidia_driver_fabricmanager: bool | None = None
     nvidia_driver_nvlsm: bool | None = None
