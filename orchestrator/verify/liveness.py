@@ -38,12 +38,12 @@ class DeploymentStatus(BaseModel):
 
     host: str
     deployment: str
-    engine: str
-    url: str
+    engine: str = Field(description="vllm or ollama")
+    url: str = Field(description="the base URL its HTTP checks use")
     unit: str | None = Field(description="its systemd unit")
     active_state: str | None = Field(description="systemd ActiveState; null when SSH did "
                                                  "not answer")
-    sub_state: str | None
+    sub_state: str | None = Field(description="systemd SubState (running, auto-restart, ...)")
     restarts: int | None = Field(description="systemd NRestarts since the unit was started")
     since: str | None = Field(description="systemd ExecMainStartTimestamp")
     checks: list[ProbeResult] = Field(description="service and listening (SSH), health and "

@@ -35,13 +35,14 @@ class BenchOptions:
 class BenchRun(Result):
     """`orchestrate bench --json` (docs/bench.md explains the measurements)."""
 
-    run_id: str
+    run_id: str = Field(description="the run directory's name")
     run_dir: str = Field(description="holds plan.json, probes.json, bench.json, report.html")
     report: str = Field(description="the run's HTML report with the plots")
     passed: bool = Field(description="every probe passed and every request was answered "
                                      "(exit 0)")
-    probes: Probes
-    bench: Bench
+    probes: Probes = Field(description="the HTTP probes run first")
+    bench: Bench = Field(description="the measurements (bench.json in the run directory, "
+                                     "without passed)")
 
 
 def bench(options: BenchOptions, events: Events) -> BenchRun:

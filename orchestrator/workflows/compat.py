@@ -28,14 +28,16 @@ class CompatOptions:
 class CompatResult(Result):
     """`orchestrate compat --json`: the same keys whether it answers or refuses."""
 
-    driver: str
-    gpu: str | None
+    driver: str = Field(description="the driver version asked about")
+    gpu: str | None = Field(description="the GPU name asked about (--gpu)")
     compute_capability: str | None = Field(description="given, or the GPU's from "
                                                        "data/gpus.yml")
     max_cuda: str | None = Field(description="the newest CUDA the driver runs")
-    torch: TorchChoice | None
-    vllm: VllmChoice | None
-    reasons: list[str]
+    torch: TorchChoice | None = Field(description="the torch release and CUDA build, and "
+                                                  "its package index; null when refused")
+    vllm: VllmChoice | None = Field(description="the vLLM release; null when refused")
+    reasons: list[str] = Field(description="why, one line each: releases skipped, builds "
+                                           "chosen")
     refused: str | None = Field(description="why no combination serves this host (exit 2); "
                                             "null when torch and vllm are given")
 

@@ -23,7 +23,7 @@ class DownOptions:
 class DownResult(Result):
     """`orchestrate down --json`."""
 
-    group: str
+    group: str = Field(description="the built-in sandbox's group")
     removed: list[str] = Field(description="the sandbox hosts removed (empty: none ran)")
 
 

@@ -30,10 +30,11 @@ class FactsOptions:
 class FactsResult(Result):
     """`orchestrate facts parse --json`: the GPU facts (the Ansible fact's shape too)."""
 
-    driver_version: str | None
-    cuda_version: str | None
-    gpus: list[GpuInfo]
-    mig_devices: list[MigDevice]
+    driver_version: str | None = Field(description="e.g. 550.127.05")
+    cuda_version: str | None = Field(description="the newest CUDA the driver supports")
+    gpus: list[GpuInfo] = Field(description="each GPU found")
+    mig_devices: list[MigDevice] = Field(description="MIG devices, where the output lists "
+                                                     "them")
     error: SmiError | None = Field(description="a broken driver or tool, with the next "
                                                "step (exit 1); null when healthy")
     summary: str = Field(description="one line, as the table shows it")

@@ -40,10 +40,10 @@ class FitAnswer(FitResult):
 class FitRefusal(Result):
     """`orchestrate fit --json` when the question itself was refused (exit 2)."""
 
-    model: str
-    gpu: str | None
-    count: int
-    nodes: int
+    model: str = Field(description="the model asked about (--model)")
+    gpu: str | None = Field(description="the GPU asked about, or found in --facts")
+    count: int = Field(description="GPUs per host")
+    nodes: int = Field(description="hosts")
     fits: Literal[False] = False
     refused: str = Field(description="why (an unknown model or GPU, an unreadable or "
                                      "broken --facts file, conflicting options)")

@@ -51,18 +51,19 @@ class MirrorOptions:
 
 
 class Listen(Result):
-    host: str
+    host: str = Field(description="address served on (0.0.0.0: every IPv4 address)")
     port: int
 
 
 class WheelsStaged(Result):
-    dir: str
-    stacks: list[WheelStack]
+    dir: str = Field(description="<mirror>/wheels: the hosts' pip find-links")
+    stacks: list[WheelStack] = Field(description="each set of wheels (Python, torch, vLLM) "
+                                                 "and the hosts that install it")
 
 
 class OllamaStaged(Result):
-    dir: str
-    archives: list[OllamaArchive]
+    dir: str = Field(description="<mirror>/ollama, laid out as the release downloads")
+    archives: list[OllamaArchive] = Field(description="each Ollama release archive staged")
 
 
 class MirrorResult(Result):
@@ -73,8 +74,8 @@ class MirrorResult(Result):
                                         "fleet sets none, hosts still use the origin")
     models: list[Staged] = Field(description="each model of the group's hosts, in the mirror")
     origin_bytes: int = Field(description="bytes this run took from the origins")
-    wheels: WheelsStaged
-    ollama: OllamaStaged
+    wheels: WheelsStaged = Field(description="torch and vLLM wheels for the hosts")
+    ollama: OllamaStaged = Field(description="Ollama release archives for the hosts")
     serve: Listen | None = Field(description="where --serve serves the mirror; null "
                                              "without --serve")
 

@@ -28,7 +28,7 @@ class ProbeOptions:
 class ProbeRun(Probes):
     """`orchestrate probe --json`: the probe report and where the run keeps it."""
 
-    run_id: str
+    run_id: str = Field(description="the run directory's name")
     run_dir: str = Field(description="holds plan.json, probes.json, report.html")
     report: str = Field(description="the run's HTML report")
 

@@ -50,7 +50,7 @@ def save_results(run_dir: Path, *, command: str, plan: Plan, probes: ProbeReport
 class LastRun(Result):
     """The newest run directory of a group, as far as its files tell."""
 
-    run_id: str
+    run_id: str = Field(description="the run directory's name")
     run_dir: str
     command: str = Field(description="the orchestrate command that made it (up, probe, "
                                      "bench, smoke)")
@@ -58,9 +58,9 @@ class LastRun(Result):
     ansible_status: str | None = Field(description="ansible-runner's status (successful, "
                                                    "failed, ...), null if no playbook ran "
                                                    "or it did not finish")
-    ansible_rc: int | None
+    ansible_rc: int | None = Field(description="ansible-playbook's exit code")
     probes_failed: int | None = Field(description="failed probes, null if it probed nothing")
-    probes_total: int | None
+    probes_total: int | None = Field(description="probes run, null if none")
     passed: bool | None = Field(description="its playbook and probes passed; null when "
                                             "neither left a result")
 

@@ -35,7 +35,23 @@ class Command:
     def schema(self) -> dict[str, Any]:
         found: dict[str, Any] = TypeAdapter(self.output).json_schema(mode="serialization")
         return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-                "$id": f"orchestrate {self.name} --json", **found}
+                "$id": f"orchestrate {self.name} --json", **_every_key_present(found)}
+
+
+def _every_key_present(schema: Any) -> Any:
+    """`--json` prints every field, those with defaults too (nothing is excluded), which the
+    schema says by requiring them all."""
+    if isinstance(schema, list):
+        return [_every_key_present(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: ({name: _every_key_present(sub) for name, sub in v.items()}
+               if k in ("properties", "$defs") and isinstance(v, dict)
+               else _every_key_present(v))
+           for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict):
+        out["required"] = list(schema["properties"])
+    return out
 
 
 COMMANDS = {c.name: c for c in [
@@ -96,16 +112,19 @@ def _type(schema: dict[str, Any]) -> str:
 
 def _fields(schema: dict[str, Any]) -> list[str]:
     rows = []
-    required = set(schema.get("required", []))
     for name, spec in schema.get("properties", {}).items():
         what = " ".join(str(spec.get("description", "")).split()).replace("|", "\\|")
-        optional = "" if name in required else " (optional)"
-        rows.append(f"| `{name}` | {_type(spec).replace('|', '/')}{optional} | {what} |")
+        rows.append(f"| `{name}` | {_type(spec)} | {what} |")
     return ["| field | type | meaning |", "|---|---|---|", *rows]
 
 
+def _about(schema: dict[str, Any]) -> list[str]:
+    text = " ".join(str(schema.get("description", "")).split())
+    return [text, ""] if text else []
+
+
 def markdown() -> str:
-    """docs/json.md: every command's JSON output, its fields and its full schema."""
+    """docs/json.md: every command's JSON output and every object in it, field by field."""
     out = [
         "# JSON output",
         "",
@@ -118,21 +137,24 @@ def markdown() -> str:
         "input that stops a command before it starts (exit 2) prints one `error:` line on",
         "standard error and no JSON, except `compat` and `fit`, which answer a question and",
         "print their JSON with `refused` set. `orchestrate schema COMMAND` prints the JSON",
-        "Schema (draft 2020-12) of a command's output; `orchestrate schema --list` names the",
-        "commands. Keys are only ever added, never renamed or removed without a note here.",
+        "Schema (draft 2020-12) of a command's output, `orchestrate schema --list` names the",
+        "commands. Keys are added over time; none is renamed or removed without a note here.",
         "",
     ]
+    objects: dict[str, dict[str, Any]] = {}
     for c in COMMANDS.values():
         schema = c.schema()
+        for name, found in schema.get("$defs", {}).items():
+            if objects.setdefault(name, found) != found:
+                raise ValueError(f"two different objects named {name} (in {c.name})")
         out += [f"## `orchestrate {c.name} --json`", "",
                 f"{c.summary[0].upper()}{c.summary[1:]}.", "", f"Exit codes: {c.exits}.", ""]
-        variants = ([schema["$defs"][s["$ref"].rsplit("/", 1)[-1]] for s in schema["anyOf"]]
-                    if "anyOf" in schema else [schema])
-        for variant in variants:
-            if len(variants) > 1:
-                about = " ".join(str(variant.get("description", "")).split())
-                out += [f"{variant.get('title')}: {about}", ""]
-            out += [*_fields(variant), ""]
-        out += ["<details><summary>JSON Schema</summary>", "", "```json",
-                json.dumps(schema, indent=2), "```", "", "</details>", ""]
+        if "anyOf" in schema:
+            out += ["One of: " + ", ".join(f"`{_type(v)}`" for v in schema["anyOf"])
+                    + " (see Objects).", ""]
+        else:
+            out += [*_fields(schema), ""]
+    out += ["## Objects", "", "The objects the outputs above contain, by name.", ""]
+    for name, found in sorted(objects.items()):
+        out += [f"### {name}", "", *_about(found), *_fields(found), ""]
     return "\n".join(out)

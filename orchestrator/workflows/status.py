@@ -30,10 +30,10 @@ class StatusOptions:
 class StatusResult(Result):
     """`orchestrate status --json`."""
 
-    group: str
+    group: str = Field(description="the host group (--hosts)")
     checked_at: dt.datetime = Field(description="when this look was taken (UTC)")
     up: bool = Field(description="every deployment is up (exit 0; 1 otherwise)")
-    deployments: list[DeploymentStatus]
+    deployments: list[DeploymentStatus] = Field(description="each deployment on each host")
     unreachable: list[ProbeResult] = Field(description="hosts SSH did not reach: their "
                                                        "units are unknown")
     last_run: LastRun | None = Field(description="the newest run directory of the group "

@@ -61,7 +61,7 @@ class AnsibleOutcome(Result):
 
 
 class PathServed(Result):
-    requests: int
+    requests: int = Field(description="requests for this path")
     ok: int = Field(description="requests answered 200")
     bytes: int = Field(description="bytes of the answered requests")
 
@@ -69,9 +69,9 @@ class PathServed(Result):
 class Served(Result):
     """What the mirror served to the hosts during the run."""
 
-    requests: int
-    bytes: int
-    paths: dict[str, PathServed]
+    requests: int = Field(description="requests, all paths together")
+    bytes: int = Field(description="bytes sent, all paths together")
+    paths: dict[str, PathServed] = Field(description="per URL path")
 
     @classmethod
     def of(cls, traffic: Traffic) -> Served:
@@ -82,11 +82,13 @@ class Served(Result):
 
 
 class UpMirror(Result):
-    dir: str
-    url: str
+    """The fleet's mirror during `up`."""
+
+    dir: str = Field(description="the mirror directory on this machine")
+    url: str = Field(description="mirror.url: where the hosts fetch from")
     models: list[Staged] = Field(description="what this run staged (none without a models "
                                              "stage, with --check or mirror.stage false)")
-    origin_bytes: int
+    origin_bytes: int = Field(description="bytes this run took from the origins")
     served: Served | None = Field(description="null unless mirror.listen serves it for "
                                               "the run")
 
@@ -94,10 +96,11 @@ class UpMirror(Result):
 class UpResult(Result):
     """`orchestrate up --json`."""
 
-    run_id: str
-    run_dir: str
+    run_id: str = Field(description="the run directory's name")
+    run_dir: str = Field(description="plan, inventory, host_vars, the replay command, "
+                                     "ansible-runner's artifacts, probes.json, report.html")
     report: str = Field(description="the run's HTML report")
-    stages: list[str]
+    stages: list[str] = Field(description="the stages run, in order")
     ansible: AnsibleOutcome
     mirror: UpMirror | None = Field(description="null when the fleet has no mirror")
     probes: Probes | None = Field(description="null with --check or without the verify "
