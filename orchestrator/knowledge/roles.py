@@ -28,10 +28,17 @@ ROOT = Path(__file__).resolve().parents[2]
 ROLES = ROOT / "roles"
 
 
-def _no_checkout() -> OrchestrateError:
-    return OrchestrateError(f"{ROLES} does not exist: orchestrate reads the Ansible roles of "
-                            "the checkout it runs from; install it from a checkout with "
-                            "`pip install -e <checkout>`")
+class NoCheckout(OrchestrateError):
+    """Installed without the checkout's roles: an installation problem, which exits like a
+    missing extra (orchestrator.errors.MissingExtra)."""
+
+    exit_code = 2
+
+
+def _no_checkout() -> NoCheckout:
+    return NoCheckout(f"{ROLES} does not exist: orchestrate reads the Ansible roles of the "
+                      "checkout it runs from; install it from a checkout with "
+                      "`pip install -e <checkout>`")
 
 
 @functools.cache

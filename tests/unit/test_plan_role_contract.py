@@ -399,8 +399,9 @@ def roles_at(monkeypatch: pytest.MonkeyPatch):
 def test_without_the_checkouts_roles_one_line_says_to_install_from_a_checkout(
         roles_at, tmp_path: Path) -> None:
     roles_at(tmp_path / "site-packages" / "roles")
-    with pytest.raises(OrchestrateError) as caught:
+    with pytest.raises(roles.NoCheckout) as caught:
         roles.load_role_defaults()
+    assert caught.value.exit_code == 2
     assert str(caught.value) == (
         f"{tmp_path}/site-packages/roles does not exist: orchestrate reads the Ansible roles "
         "of the checkout it runs from; install it from a checkout with "
