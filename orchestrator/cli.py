@@ -119,11 +119,12 @@ def _sandbox_fleet() -> tuple[LoadedFleet, Path]:
     from orchestrator.sandbox import fleet as sandbox_fleet
     from orchestrator.sandbox import hosts as sandbox
 
+    # First: without the `sandbox` extra it stops here, before anything is written.
+    model = sandbox_fleet.sandbox_model()
     state = _sandbox_state()
     secrets_file, password_file = sandbox_fleet.sandbox_secrets(state)
     _log(f"note: {sandbox_fleet.STANDIN_NOTE}")
-    loaded = sandbox_fleet.sandbox_fleet(sandbox.ensure_ssh_key(state),
-                                         sandbox_fleet.sandbox_model(), secrets_file,
+    loaded = sandbox_fleet.sandbox_fleet(sandbox.ensure_ssh_key(state), model, secrets_file,
                                          sandbox_fleet.sandbox_ollama_release(),
                                          mirror_dir=state / "mirror")
     return loaded, password_file

@@ -167,12 +167,14 @@ class _Fetch:
                     ) -> tuple[dict[str, dict[str, Any]], int]:
         assert origin.revision is not None
         ref = f"{origin.model_id}@{origin.revision}"
+        # Before the hub is asked anything: without the client nothing can be downloaded.
+        client = _client()
         expected = self._listing(origin.model_id, origin.revision, ref)
         need = _bytes_to_fetch(expected, files_dir)
         _check_space(files_dir, need, self.margin_bytes, ref)
         before = _snapshot(expected, files_dir)
         self.log(f"downloading {ref} from {self.endpoint}: {need} bytes into {files_dir}")
-        cmd = [_client(), "download", "--model", origin.model_id, "--revision", origin.revision,
+        cmd = [client, "download", "--model", origin.model_id, "--revision", origin.revision,
                "--local_dir", str(files_dir), "--max-workers", "4"]
         env = {**os.environ, "MODELSCOPE_ENDPOINT": self.endpoint,
                "MODELSCOPE_HOME": str(self.state / "modelscope"),

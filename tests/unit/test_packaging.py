@@ -1,0 +1,90 @@
+"""`pip install qwen-fleet-orchestrator` without extras: every command runs, and the ones
+that need an extra end in one line naming it (exit 2).
+
+The missing extras are simulated in a child Python: their modules are blocked
+(sys.modules[name] = None makes `import name` fail as if not installed), and the
+`modelscope` client is not found (sys.executable is elsewhere, PATH has none).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+# The [sandbox] and [mirror] extras' modules (pyproject.toml).
+EXTRAS = ("numpy", "safetensors", "tokenizers", "modelscope", "modelscope_hub")
+COMMANDS = [[], ["init"], ["plan"], ["up"], ["probe"], ["bench"], ["facts"],
+            ["facts", "parse"], ["compat"], ["fit"], ["mirror"], ["status"], ["down"],
+            ["schema"]]
+
+CHILD = """
+import json, os, sys
+for name in {extras!r}:
+    sys.modules[name] = None
+sys.executable = "/nonexistent/bin/python"
+os.environ["PATH"] = "/usr/bin:/bin"
+from typer.testing import CliRunner
+from orchestrator import cli
+out = []
+for argv in json.loads(sys.argv[1]):
+    result = CliRunner().invoke(cli.app, argv)
+    out.append({{"argv": argv, "code": result.exit_code, "stdout": result.stdout,
+                "stderr": result.stderr, "exception": repr(result.exception)
+                if result.exception and not isinstance(result.exception, SystemExit) else None}})
+out.append({{"loaded": sorted(n for n in sys.modules if n.startswith("orchestrator.sandbox"))}})
+print(json.dumps(out))
+"""
+
+
+def without_extras(cwd: Path, *runs: list[str]) -> list[dict[str, object]]:
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(extras=EXTRAS), json.dumps(runs)],
+                          cwd=cwd, capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    found: list[dict[str, object]] = json.loads(proc.stdout)
+    return found
+
+
+def test_every_commands_help_runs_without_the_extras(tmp_path: Path) -> None:
+    *helps, loaded = without_extras(tmp_path, *[[*c, "--help"] for c in COMMANDS])
+    for run in helps:
+        assert run["code"] == 0 and run["exception"] is None, run
+        assert "Usage: " in str(run["stdout"]) and "Traceback" not in str(run["stderr"])
+    # --help imports no part of the sandbox.
+    assert loaded == {"loaded": []}
+
+
+def test_commands_that_need_no_extra_run_without_them(tmp_path: Path) -> None:
+    fixture = str(REPO / "tests" / "data" / "nvidia-smi" / "table__A10__550.127.05.txt")
+    runs = without_extras(
+        tmp_path, ["compat", "--driver", "535.104.05", "--json"],
+        ["fit", "--model", "Qwen/Qwen2.5-7B-Instruct", "--gpu", "NVIDIA A10"],
+        ["facts", "parse", fixture], ["init"], ["plan", "--hosts", "gpu-cluster"],
+        ["schema", "status"])[:-1]
+    assert [r["code"] for r in runs] == [0] * len(runs), runs
+    assert json.loads(str(runs[0]["stdout"]))["vllm"] == {"version": "0.7.3"}
+
+
+def test_the_sandbox_and_the_mirrors_downloads_name_their_extra(tmp_path: Path) -> None:
+    (tmp_path / "mirror-fleet.yml").write_text(yaml.safe_dump({
+        "groups": {"g": {"profile": "cpu", "hosts": {"h": {"address": "10.0.0.1"}}}},
+        "deployments": [{"name": "q", "model": "Qwen/Qwen2.5-0.5B-Instruct", "engine": "vllm",
+                         "hosts": "g", "port": 8000}]}))
+    sandbox, mirror, plan = without_extras(
+        tmp_path, ["up", "--hosts", "sandbox"],
+        ["mirror", "--hosts", "g", "-f", "mirror-fleet.yml", "--no-wheels", "--no-ollama"],
+        ["plan", "--hosts", "sandbox", "--json"])[:-1]
+    for run, extra in ((sandbox, "sandbox"), (mirror, "mirror"), (plan, "sandbox")):
+        assert run["code"] == 2 and run["exception"] is None, run
+        stderr = str(run["stderr"])
+        assert stderr.startswith("error: ") and stderr.strip().count("\n") == 0, stderr
+        assert f"pip install 'qwen-fleet-orchestrator[{extra}]'" in " ".join(stderr.split())
+        assert run["stdout"] == ""
+    assert "(numpy is missing)" in str(sandbox["stderr"])
+    # Stopped before anything was written or downloaded (the mirror's empty folders only).
+    assert not (tmp_path / ".orchestrate" / "sandbox").exists()
+    assert not [p for p in (tmp_path / ".orchestrate").rglob("*") if p.is_file()]
