@@ -16,7 +16,7 @@ import hashlib
 import platform
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,6 @@ class WheelStack:
     # After staging: the wheels were all there already, nothing was downloaded.
     already_staged: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class OllamaArchive:
@@ -66,9 +63,6 @@ class OllamaArchive:
     hosts: tuple[str, ...]
     origin_bytes: int = 0
     already_staged: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _under(url: str, base: str) -> bool:

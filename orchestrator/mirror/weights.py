@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -79,9 +79,6 @@ class Staged:
     already_staged: bool
     # Staged files that --verify found damaged (then fetched again from the origin).
     repaired: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def mirror_dir(settings: MirrorSettings | None, default: Path) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -199,16 +198,6 @@ def bench_table(bench: BenchReport, console: Console) -> None:
         console.print(f"{STANDIN_MARK}: {escape(', '.join(standins))} answered as a stand-in "
                       "engine (its Server header says so): the numbers measure the stand-in, "
                       "not the real engine, and are not compared with real engines")
-
-
-def run_json(result: RunResult) -> dict[str, Any]:
-    return {
-        "status": result.status,
-        "rc": result.rc,
-        "changed": result.changed_total,
-        "hosts": {h: vars(s) for h, s in sorted(result.stats.items())},
-        "failures": [vars(f) for f in result.failures],
-    }
 
 
 def mirror_table(staged: list[Staged], directory: str, console: Console) -> None:
