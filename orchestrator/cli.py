@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from orchestrator.errors import OrchestrateError
+from orchestrator.mirror.weights import DEFAULT_PORT
 from orchestrator.plan.planner import STAGES, Plan
 from orchestrator.report import console as report
 from orchestrator.run.runner import Progress
@@ -288,9 +289,10 @@ def facts_parse(
     if as_json:
         _emit(result)
     else:
-        console.print(result.summary, highlight=False)
+        console.print(escape(result.summary), highlight=False)
         if result.error:
-            console.print(f"[red]{result.error.kind}[/red]: {escape(result.error.message)}\n"
+            console.print(f"[red]{escape(result.error.kind)}[/red]: "
+                          f"{escape(result.error.message)}\n"
                           f"next: {escape(result.error.next_step)}")
     if result.error:
         raise typer.Exit(1)
@@ -317,8 +319,8 @@ def compat(
                   soft_wrap=True)
         raise typer.Exit(2)
     if not as_json and result.torch is not None and result.vllm is not None:
-        console.print(f"{result.torch.requirement} from {result.torch.index_url} with "
-                      f"vllm {result.vllm.version}", highlight=False)
+        console.print(escape(f"{result.torch.requirement} from {result.torch.index_url} "
+                             f"with vllm {result.vllm.version}"), highlight=False)
         for reason in result.reasons:
             console.print(f"  - {escape(reason)}", highlight=False)
 
@@ -408,7 +410,7 @@ def mirror(
                                console)
     if result.url is None:
         out.print("the fleet sets no mirror.url: hosts still fetch from the origin; add "
-                  "`mirror: {url: http://THIS-MACHINE:8090}` to use this mirror "
+                  f"`mirror: {{url: http://THIS-MACHINE:{DEFAULT_PORT}}}` to use this mirror "
                   "(docs/airgapped.md)", highlight=False)
     if result.serve is not None:
         with _errors():
@@ -451,7 +453,7 @@ def down(hosts: HostsOpt, as_json: JsonOpt = False) -> None:
     if as_json:
         _emit(result)
     else:
-        console.print(f"removed {', '.join(result.removed)}" if result.removed
+        console.print(f"removed {escape(', '.join(result.removed))}" if result.removed
                       else "no sandbox hosts were running")
 
 
