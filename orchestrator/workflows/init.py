@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from orchestrator.errors import ConfigError, OrchestrateError
+from orchestrator.errors import ConfigError
+from orchestrator.knowledge.roles import NoCheckout
 from orchestrator.run.render import ROOT
 from orchestrator.workflows.common import DEFAULT_FLEET, Result
 
@@ -35,9 +36,9 @@ def init(options: InitOptions) -> InitResult:
     if existed and not options.force:
         raise ConfigError("already exists; pass --force to overwrite it", file=str(path))
     if not EXAMPLE.is_file():
-        raise OrchestrateError(f"{EXAMPLE} does not exist: orchestrate takes the example "
-                               "fleet from the checkout it runs from; install it from a "
-                               "checkout with `pip install -e <checkout>`")
+        raise NoCheckout(f"{EXAMPLE} does not exist: orchestrate takes the example "
+                         "fleet from the checkout it runs from; install it from a "
+                         "checkout with `pip install -e <checkout>`")
     path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
     return InitResult(path=str(path), overwrote=existed,
                       next="edit the hosts and deployments, then "

@@ -56,7 +56,7 @@ def _every_key_present(schema: Any) -> Any:
 
 COMMANDS = {c.name: c for c in [
     Command("init", InitResult, "the fleet file written",
-            "0 written; 2 the file exists (without --force)"),
+            "0 written; 2 the file exists (without --force), or no checkout to copy it from"),
     Command("plan", Plan, "the plan: per host its role variables, probes and reasons",
             "0; 2 bad input (fleet, group, stage)"),
     Command("up", UpResult, "the Ansible run, the mirror's work and the probes",
