@@ -6,8 +6,9 @@ Ray's port and paths, how many restarts make a unit "restarting in a loop"): the
 the probes read it here, so that changing a role default changes both. The roles still
 work alone with plain ansible-playbook.
 
-The roles are read from the checkout the package runs from (an editable install): a wheel
-carries the Python package only, and the playbooks need the checkout anyway.
+The roles are read from the checkout the package runs from (an editable install), else from
+the copy of the project's Ansible side that a wheel carries (setup.py puts it under
+orchestrator/_project/).
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from orchestrator.errors import OrchestrateError
 
-# The project checkout: playbooks/, roles/, templates/, ansible.cfg.
-ROOT = Path(__file__).resolve().parents[2]
+
+def _project_root() -> Path:
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "playbooks" / "site.yml").is_file():
+        return checkout
+    return Path(__file__).resolve().parents[1] / "_project"
+
+
+# The project root: playbooks/, roles/, templates/, ansible.cfg (a checkout or the wheel's copy).
+ROOT = _project_root()
 ROLES = ROOT / "roles"
 
 
@@ -37,8 +46,8 @@ class NoCheckout(OrchestrateError):
 
 def _no_checkout() -> NoCheckout:
     return NoCheckout(f"{ROLES} does not exist: orchestrate reads the Ansible roles of the "
-                      "checkout it runs from; install it from a checkout with "
-                      "`pip install -e <checkout>`")
+                      "checkout it runs from, or the copy its wheel carries; reinstall with "
+                      "`pip install <checkout>` or `pip install -e <checkout>`")
 
 
 @functools.cache

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.knowledge.roles import ROOT
+
 # Bump RECIPE whenever the image's build steps below change: the tag and the cached
 # tarball carry it, so a changed recipe never reuses an image built by the old one.
 RECIPE = 1
@@ -120,13 +122,13 @@ def cache_dir() -> Path:
 
 
 def containers_conf() -> Path:
-    return Path(__file__).resolve().parents[2] / "sandbox" / "containers.conf"
+    return ROOT / "sandbox" / "containers.conf"
 
 
 def podman_env() -> dict[str, str]:
     conf = containers_conf()
     if not conf.is_file():
-        raise SandboxError(f"{conf} is missing: the sandbox runs from a checkout of the project")
+        raise SandboxError(f"{conf} is missing: reinstall the project (pip install <checkout>)")
     return {**os.environ, "CONTAINERS_CONF": str(conf)}
 
 

@@ -26,9 +26,12 @@ STATUSES = ("pass", "fail", "skip")
 
 
 def smoke_plan(plan: Plan, results_dir: Path) -> Plan:
-    """The plan's GPU hosts, each told where to save its result."""
+    """The plan's GPU hosts, each told where to save its result and where the smoke test's
+    files are (beside this module, in a checkout and in an installed wheel alike)."""
+    here = str(Path(__file__).resolve().parent)
     return plan.model_copy(update={"hosts": [
-        h.model_copy(update={"vars": {**h.vars, "gpu_smoke_results_dir": str(results_dir)}})
+        h.model_copy(update={"vars": {**h.vars, "gpu_smoke_results_dir": str(results_dir),
+                                      "gpu_smoke_source_dir": here}})
         for h in plan.hosts if h.profile == "gpu"]})
 
 

@@ -15,6 +15,7 @@ from orchestrator.config.vault import load_secrets
 from orchestrator.errors import ConfigError
 from orchestrator.knowledge.catalog import load_knowledge
 from orchestrator.knowledge.compat import load_cuda_compat
+from orchestrator.knowledge.roles import load_role_defaults
 from orchestrator.mirror import weights as weights_mirror
 from orchestrator.plan.planner import Plan, make_plan, select_stages
 from orchestrator.run.runner import Progress
@@ -117,7 +118,7 @@ def plan_for(target: Target, only: list[str] | None = None, skip: list[str] | No
              ) -> tuple[LoadedFleet, Plan]:
     loaded = load(target)
     return loaded, make_plan(loaded, target.hosts, load_knowledge(), load_cuda_compat(),
-                             select_stages(only, skip))
+                             select_stages(only, skip), roles=load_role_defaults())
 
 
 def open_secrets(plan: Plan, password_file: Path | None) -> dict[str, str]:

@@ -37,8 +37,8 @@ def init(options: InitOptions) -> InitResult:
         raise ConfigError("already exists; pass --force to overwrite it", file=str(path))
     if not EXAMPLE.is_file():
         raise NoCheckout(f"{EXAMPLE} does not exist: orchestrate takes the example "
-                         "fleet from the checkout it runs from; install it from a "
-                         "checkout with `pip install -e <checkout>`")
+                         "fleet from the checkout it runs from, or the copy its wheel "
+                         "carries; reinstall with `pip install <checkout>`")
     path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
     return InitResult(path=str(path), overwrote=existed,
                       next="edit the hosts and deployments, then "

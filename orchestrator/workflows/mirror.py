@@ -12,6 +12,7 @@ from pydantic import Field
 from orchestrator.config.fleet import LoadedFleet
 from orchestrator.knowledge.catalog import load_knowledge
 from orchestrator.knowledge.compat import load_cuda_compat
+from orchestrator.knowledge.roles import load_role_defaults
 from orchestrator.mirror import packages
 from orchestrator.mirror import weights as weights_mirror
 from orchestrator.mirror.packages import OllamaArchive, WheelStack
@@ -86,7 +87,7 @@ def mirror(options: MirrorOptions, events: Events) -> MirrorResult:
     loaded = load(target)
     knowledge, gpu_table = load_knowledge(), load_cuda_compat()
     # Refuses what `orchestrate plan` refuses, before anything is downloaded.
-    plan = make_plan(loaded, target.hosts, knowledge, gpu_table)
+    plan = make_plan(loaded, target.hosts, knowledge, gpu_table, roles=load_role_defaults())
     settings = loaded.fleet.mirror
     url = settings.url if settings else None
     where = (options.directory.resolve() if options.directory

@@ -88,3 +88,40 @@ def test_the_sandbox_and_the_mirrors_downloads_name_their_extra(tmp_path: Path) 
     # Stopped before anything was written or downloaded (the mirror's empty folders only).
     assert not (tmp_path / ".orchestrate" / "sandbox").exists()
     assert not [p for p in (tmp_path / ".orchestrate").rglob("*") if p.is_file()]
+
+
+def test_the_wheel_carries_the_ansible_side_and_plans_without_the_checkout(
+        tmp_path: Path) -> None:
+    """The real wheel (setup.py's build step), installed into a directory that shadows the
+    checkout: `plan` and `init` run from the Ansible files the wheel carries."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                    "-q", "-w", str(wheels), str(REPO)], check=True, timeout=300,
+                   capture_output=True)
+    (wheel,) = wheels.glob("qwen_fleet_orchestrator-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(site), str(wheel)], check=True, timeout=300, capture_output=True)
+    project = site / "orchestrator" / "_project"
+    for needed in ("ansible.cfg", "playbooks/site.yml", "roles/vllm/defaults/main.yml",
+                   "templates/fleet.yml", "templates/inventory.yml.j2",
+                   "roles/gpu_check/module_utils/nvidia_smi.py"):
+        assert (project / needed).is_file(), needed
+    # The link into the package became a copy of the file it named.
+    assert not (project / "roles/gpu_check/module_utils/nvidia_smi.py").is_symlink()
+
+    work = tmp_path / "work"
+    work.mkdir()
+    # -P: not the current directory first; PYTHONPATH puts the wheel before the checkout.
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    program = ("import sys; from orchestrator import cli; from orchestrator.knowledge import "
+               "roles; print(roles.ROOT, file=sys.stderr); cli.app()")
+    init = subprocess.run([sys.executable, "-P", "-c", program, "init"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert init.returncode == 0, init.stderr
+    assert str(project) in init.stderr
+    plan = subprocess.run([sys.executable, "-P", "-c", program, "plan", "--hosts",
+                           "gpu-cluster", "--json"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["hosts"]

@@ -396,7 +396,7 @@ def roles_at(monkeypatch: pytest.MonkeyPatch):
     clear()
 
 
-def test_without_the_checkouts_roles_one_line_says_to_install_from_a_checkout(
+def test_without_the_roles_one_line_says_to_reinstall(
         roles_at, tmp_path: Path) -> None:
     roles_at(tmp_path / "site-packages" / "roles")
     with pytest.raises(roles.NoCheckout) as caught:
@@ -404,8 +404,8 @@ def test_without_the_checkouts_roles_one_line_says_to_install_from_a_checkout(
     assert caught.value.exit_code == 2
     assert str(caught.value) == (
         f"{tmp_path}/site-packages/roles does not exist: orchestrate reads the Ansible roles "
-        "of the checkout it runs from; install it from a checkout with "
-        "`pip install -e <checkout>`")
+        "of the checkout it runs from, or the copy its wheel carries; reinstall with "
+        "`pip install <checkout>` or `pip install -e <checkout>`")
 
 
 def test_a_role_default_of_another_type_is_one_line(roles_at, tmp_path: Path) -> None:
