@@ -1,45 +1,101 @@
-"""The sandbox end to end, through the real CLI: up (the model fetched once into the control
-machine's mirror and fanned out from it) -> every probe passes (SSH and HTTP) -> the API key
-is nowhere in clear -> up again changes nothing and takes nothing from the origin -> bench ->
+"""The sandbox end to end, through the real CLI, as named cases sharing one sandbox.
+
+`up` (the model fetched once into the control machine's mirror and fanned out from it) ->
+every probe passes (SSH and HTTP) -> the API key is nowhere in clear -> up again changes
+nothing and takes nothing from the origin -> bench (the Ollama stand-in marked as one) ->
 kill -9 of vLLM is healed by systemd -> a stopped service and a corrupted weights file fail
 their host's probes only, with the next step -> a re-imaged host fetching a file the mirror
-holds damaged fails naming it -> `mirror --verify` repairs it -> the playbooks heal -> down."""
+holds damaged fails naming it -> `mirror --verify` repairs it -> the playbooks heal -> down.
+
+How the cases share the sandbox: the module-scoped fixture `sandbox` brings it up once and
+runs `down` at teardown, asserting it there. Each later step is a module-scoped fixture
+that runs its commands, judges nothing and hands over what came back; the test functions
+judge. So a failed check names what broke, and the steps after it still run and report.
+The steps form one chain (each requests the one before), so that the sandbox changes in
+the same order whichever cases are selected. Only when `up` prints no JSON at all (a
+crash) does the `sandbox` fixture fail, and every case errors with its message.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from orchestrator.config.vault import load_secrets
-from orchestrator.sandbox import hosts as sandbox
+from orchestrator.sandbox import hosts as sandbox_hosts
+
+pytestmark = pytest.mark.e2e
 
 ORCHESTRATE = str(Path(sys.executable).parent / "orchestrate")
 STATE = Path(".orchestrate/sandbox")
 HOSTS = ("sandbox-1", "sandbox-2")
 SSH_PORTS = {"sandbox-1": 2221, "sandbox-2": 2222}
 HEALTH = {"sandbox-1": "http://127.0.0.1:18000/health", "sandbox-2": "http://127.0.0.1:18001/health"}
-UNIT = "vllm@tiny-qwen2"
+VLLM = "tiny-qwen2"
+UNIT = f"vllm@{VLLM}"
 # The second engine on every host: the Ollama STAND-IN (the real Ollama cannot be
 # downloaded here), installed by the ollama role from a release archive built locally.
+OLLAMA = "qwen-ollama"
 OLLAMA_UNIT = "ollama"
 OLLAMA_TAGS = "http://127.0.0.1:21434/api/tags"
 WEIGHTS = "/var/lib/qwen-serve/models/tiny-qwen2"
 DAMAGED = "model.safetensors"
 
+# What `up` probes on every host, by group: probe -> expected status.
+HOST_PROBES = {"stack": "pass", "weights": "pass", "service": "pass", "listening": "pass",
+               "gpu": "skip", "gpu_health": "skip"}
+HEALTH_PROBES = {"health": "pass", "models": "pass", "api_key": "pass"}
+CHAT_PROBES = {"chat": "pass", "tool_call": "pass"}
+STREAM_PROBES = {"chat_stream": "pass"}
+OLLAMA_PROBES = {"version": "pass", "tags": "pass", "ollama_generate": "pass",
+                 "ollama_chat": "pass"}
 
-def orchestrate(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+
+@dataclass(frozen=True)
+class Ran:
+    """One `orchestrate` command and what it printed."""
+
+    args: tuple[str, ...]
+    rc: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.stdout)
+        except ValueError:
+            pytest.fail(f"`orchestrate {' '.join(self.args)}` (exit {self.rc}) printed no "
+                        f"JSON; stdout: {self.stdout[-1500:]!r}; stderr: {self.stderr[-3000:]}")
+
+    def tail(self) -> str:
+        return f"`orchestrate {' '.join(self.args)}` exit {self.rc}: {self.stderr[-3000:]}"
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    cwd: Path
+    env: dict[str, str]
+    up: Ran
+    result: dict[str, Any]  # up's JSON
+
+
+def orchestrate(cwd: Path, env: dict[str, str], *args: str) -> Ran:
     proc = subprocess.run([ORCHESTRATE, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, check=False)
     print(f"$ orchestrate {' '.join(args)}  (exit {proc.returncode})\n{proc.stdout}\n"
           f"{proc.stderr}")
-    return proc
+    return Ran(args, proc.returncode, proc.stdout, proc.stderr)
 
 
 def ssh(cwd: Path, host: str, command: str) -> subprocess.CompletedProcess[str]:
@@ -68,54 +124,228 @@ def wait_healthy(url: str, seconds: float) -> bool:
     return False
 
 
-def statuses(report: dict) -> dict[tuple[str, str], str]:
-    return {(r["host"], r["probe"]): r["status"] for r in report["results"]}
-
-
-def file_downloads(mirror: dict, model: dict) -> dict[str, tuple[int, int]]:
+def file_downloads(mirror: dict[str, Any], model: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """(answered requests, bytes) the mirror server sent of each of the model's files."""
     prefix = f"/models/{model['key']}/files/"
     return {path.removeprefix(prefix): (seen["ok"], seen["bytes"])
             for path, seen in mirror["served"]["paths"].items() if path.startswith(prefix)}
 
 
+def judge(report: dict[str, Any], expected: dict[str, str],
+          deployment: str | None = None) -> None:
+    """Every host ran every probe of `expected` (of `deployment`, when given), each with
+    its expected status; a mismatch is shown with its evidence."""
+    results = [r for r in report["results"] if r["probe"] in expected
+               and (deployment is None or r["deployment"] == deployment)]
+    ran = {(r["host"], r["probe"]) for r in results}
+    assert ran >= {(h, p) for h in HOSTS for p in expected}, f"ran only {sorted(ran)}"
+    wrong = [f"{r['host']}/{r['deployment']} {r['probe']}: {r['status']}, expected "
+             f"{expected[r['probe']]}: {r['evidence']} (next: {r['next_step']})"
+             for r in results if r["status"] != expected[r["probe"]]]
+    assert not wrong, "\n".join(wrong)
+
+
+# --- the steps ---------------------------------------------------------------------------
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory, artifacts_env: dict[str, str]):
+def sandbox(tmp_path_factory: pytest.TempPathFactory,
+            artifacts_env: dict[str, str]) -> Iterator[Sandbox]:
+    """The sandbox, brought up once; `down` at teardown, asserted."""
     cwd = tmp_path_factory.mktemp("sandbox")
-    yield cwd
-    orchestrate(cwd, artifacts_env, "down", "--hosts", "sandbox")
+    try:
+        first = orchestrate(cwd, artifacts_env, "up", "--hosts", "sandbox", "--json")
+        result = first.json()
+    except BaseException:
+        orchestrate(cwd, artifacts_env, "down", "--hosts", "sandbox")
+        raise
+    yield Sandbox(cwd, artifacts_env, first, result)
+    down = orchestrate(cwd, artifacts_env, "down", "--hosts", "sandbox")
+    left = [name for name, _ in sandbox_hosts.status()]
+    assert down.rc == 0 and not left and not (cwd / STATE).exists(), (
+        f"down left containers {left}, state dir present: {(cwd / STATE).exists()}; "
+        f"{down.tail()}")
 
 
-@pytest.mark.e2e
-def test_sandbox_up_probe_rerun_bench_break_heal_down(workdir: Path,
-                                                      artifacts_env: dict[str, str]) -> None:
-    env = artifacts_env
-    first = orchestrate(workdir, env, "up", "--hosts", "sandbox", "--json")
-    assert first.returncode == 0, first.stderr[-3000:]
-    result = json.loads(first.stdout)
-    assert result["ansible"]["failures"] == []
-    expected = {"stack": "pass", "weights": "pass", "service": "pass", "listening": "pass",
-                "gpu": "skip", "gpu_health": "skip", "health": "pass", "models": "pass",
-                "api_key": "pass", "chat": "pass", "chat_stream": "pass", "tool_call": "pass",
-                "version": "pass", "tags": "pass", "ollama_generate": "pass",
-                "ollama_chat": "pass"}
-    assert statuses(result["probes"]) == {(h, p): s for h in HOSTS for p, s in expected.items()}
-    # The Ollama deployment on both hosts, over SSH (unit, port) and HTTP; the report says
-    # the Ollama is the stand-in.
-    ollama = {(r["host"], r["probe"]): r["status"] for r in result["probes"]["results"]
-              if r["deployment"] == "qwen-ollama"}
-    assert ollama == {(h, p): "pass" for h in HOSTS for p in (
-        "service", "listening", "version", "tags", "ollama_generate", "ollama_chat")}
-    versions = [r for r in result["probes"]["results"] if r["probe"] == "version"]
+@pytest.fixture(scope="module")
+def rerun(sandbox: Sandbox) -> Ran:
+    """`up` again on the running sandbox."""
+    return orchestrate(sandbox.cwd, sandbox.env, "up", "--hosts", "sandbox", "--json")
+
+
+@pytest.fixture(scope="module")
+def benched(rerun: Ran, sandbox: Sandbox) -> Ran:
+    """Both engines benchmarked: vLLM for real, the Ollama stand-in to be marked as one."""
+    return orchestrate(sandbox.cwd, sandbox.env, "bench", "--hosts", "sandbox",
+                       "--deployment", VLLM, "--deployment", OLLAMA, "--concurrency", "1,4",
+                       "--requests", "8", "--input-tokens", "32", "--output-tokens", "16",
+                       "--json")
+
+
+@dataclass(frozen=True)
+class Killed:
+    before: dict[str, str]
+    kill_rc: int
+    healthy: bool
+    after: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def killed(benched: Ran, sandbox: Sandbox) -> Killed:
+    """kill -9 of vLLM's main process on sandbox-1, then up to 240 s for it to serve."""
+    before = unit_state(sandbox.cwd, "sandbox-1", UNIT)
+    kill = ssh(sandbox.cwd, "sandbox-1", f"kill -9 {before.get('MainPID', 'none')}")
+    healthy = wait_healthy(HEALTH["sandbox-1"], 240)
+    return Killed(before, kill.returncode, healthy, unit_state(sandbox.cwd, "sandbox-1", UNIT))
+
+
+@dataclass(frozen=True)
+class Restarted:
+    vllm_before: dict[str, str]
+    ollama_before: dict[str, str]
+    ollama_restart_rc: int
+    ollama_after: dict[str, str]
+    vllm_after: dict[str, str]  # after Ollama's restart
+    tags: str  # Ollama's /api/tags after its restart
+    vllm_restart_rc: int
+    ollama_after_vllm: dict[str, str]  # after vLLM's restart
+    healthy: bool
+    vllm_restarted: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def restarted(killed: Killed, sandbox: Sandbox) -> Restarted:
+    """On sandbox-1: restart Ollama's unit, then vLLM's, with each unit's state around."""
+    cwd = sandbox.cwd
+    vllm_before = unit_state(cwd, "sandbox-1", UNIT)
+    ollama_before = unit_state(cwd, "sandbox-1", OLLAMA_UNIT)
+    ollama_rc = ssh(cwd, "sandbox-1", f"systemctl restart {OLLAMA_UNIT}").returncode
+    ollama_after = unit_state(cwd, "sandbox-1", OLLAMA_UNIT)
+    vllm_after = unit_state(cwd, "sandbox-1", UNIT)
+    try:
+        tags = httpx.get(OLLAMA_TAGS, timeout=10).text
+    except httpx.HTTPError as exc:
+        tags = f"{type(exc).__name__}: {exc}"
+    vllm_rc = ssh(cwd, "sandbox-1", f"systemctl restart {UNIT}").returncode
+    ollama_after_vllm = unit_state(cwd, "sandbox-1", OLLAMA_UNIT)
+    healthy = wait_healthy(HEALTH["sandbox-1"], 240)
+    return Restarted(vllm_before, ollama_before, ollama_rc, ollama_after, vllm_after, tags,
+                     vllm_rc, ollama_after_vllm, healthy,
+                     unit_state(cwd, "sandbox-1", UNIT))
+
+
+@dataclass(frozen=True)
+class Broken:
+    stop_rc: int
+    truncate_rc: int
+    probe: Ran
+
+
+@pytest.fixture(scope="module")
+def broken(restarted: Restarted, sandbox: Sandbox) -> Broken:
+    """sandbox-2 broken twice over (vLLM stopped, config.json truncated), then probed."""
+    stop = ssh(sandbox.cwd, "sandbox-2", f"systemctl stop {UNIT}")
+    truncate = ssh(sandbox.cwd, "sandbox-2", f"truncate -s 100 {WEIGHTS}/config.json")
+    probe = orchestrate(sandbox.cwd, sandbox.env, "probe", "--hosts", "sandbox", "--json")
+    return Broken(stop.returncode, truncate.returncode, probe)
+
+
+@dataclass(frozen=True)
+class Reimaged:
+    rm_rc: int
+    staged: Path  # the mirror's copy of DAMAGED, damaged here
+    up: Ran
+
+
+@pytest.fixture(scope="module")
+def reimaged(broken: Broken, sandbox: Sandbox) -> Reimaged:
+    """sandbox-2 re-imaged (its model gone) while the mirror's staged copy of one file is
+    damaged, same size; then `up --only models`."""
+    rm = ssh(sandbox.cwd, "sandbox-2", f"rm -rf {WEIGHTS}")
+    [model] = sandbox.result["mirror"]["models"]
+    staged = Path(model["path"]) / "files" / DAMAGED
+    data = bytearray(staged.read_bytes())
+    middle = slice(len(data) // 2, len(data) // 2 + 16)
+    data[middle] = bytes(b ^ 0xFF for b in data[middle])
+    staged.write_bytes(bytes(data))
+    up = orchestrate(sandbox.cwd, sandbox.env, "up", "--hosts", "sandbox", "--only", "models",
+                     "--json")
+    return Reimaged(rm.returncode, staged, up)
+
+
+@pytest.fixture(scope="module")
+def verified(reimaged: Reimaged, sandbox: Sandbox) -> Ran:
+    """The operator's fix: re-hash the staged files, fetch the damaged one from the origin."""
+    return orchestrate(sandbox.cwd, sandbox.env, "mirror", "--hosts", "sandbox", "--verify",
+                       "--json")
+
+
+@pytest.fixture(scope="module")
+def healed(verified: Ran, sandbox: Sandbox) -> Ran:
+    """The playbooks again, for what sandbox-2 lacks."""
+    return orchestrate(sandbox.cwd, sandbox.env, "up", "--hosts", "sandbox", "--only", "models",
+                       "--only", "services", "--only", "verify", "--json")
+
+
+# --- the first `up` ----------------------------------------------------------------------
+
+def test_up_exits_0_with_no_failed_task(sandbox: Sandbox) -> None:
+    assert sandbox.up.rc == 0, sandbox.up.tail()
+    ansible = sandbox.result["ansible"]
+    assert ansible["failures"] == []
+    assert sorted(ansible["hosts"]) == list(HOSTS)
+    assert all(s["failed"] == 0 and s["unreachable"] == 0 and s["ok"] > 0
+               for s in ansible["hosts"].values()), ansible["hosts"]
+
+
+def test_up_runs_every_probe_and_no_other(sandbox: Sandbox) -> None:
+    expected = {**HOST_PROBES, **HEALTH_PROBES, **CHAT_PROBES, **STREAM_PROBES,
+                **OLLAMA_PROBES}
+    ran = {(r["host"], r["probe"]) for r in sandbox.result["probes"]["results"]}
+    assert ran == {(h, p) for h in HOSTS for p in expected}
+
+
+def test_host_probes_over_ssh(sandbox: Sandbox) -> None:
+    judge(sandbox.result["probes"], HOST_PROBES)
+    # The Ollama deployment too: its unit and port, over SSH.
+    judge(sandbox.result["probes"], {"service": "pass", "listening": "pass"}, OLLAMA)
+
+
+def test_vllm_health_models_and_api_key(sandbox: Sandbox) -> None:
+    judge(sandbox.result["probes"], HEALTH_PROBES, VLLM)
+
+
+def test_vllm_chat_and_tool_call(sandbox: Sandbox) -> None:
+    judge(sandbox.result["probes"], CHAT_PROBES, VLLM)
+    chat = [r for r in sandbox.result["probes"]["results"] if r["probe"] == "chat"]
+    assert all("answer=" in r["evidence"] and "answer=''" not in r["evidence"] for r in chat)
+
+
+def test_vllm_chat_stream(sandbox: Sandbox) -> None:
+    judge(sandbox.result["probes"], STREAM_PROBES, VLLM)
+
+
+def test_ollama_standin_probes_pass_and_say_it_is_one(sandbox: Sandbox) -> None:
+    judge(sandbox.result["probes"], OLLAMA_PROBES, OLLAMA)
+    results = [r for r in sandbox.result["probes"]["results"] if r["probe"] in OLLAMA_PROBES]
+    assert all(r["standin"] for r in results)
+    versions = [r for r in results if r["probe"] == "version"]
     assert len(versions) == 2 and all("Ollama STAND-IN" in r["evidence"] for r in versions)
-    chat = [p for p in result["probes"]["results"] if p["probe"] == "chat"]
-    assert all("answer=" in p["evidence"] and "answer=''" not in p["evidence"] for p in chat)
-    assert (Path(result["run_dir"]) / "report.html").is_file()
+    # vLLM is the real engine: none of its probes is marked.
+    assert not [r for r in sandbox.result["probes"]["results"]
+                if r["deployment"] == VLLM and r["standin"]]
 
-    # Fetch once, fan out: `up` staged the model from its origin (the locally generated
-    # model_dir) into the control machine's mirror once, its size in bytes, and each host
-    # fetched each file from the mirror server that `up` ran on loopback for the run.
-    mirror = result["mirror"]
+
+def test_up_writes_its_report(sandbox: Sandbox) -> None:
+    report = Path(sandbox.result["run_dir"]) / "report.html"
+    assert report.is_file()
+    assert "STAND-IN" in report.read_text()
+
+
+def test_model_fetched_once_and_fanned_out(sandbox: Sandbox) -> None:
+    """`up` staged the model from its origin (the locally generated model_dir) into the
+    control machine's mirror once, its size in bytes, and each host fetched each file from
+    the mirror server that `up` ran on loopback for the run."""
+    mirror = sandbox.result["mirror"]
     [model] = mirror["models"]
     assert model["origin_bytes"] == model["total_bytes"] == mirror["origin_bytes"] > 0
     assert not model["already_staged"]
@@ -123,110 +353,130 @@ def test_sandbox_up_probe_rerun_bench_break_heal_down(workdir: Path,
     assert file_downloads(mirror, model) == {
         name: (len(HOSTS), len(HOSTS) * entry["size"]) for name, entry in files.items()}
 
-    # The API key is enforced (api_key probe above) and appears in no process list,
-    # journal or run artifact.
-    key = load_secrets(workdir / STATE / "secrets.yml",
-                       workdir / STATE / "vault-password")["vault_sandbox_api_key"]
+
+def test_api_key_is_nowhere_in_clear(sandbox: Sandbox) -> None:
+    """Enforced (the api_key probe), and in no process list, journal or run artifact."""
+    key = load_secrets(sandbox.cwd / STATE / "secrets.yml",
+                       sandbox.cwd / STATE / "vault-password")["vault_sandbox_api_key"]
     for host in HOSTS:
-        seen = ssh(workdir, host, f"ps -eo args; journalctl -u {UNIT} --no-pager")
+        seen = ssh(sandbox.cwd, host, f"ps -eo args; journalctl -u {UNIT} --no-pager")
         assert seen.returncode == 0 and "--api-key" not in seen.stdout
         assert key not in seen.stdout
-    artifacts = [p for p in (workdir / ".orchestrate" / "runs").rglob("*") if p.is_file()]
+    artifacts = [p for p in (sandbox.cwd / ".orchestrate" / "runs").rglob("*") if p.is_file()]
     assert artifacts and not [p for p in artifacts if key in p.read_text(errors="replace")]
 
-    # A second run on a running sandbox converges with nothing to change.
-    second = orchestrate(workdir, env, "up", "--hosts", "sandbox", "--json")
-    assert second.returncode == 0, second.stderr[-3000:]
-    rerun = json.loads(second.stdout)
-    assert rerun["ansible"]["changed"] == 0
-    # ... and takes nothing from the origin, nor any model file from the mirror.
-    assert rerun["mirror"]["origin_bytes"] == 0 and rerun["mirror"]["models"][0]["already_staged"]
-    assert not [n for n, (_, sent) in file_downloads(rerun["mirror"], model).items() if sent]
 
-    # vLLM only: the sandbox's Ollama is a stand-in that runs no model, nothing to measure.
-    bench = orchestrate(workdir, env, "bench", "--hosts", "sandbox", "--deployment", "tiny-qwen2",
-                        "--concurrency", "1,4",
-                        "--requests", "8", "--input-tokens", "32", "--output-tokens", "16",
-                        "--json")
-    assert bench.returncode == 0, bench.stderr[-3000:]
-    measured = json.loads(bench.stdout)
-    levels = [lv for d in measured["bench"]["deployments"] for lv in d["levels"]]
+# --- `up` again ----------------------------------------------------------------------------
+
+def test_second_up_changes_nothing(rerun: Ran) -> None:
+    assert rerun.rc == 0, rerun.tail()
+    assert rerun.json()["ansible"]["changed"] == 0
+
+
+def test_second_up_takes_nothing_from_origin_or_mirror(sandbox: Sandbox, rerun: Ran) -> None:
+    mirror = rerun.json()["mirror"]
+    assert mirror["origin_bytes"] == 0 and mirror["models"][0]["already_staged"]
+    [model] = sandbox.result["mirror"]["models"]
+    assert not [n for n, (_, sent) in file_downloads(mirror, model).items() if sent]
+
+
+# --- bench ---------------------------------------------------------------------------------
+
+def test_bench_measures_vllm(benched: Ran) -> None:
+    assert benched.rc == 0, benched.tail()
+    deployments = benched.json()["bench"]["deployments"]
+    levels = [lv for d in deployments if d["deployment"] == VLLM for lv in d["levels"]]
     assert [lv["concurrency"] for lv in levels] == [1, 4, 1, 4]
     assert all(lv["errors"] == 0 and lv["output_tokens_per_s"] > 0
                and lv["tokens_from"] == "usage" for lv in levels)
-    assert Path(measured["report"]).read_text().count("<svg") >= 2
 
-    # kill -9 of vLLM's main process: systemd restarts it and it serves again.
-    before = unit_state(workdir, "sandbox-1", UNIT)
-    assert ssh(workdir, "sandbox-1", f"kill -9 {before['MainPID']}").returncode == 0
-    assert wait_healthy(HEALTH["sandbox-1"], 240)
-    after = unit_state(workdir, "sandbox-1", UNIT)
-    assert after["ActiveState"] == "active" and after["MainPID"] != before["MainPID"]
-    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
 
-    # Restarting one engine's unit leaves the other's process alone.
-    vllm_before = unit_state(workdir, "sandbox-1", UNIT)
-    ollama_before = unit_state(workdir, "sandbox-1", OLLAMA_UNIT)
-    assert ssh(workdir, "sandbox-1", f"systemctl restart {OLLAMA_UNIT}").returncode == 0
-    ollama_after = unit_state(workdir, "sandbox-1", OLLAMA_UNIT)
-    assert ollama_after["ActiveState"] == "active"
-    assert ollama_after["MainPID"] != ollama_before["MainPID"]
-    vllm_after = unit_state(workdir, "sandbox-1", UNIT)
-    assert (vllm_after["MainPID"], vllm_after["NRestarts"]) == (vllm_before["MainPID"],
-                                                                vllm_before["NRestarts"])
-    assert "qwen2.5:0.5b" in httpx.get(OLLAMA_TAGS, timeout=10).text
-    assert ssh(workdir, "sandbox-1", f"systemctl restart {UNIT}").returncode == 0
-    assert unit_state(workdir, "sandbox-1", OLLAMA_UNIT)["MainPID"] == ollama_after["MainPID"]
-    assert wait_healthy(HEALTH["sandbox-1"], 240)
-    restarted = unit_state(workdir, "sandbox-1", UNIT)
-    assert restarted["ActiveState"] == "active" and restarted["MainPID"] != vllm_after["MainPID"]
+def test_bench_marks_the_ollama_standin(benched: Ran) -> None:
+    out = benched.json()
+    marks = {(d["host"], d["deployment"]): d["standin"] for d in out["bench"]["deployments"]}
+    assert marks == {**{(h, VLLM): False for h in HOSTS}, **{(h, OLLAMA): True for h in HOSTS}}
+    assert all(lv["servers"][0].startswith("ollama-standin/")
+               for d in out["bench"]["deployments"] if d["deployment"] == OLLAMA
+               for lv in d["levels"])
+    assert "STAND-IN" in benched.stderr  # its progress lines (and table) on stderr
+    html = Path(out["report"]).read_text()
+    assert html.count(f"{OLLAMA} (ollama, ") == 2 and "A stand-in engine answered" in html
+    assert "Left out of the comparison: sandbox-1/qwen-ollama (ollama), " in html
+    assert "No engine comparison: vllm is the only real engine benchmarked" in html
 
-    # Break sandbox-2 twice over: its probes fail with next steps, sandbox-1 still passes.
-    assert ssh(workdir, "sandbox-2", f"systemctl stop {UNIT}").returncode == 0
-    assert ssh(workdir, "sandbox-2", f"truncate -s 100 {WEIGHTS}/config.json").returncode == 0
-    broken = orchestrate(workdir, env, "probe", "--hosts", "sandbox", "--json")
-    assert broken.returncode == 1
-    report = json.loads(broken.stdout)
+
+def test_bench_report_plots_real_engines_only_in_the_comparison(benched: Ran) -> None:
+    html = Path(benched.json()["report"]).read_text()
+    svgs = re.findall(r"<svg.*?</svg>", html, flags=re.S)
+    # Throughput, TTFT and ITL per deployment, and the comparison of the two vLLM ones.
+    assert len(svgs) == 3 * 2 * len(HOSTS) + 1
+    [comparison] = [s for s in svgs if "Output throughput by deployment" in s]
+    assert all(f"{h}/{VLLM} (vllm)" in comparison for h in HOSTS)
+    assert OLLAMA not in comparison
+
+
+# --- breaking and healing --------------------------------------------------------------------
+
+def test_kill_9_of_vllm_is_healed_by_systemd(killed: Killed) -> None:
+    assert killed.kill_rc == 0, killed.before
+    assert killed.healthy, f"{HEALTH['sandbox-1']} not healthy within 240 s: {killed.after}"
+    assert killed.after["ActiveState"] == "active"
+    assert killed.after["MainPID"] != killed.before["MainPID"]
+    assert int(killed.after["NRestarts"]) == int(killed.before["NRestarts"]) + 1
+
+
+def test_restarting_one_engine_leaves_the_other_alone(restarted: Restarted) -> None:
+    r = restarted
+    assert r.ollama_restart_rc == 0 and r.ollama_after["ActiveState"] == "active"
+    assert r.ollama_after["MainPID"] != r.ollama_before["MainPID"]
+    assert (r.vllm_after["MainPID"], r.vllm_after["NRestarts"]) == (
+        r.vllm_before["MainPID"], r.vllm_before["NRestarts"])
+    assert "qwen2.5:0.5b" in r.tags
+    assert r.vllm_restart_rc == 0
+    assert r.ollama_after_vllm["MainPID"] == r.ollama_after["MainPID"]
+    assert r.healthy, f"{HEALTH['sandbox-1']} not healthy within 240 s: {r.vllm_restarted}"
+    assert r.vllm_restarted["ActiveState"] == "active"
+    assert r.vllm_restarted["MainPID"] != r.vllm_after["MainPID"]
+
+
+def test_broken_host_fails_its_probes_only_with_next_steps(broken: Broken) -> None:
+    assert (broken.stop_rc, broken.truncate_rc) == (0, 0)
+    assert broken.probe.rc == 1, broken.probe.tail()
+    report = broken.probe.json()
     failed = {r["probe"]: r for r in report["results"] if r["status"] == "fail"}
     assert {r["host"] for r in report["results"] if r["status"] == "fail"} == {"sandbox-2"}
     assert f"journalctl -u {UNIT}" in failed["service"]["next_step"]
     assert "config.json" in failed["weights"]["evidence"]
     assert failed["weights"]["next_step"]
-    assert "Traceback" not in broken.stdout + broken.stderr
+    assert "Traceback" not in broken.probe.stdout + broken.probe.stderr
 
-    # sandbox-2 is re-imaged (its model gone) while the mirror's staged copy of one file is
-    # damaged, same size: `up` trusts a staged model's manifest (no re-hash of the weights on
-    # every run), so sandbox-2 fails fetching that file, by name, with the sha256 mismatch
-    # and the next step; sandbox-1, complete, is untouched.
-    assert ssh(workdir, "sandbox-2", f"rm -rf {WEIGHTS}").returncode == 0
-    staged = Path(model["path"]) / "files" / DAMAGED
-    data = bytearray(staged.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 16] = bytes(b ^ 0xFF for b in
-                                                     data[len(data) // 2:len(data) // 2 + 16])
-    staged.write_bytes(bytes(data))
-    reimaged = orchestrate(workdir, env, "up", "--hosts", "sandbox", "--only", "models",
-                           "--json")
-    assert reimaged.returncode == 1
-    failures = json.loads(reimaged.stdout)["ansible"]["failures"]
+
+def test_reimaged_host_fetching_a_damaged_file_fails_naming_it(reimaged: Reimaged) -> None:
+    """`up` trusts a staged model's manifest (no re-hash of the weights on every run), so
+    sandbox-2 fails fetching that file, by name, with the sha256 mismatch and the next step;
+    sandbox-1, complete, is untouched."""
+    assert reimaged.rm_rc == 0
+    assert reimaged.up.rc == 1, reimaged.up.tail()
+    failures = reimaged.up.json()["ansible"]["failures"]
     assert {f["host"] for f in failures} == {"sandbox-2"}
     assert [f for f in failures if f"{WEIGHTS}/{DAMAGED} from http://" in f["message"]
             and "sha256 checksum did not match" in f["message"]
             and "orchestrate mirror --verify" in f["message"]], failures
 
-    # The operator's fix: re-hash the staged files, fetch the damaged one from the origin.
-    verified = orchestrate(workdir, env, "mirror", "--hosts", "sandbox", "--verify", "--json")
-    assert verified.returncode == 0, verified.stderr[-3000:]
-    assert json.loads(verified.stdout)["models"][0]["repaired"] == [DAMAGED]
-    assert hashlib.sha256(staged.read_bytes()).hexdigest() == files[DAMAGED]["sha256"]
 
-    # The playbooks bring it back: sandbox-2 fetches from the mirror what it still lacks.
-    healed = orchestrate(workdir, env, "up", "--hosts", "sandbox", "--only", "models",
-                         "--only", "services", "--only", "verify", "--json")
-    assert healed.returncode == 0, healed.stderr[-3000:]
-    assert file_downloads(json.loads(healed.stdout)["mirror"], model)[DAMAGED] == (
+def test_mirror_verify_repairs_the_damaged_file(sandbox: Sandbox, reimaged: Reimaged,
+                                                verified: Ran) -> None:
+    assert verified.rc == 0, verified.tail()
+    assert verified.json()["models"][0]["repaired"] == [DAMAGED]
+    [model] = sandbox.result["mirror"]["models"]
+    files = json.loads((Path(model["path"]) / "manifest.json").read_text())["files"]
+    assert hashlib.sha256(reimaged.staged.read_bytes()).hexdigest() == files[DAMAGED]["sha256"]
+
+
+def test_playbooks_heal_the_reimaged_host(sandbox: Sandbox, healed: Ran) -> None:
+    """sandbox-2 fetches from the mirror what it still lacks, once."""
+    assert healed.rc == 0, healed.tail()
+    [model] = sandbox.result["mirror"]["models"]
+    files = json.loads((Path(model["path"]) / "manifest.json").read_text())["files"]
+    assert file_downloads(healed.json()["mirror"], model)[DAMAGED] == (
         1, files[DAMAGED]["size"])
-
-    down = orchestrate(workdir, env, "down", "--hosts", "sandbox")
-    assert down.returncode == 0
-    assert not [name for name, _ in sandbox.status()]
-    assert not (workdir / ".orchestrate" / "sandbox").exists()
