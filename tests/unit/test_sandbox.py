@@ -266,3 +266,11 @@ def test_the_cli_runs_without_the_sandbox_extra_and_the_sandbox_says_what_is_mis
                           check=False)
     assert proc.returncode == 0, proc.stderr
     assert "'sandbox' extra (numpy is missing)" in proc.stdout
+
+
+def test_the_cli_names_the_sandbox_group_as_the_sandbox_does() -> None:
+    # cli.py spells the group itself so that `--help` and real fleets never import the sandbox.
+    from orchestrator import cli
+    from orchestrator.sandbox import fleet as sandbox_fleet
+
+    assert cli.SANDBOX == sandbox_fleet.GROUP
