@@ -266,6 +266,17 @@ class ResolvedHost:
     port_map: dict[int, int]
     vars: dict[str, Any]
 
+    def connection(self) -> dict[str, Any]:
+        """How Ansible reaches the host: the inventory variables every run (the stages, the
+        facts gathering) gives it, so that all of them connect the same way."""
+        conn: dict[str, Any] = {"ansible_host": self.address, "ansible_port": self.ssh_port,
+                                "ansible_user": self.ssh_user}
+        if self.ssh_key:
+            conn["ansible_ssh_private_key_file"] = self.ssh_key
+        if self.become and self.ssh_user != "root":
+            conn["ansible_become"] = True
+        return conn
+
 
 @dataclass(frozen=True)
 class LoadedFleet:

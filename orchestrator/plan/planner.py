@@ -834,13 +834,6 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
                            f"{mirror_urls(mirror.url, weights_origin(dep).key)[1]} "
                            "(`orchestrate mirror` stages them there once for every host)")
 
-    conn: dict[str, Any] = {"ansible_host": host.address, "ansible_port": host.ssh_port,
-                            "ansible_user": host.ssh_user}
-    if host.ssh_key:
-        conn["ansible_ssh_private_key_file"] = host.ssh_key
-    if host.become and host.ssh_user != "root":
-        conn["ansible_become"] = True
-
     # A host the fleet gives no deployment gets no deployment variables: an operator's
     # own inventory (-i) may define them in group_vars, and an empty list here would
     # override those and remove the instances they describe.
@@ -925,8 +918,15 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
                           tool_call_judged=d.model in knowledge.catalog.models,
                           loopback_only=_bind(d, roles) in ("127.0.0.1", "::1", "localhost"))
               for d in served]
-    return HostPlan(name=host.name, group=group, profile=host.profile, connection=conn,
-                    vars=variables, probes=probes, reasons=reasons)
+    return HostPlan(name=host.name, group=group, profile=host.profile,
+                    connection=host.connection(), vars=variables, probes=probes, reasons=reasons)
+
+
+def fact_paths(host: ResolvedHost, roles: RoleDefaults) -> list[str]:
+    """Where the plan puts what needs disk on `host`: the Python environment(s) and the
+    weights. The facts gathering measures the free space of the filesystems holding them."""
+    env = host.python.path or roles.python_env_path
+    return list(dict.fromkeys([env, roles.model_weights_root]))
 
 
 def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: CompatTable,
