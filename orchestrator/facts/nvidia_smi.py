@@ -38,6 +38,10 @@ class GpuInfo:
     memory_total_mib: int | None = None
     compute_capability: str | None = None
     mig_mode: str | None = None
+    # "Enabled" / "Disabled" as nvidia-smi's -q and CSV print them; None: not reported
+    # (Windows WDDM, a GPU without ECC, or a format that lacks the field).
+    persistence_mode: str | None = None
+    ecc_mode: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +168,8 @@ _BANNER = re.compile(r"\s*\|\s*NVIDIA-SMI\s")
 _BANNER_PAIR = re.compile(r"([A-Za-z][A-Za-z ]*?)\s*:\s*(\S+)")
 _NAME_HEADER = re.compile(r"\s*GPU\s+Name\b")
 _MEMORY_USAGE = re.compile(r"(\d+)\s*MiB\s*/\s*(\d+)\s*MiB")
+# The table's Persistence-M column prints On/Off; the other formats Enabled/Disabled.
+_ON_OFF = {"On": "Enabled", "Off": "Disabled"}
 
 
 def _cells(line: str) -> list[str]:
@@ -206,7 +212,8 @@ def parse_table(text: str) -> GpuFacts:
 
     name_at = (0, 0)
     # A label after "Name" (Persistence-M, TCC/WDDM, Driver-Model) is one value token.
-    trailing = bool(_NAME_HEADER.sub("", header[0][0]).strip())
+    trailing_label = _NAME_HEADER.sub("", header[0][0]).strip()
+    trailing = bool(trailing_label)
     memory_at = where(re.compile(r"\bMemory-Usage\b"))
     mig_at = where(re.compile(r"^\s*MIG M\.\s*$"))
 
@@ -238,16 +245,18 @@ def parse_table(text: str) -> GpuFacts:
         if not match:
             return _unrecognized("nvidia-smi table: no GPU index and name in "
                                 + repr(value(rows, name_at)))
-        name = match.group(2)
+        name, mode = match.group(2), ""
         if trailing:
             parts = name.rsplit(None, 1)
             if len(parts) != 2:
                 return _unrecognized(f"nvidia-smi table: cannot split name from mode in {name!r}")
-            name = parts[0]
+            name, mode = parts
         memory = _MEMORY_USAGE.search(value(rows, memory_at) or "")
+        persistence = (_ON_OFF.get(mode) if trailing_label == "Persistence-M" else None)
         gpus.append(GpuInfo(index=int(match.group(1)), name=name,
                             memory_total_mib=int(memory.group(2)) if memory else None,
-                            mig_mode=_text(value(rows, mig_at))))
+                            mig_mode=_text(value(rows, mig_at)),
+                            persistence_mode=persistence))
     if not gpus:
         return _unrecognized("nvidia-smi table without GPU rows")
     # The table's "MIG devices" section has no UUIDs or profile names; use -L for those.
@@ -275,7 +284,9 @@ def parse_xml(text: str) -> GpuFacts:
             return _unrecognized(f"nvidia-smi XML: <gpu> {position} has no product_name")
         gpus.append(GpuInfo(index=position, name=name, uuid=_text(gpu.findtext("uuid")),
                             memory_total_mib=_mib(gpu.findtext("fb_memory_usage/total")),
-                            mig_mode=_text(gpu.findtext("mig_mode/current_mig"))))
+                            mig_mode=_text(gpu.findtext("mig_mode/current_mig")),
+                            persistence_mode=_text(gpu.findtext("persistence_mode")),
+                            ecc_mode=_text(gpu.findtext("ecc_mode/current_ecc"))))
     # <mig_devices> entries carry no UUIDs or profile names; use -L for those.
     return GpuFacts(driver_version=driver, cuda_version=cuda, gpus=gpus)
 
@@ -400,7 +411,9 @@ def parse_query_text(text: str) -> GpuFacts:
             return _unrecognized(f"nvidia-smi -q: GPU section {position} has no Product Name")
         gpus.append(GpuInfo(index=position, name=name, uuid=_text(fields.get("GPU UUID")),
                             memory_total_mib=_mib(fields.get("FB Memory Usage/Total")),
-                            mig_mode=_text(fields.get("MIG Mode/Current"))))
+                            mig_mode=_text(fields.get("MIG Mode/Current")),
+                            persistence_mode=_text(fields.get("Persistence Mode")),
+                            ecc_mode=_text(fields.get("ECC Mode/Current"))))
     if not gpus:
         return _unrecognized("nvidia-smi -q output without GPU sections")
     return GpuFacts(driver_version=driver, cuda_version=cuda, gpus=gpus)
@@ -502,7 +515,9 @@ def parse_query_csv(text: str, *, columns: list[str] | None = None) -> GpuFacts:
             index=int(index_text), name=record["name"], uuid=_text(record.get("uuid")),
             memory_total_mib=_mib(record.get("memory.total")),
             compute_capability=_text(record.get("compute_cap")),
-            mig_mode=_text(record.get("mig.mode.current"))))
+            mig_mode=_text(record.get("mig.mode.current")),
+            persistence_mode=_text(record.get("persistence_mode")),
+            ecc_mode=_text(record.get("ecc.mode.current"))))
     if not gpus:
         return _unrecognized("--query-gpu CSV without data rows")
     first = records[0]

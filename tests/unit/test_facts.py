@@ -208,6 +208,32 @@ def test_multi_gpu_xml_keeps_index_order() -> None:
     assert {g.memory_total_mib for g in eight.gpus} == {32510}
 
 
+@pytest.mark.parametrize(("name", "persistence", "ecc"), [
+    # XML: <persistence_mode> and <ecc_mode><current_ecc>; N/A (no ECC) reads as None.
+    ("xml__8x-V100S-PCIE-32GB__460.73.01.txt", "Disabled", "Enabled"),
+    ("xml__2x-RTX-A5000__590.44.01.txt", "Enabled", "Disabled"),
+    ("xml__RTX-3060__570.124.04.txt", "Enabled", None),
+    ("xml_windows-wddm__RTX-3080__536.40.txt", None, None),
+    # --query-gpu CSV: persistence_mode and ecc.mode.current, by header name.
+    ("query_csv_allfields__H100-80GB-HBM3__590.48.01.txt", "Enabled", "Enabled"),
+    ("query_csv_allfields_kmd__RTX-2080-SUPER__610.57.04.txt", "Disabled", None),
+    ("query_csv_windows__RTX-2080-SUPER__466.63.txt", None, None),
+    # -q text: "Persistence Mode" and "ECC Mode / Current".
+    ("query_text_q__TITAN-V__560.35.03.txt", "Disabled", None),
+    # The table's Persistence-M column (On/Off); it shows no ECC mode, only a count.
+    ("table__A10__550.127.05.txt", "Enabled", None),
+    ("table_mig__A100-PCIE-40GB__460.32.03.txt", "Disabled", None),
+    # Windows tables put TCC/WDDM there instead: no persistence reading.
+    ("table_windows-wddm__RTX-2080-SUPER__591.86.txt", None, None),
+    # -L has neither.
+    ("list__Tesla-T4__535.104.05.txt", None, None),
+])
+def test_persistence_and_ecc_mode(name: str, persistence: str | None, ecc: str | None) -> None:
+    facts = parse_nvidia_smi(load(name))
+    assert facts.gpus and facts.error is None
+    assert {(g.persistence_mode, g.ecc_mode) for g in facts.gpus} == {(persistence, ecc)}
+
+
 def test_mig_devices_from_list() -> None:
     facts = parse_nvidia_smi(load("list_mig__H200__590.48.01.txt"))
     assert [(m.gpu_index, m.profile) for m in facts.mig_devices] == [
@@ -261,7 +287,7 @@ def test_table_610_banner_labels() -> None:
     facts = parse_nvidia_smi(TABLE_610)
     assert (facts.driver_version, facts.cuda_version) == ("610.43.02", "13.3")
     assert facts.gpus == [GpuInfo(index=0, name="NVIDIA GeForce RTX 5090",
-                                  memory_total_mib=32607)]
+                                  memory_total_mib=32607, persistence_mode="Enabled")]
 
 
 # Driver 418: a two-line header (no "MIG M." row) and four GPUs (public notebook
@@ -300,7 +326,8 @@ TABLE_418 = """\
 def test_table_418_two_line_header_and_several_gpus() -> None:
     facts = parse_nvidia_smi(TABLE_418)
     assert (facts.driver_version, facts.cuda_version, facts.error) == ("418.67", "10.1", None)
-    assert facts.gpus == [GpuInfo(index=i, name="Tesla V100-SXM2...", memory_total_mib=16130)
+    assert facts.gpus == [GpuInfo(index=i, name="Tesla V100-SXM2...", memory_total_mib=16130,
+                                  persistence_mode="Disabled")
                           for i in range(4)]
 
 
@@ -450,7 +477,8 @@ def test_dict_shape() -> None:
     assert dumped["error"] is None
     assert dumped["gpus"][0] == {
         "index": 0, "name": "NVIDIA H100 80GB HBM3", "uuid": H100_MASKED,
-        "memory_total_mib": None, "compute_capability": None, "mig_mode": None}
+        "memory_total_mib": None, "compute_capability": None, "mig_mode": None,
+        "persistence_mode": None, "ecc_mode": None}
     assert dumped["mig_devices"][0] == {
         "gpu_index": 0, "profile": "3g.40gb", "uuid": "MIG-00000000-0000-0000-0000-000000000000"}
     error = parse_nvidia_smi("No devices were found").to_dict()
