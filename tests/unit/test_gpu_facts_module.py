@@ -1,8 +1,9 @@
 """The nvidia_gpu_facts Ansible module (roles/gpu_check), run by ansible on this machine.
 
 There is no GPU here: nvidia-smi is a stand-in script that prints real outputs from
-shared/fixtures (H100 with MIG, a driver that is not loaded), and NVML is a stand-in
-pynvml module. Both stand-ins are named so; the module code under test is the real one.
+tests/data/nvidia-smi (H100 with MIG, a driver that is not loaded, -q -x XML), NVML is a
+stand-in pynvml module, and the PCI bus is a stand-in sysfs tree. All stand-ins are named
+so; the module code under test is the real one.
 """
 
 from __future__ import annotations
@@ -21,16 +22,22 @@ ROLE = REPO / "roles" / "gpu_check"
 
 
 def _fake_nvidia_smi(bindir: Path, *, table: str, query: str | None = None,
-                     listing: str | None = None, rc: int = 0) -> None:
-    """A stand-in nvidia-smi that answers each invocation with a saved real output."""
+                     listing: str | None = None, xml: str | None = None,
+                     rc: int = 0) -> Path:
+    """A stand-in nvidia-smi that answers each invocation with a saved real output (and
+    logs its arguments to calls.log); without an arm for them, `table` for any."""
     bindir.mkdir(exist_ok=True)
     script = bindir / "nvidia-smi"
     arms = [f'  --query-gpu=*) cat "{FIXTURES / query}" ;;' if query else "",
-            f'  -L) cat "{FIXTURES / listing}" ;;' if listing else ""]
-    script.write_text("#!/bin/sh\n# stand-in nvidia-smi for tests\ncase \"$1\" in\n"
+            f'  -L) cat "{FIXTURES / listing}" ;;' if listing else "",
+            f'  -q) cat "{FIXTURES / xml}" ;;' if xml else ""]
+    script.write_text("#!/bin/sh\n# stand-in nvidia-smi for tests\n"
+                      f'echo "$*" >> "{bindir / "calls.log"}"\n'
+                      'case "$1" in\n'
                       + "\n".join(a for a in arms if a)
                       + f'\n  *) cat "{FIXTURES / table}"; exit {rc} ;;\nesac\n')
     script.chmod(0o755)
+    return bindir / "calls.log"
 
 
 def _run_module(tmp_path: Path, args: str, *, path: str, pythonpath: str = "") -> dict:
@@ -105,6 +112,9 @@ class NVMLError_DriverNotLoaded(NVMLError):
 class NVMLError_LibraryNotFound(NVMLError):
     pass
 
+class NVMLError_NotSupported(NVMLError):
+    pass
+
 def nvmlInit():
     if os.environ.get("STANDIN_NVML") == "not-loaded":
         raise NVMLError_DriverNotLoaded("Driver Not Loaded")
@@ -138,6 +148,14 @@ def nvmlDeviceGetCudaComputeCapability(handle):
 
 def nvmlDeviceGetMigMode(handle):
     return (0, 0)
+
+def nvmlDeviceGetPersistenceMode(handle):
+    return 1
+
+def nvmlDeviceGetEccMode(handle):
+    if os.environ.get("STANDIN_NVML_ECC") == "unsupported":
+        raise NVMLError_NotSupported("Not Supported")
+    return (1, 1)
 '''
 
 
@@ -155,6 +173,96 @@ def test_nvml_is_preferred(tmp_path: Path, mode: str, monkeypatch: pytest.Monkey
         assert facts["gpus"] == [{"index": 0, "name": "NVIDIA H100 80GB HBM3",
                                   "uuid": "GPU-11111111-2222-3333-4444-555555555555",
                                   "memory_total_mib": 81559, "compute_capability": "9.0",
-                                  "mig_mode": "Disabled"}]
+                                  "mig_mode": "Disabled", "persistence_mode": "Enabled",
+                                  "ecc_mode": "Enabled"}]
     else:
         assert facts["error"]["kind"] == "driver_not_loaded"
+
+
+def test_nvml_ecc_not_supported_is_none(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "nvml").mkdir()
+    (tmp_path / "nvml" / "pynvml.py").write_text(STANDIN_PYNVML)
+    monkeypatch.setenv("STANDIN_NVML", "ok")
+    monkeypatch.setenv("STANDIN_NVML_ECC", "unsupported")
+    result = _run_module(tmp_path, "", path=_system_path(), pythonpath=str(tmp_path / "nvml"))
+    gpu = result["ansible_facts"]["nvidia_gpu"]["gpus"][0]
+    assert (gpu["persistence_mode"], gpu["ecc_mode"]) == ("Enabled", None)
+
+
+def test_xml_first_then_only_what_it_lacks(tmp_path: Path) -> None:
+    """-q -x carries versions, UUIDs, memory, persistence and ECC; only the compute
+    capability is asked of --query-gpu, and -L is not run (no MIG)."""
+    calls = _fake_nvidia_smi(tmp_path / "bin", table="table__RTX-4090__580.65.06.txt",
+                             xml="xml__8x-V100S-PCIE-32GB__460.73.01.txt")
+    result = _run_module(tmp_path, "use_nvml=false", path=_system_path(tmp_path / "bin"))
+    facts = result["ansible_facts"]["nvidia_gpu"]
+    assert (facts["driver_version"], facts["cuda_version"], facts["error"]) == \
+        ("460.73.01", "11.2", None)
+    assert len(facts["gpus"]) == 8
+    first = facts["gpus"][0]
+    assert (first["name"], first["memory_total_mib"]) == ("Tesla V100S-PCIE-32GB", 32510)
+    assert (first["persistence_mode"], first["ecc_mode"]) == ("Disabled", "Enabled")
+    # The stand-in answers --query-gpu with the 4090 table: nothing to add, nothing wrong.
+    assert first["compute_capability"] is None
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "-q -x"
+    assert all(not line.startswith("-L") for line in lines)
+
+
+@pytest.mark.parametrize("fixture", ["table_mig__H100-80GB-HBM3__590.48.01.txt",
+                                     "xml_mig__A100-SXM4-40GB__510.47.03.txt"])
+def test_a_replay_that_prints_one_output_for_every_argument(tmp_path: Path,
+                                                            fixture: str) -> None:
+    """A stand-in nvidia-smi replaying one saved output, whatever it is asked: the facts
+    are that output's, with nothing invented from the repeated answers."""
+    _fake_nvidia_smi(tmp_path / "bin", table=fixture)
+    result = _run_module(tmp_path, "use_nvml=false", path=_system_path(tmp_path / "bin"))
+    facts = result["ansible_facts"]["nvidia_gpu"]
+    assert facts["error"] is None
+    assert [g["mig_mode"] for g in facts["gpus"]] == ["Enabled"]
+    assert facts["mig_devices"] == []
+    assert facts["driver_version"] in ("590.48.01", "510.47.03")
+
+
+def _pci_device(root: Path, address: str, vendor: str, pci_class: str) -> None:
+    device = root / "bus" / "pci" / "devices" / address
+    device.mkdir(parents=True)
+    (device / "vendor").write_text(vendor + "\n")
+    (device / "class").write_text(pci_class + "\n")
+
+
+def test_pci_bus_counts_gpus_and_nvswitches(tmp_path: Path) -> None:
+    """A stand-in sysfs of an HGX-like host: two 3D controllers, one VGA GPU, two NVSwitch
+    bridges, an NVIDIA audio function and a Mellanox NIC."""
+    sysfs = tmp_path / "sys"
+    _pci_device(sysfs, "0000:18:00.0", "0x10de", "0x030200")
+    _pci_device(sysfs, "0000:2a:00.0", "0x10de", "0x030200")
+    _pci_device(sysfs, "0000:01:00.0", "0x10de", "0x030000")
+    _pci_device(sysfs, "0000:01:00.1", "0x10de", "0x040300")
+    _pci_device(sysfs, "0000:c5:00.0", "0x10de", "0x068000")
+    _pci_device(sysfs, "0000:c6:00.0", "0x10de", "0x068000")
+    _pci_device(sysfs, "0000:3b:00.0", "0x15b3", "0x020000")
+    _fake_nvidia_smi(tmp_path / "bin", table="error_driver_comm__unknown__460.x.txt", rc=9)
+    result = _run_module(tmp_path, f"use_nvml=false sysfs_root={sysfs}",
+                         path=_system_path(tmp_path / "bin"))
+    facts = result["ansible_facts"]["nvidia_gpu"]
+    assert (facts["pci_gpus"], facts["nvswitches"]) == (3, 2)
+    assert facts["error"]["kind"] == "driver_not_loaded"
+    assert "PCI: 3 NVIDIA GPU(s), 2 NVSwitch(es)" in result["summary"]
+
+
+def test_no_nvidia_device_and_no_nvidia_smi(tmp_path: Path) -> None:
+    sysfs = tmp_path / "sys"
+    _pci_device(sysfs, "0000:00:02.0", "0x8086", "0x030000")
+    result = _run_module(tmp_path, f"use_nvml=false sysfs_root={sysfs}", path=_system_path())
+    facts = result["ansible_facts"]["nvidia_gpu"]
+    assert (facts["pci_gpus"], facts["nvswitches"]) == (0, 0)
+    assert facts["error"]["kind"] == "not_installed"
+
+
+def test_unreadable_sysfs_counts_nothing(tmp_path: Path) -> None:
+    result = _run_module(tmp_path, f"use_nvml=false sysfs_root={tmp_path / 'missing'}",
+                         path=_system_path())
+    facts = result["ansible_facts"]["nvidia_gpu"]
+    assert (facts["pci_gpus"], facts["nvswitches"]) == (None, None)
