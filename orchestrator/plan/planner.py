@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Literal
@@ -20,12 +21,14 @@ from pydantic import BaseModel, ConfigDict
 
 from orchestrator.config.fleet import Deployment, LoadedFleet, MirrorSettings, ResolvedHost
 from orchestrator.errors import PlanError
+from orchestrator.facts.hostfacts import HostFacts
 from orchestrator.knowledge.catalog import Knowledge, StackProfile
 from orchestrator.knowledge.compat import (
     CompatError,
     CompatTable,
     Decision,
     DriverTable,
+    GpuModel,
     KernelModules,
     TorchChoice,
     branch_driver,
@@ -41,6 +44,7 @@ from orchestrator.knowledge.compat import (
 )
 from orchestrator.knowledge.roles import RoleDefaults, load_role_defaults
 from orchestrator.plan.fit import fit, kv_bytes_per_token
+from orchestrator.plan.found import Source, check_disk, declared_in, effective_hosts
 from orchestrator.plan.rolevars import (
     GpuCheckVars,
     ModelWeightsVars,
@@ -308,8 +312,9 @@ def _ollama_gib(dep: Deployment, knowledge: Knowledge) -> float | None:
     return round((weights + kv) / 2**30 + mem.overhead_gib, 2)
 
 
-def _split_gpu_memory(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
-                      gpu_table: CompatTable, reasons: list[str]) -> dict[str, float]:
+def _split_gpu_memory(host: ResolvedHost, src: Source, deployments: list[Deployment],
+                      knowledge: Knowledge, gpu_table: CompatTable,
+                      reasons: list[str]) -> dict[str, float]:
     """gpu_memory_utilization per vLLM deployment on GPUs shared with other deployments, so
     that the second to start does not fail on "free memory less than desired"."""
     vllm = [d for d in deployments if d.engine == "vllm"]
@@ -317,8 +322,7 @@ def _split_gpu_memory(host: ResolvedHost, deployments: list[Deployment], knowled
     if host.profile != "gpu" or len(vllm) + len(ollama) < 2 or not vllm:
         return {}
     unset = [d for d in vllm if d.options.gpu_memory_utilization is None]
-    gpu_row = (gpu_table.gpus.find(host.gpu.name)
-               if host.gpu.name and gpu_table.gpus is not None else None)
+    gpu_row = _gpu_model(host, src, gpu_table)
     if gpu_row is None:
         if (len(vllm) > 1 and unset) or ollama:
             raise PlanError(
@@ -328,7 +332,8 @@ def _split_gpu_memory(host: ResolvedHost, deployments: list[Deployment], knowled
                 "less what Ollama takes)")
         return {}
     count = host.gpu.count or 1
-    # nvidia-smi's memory.total (data/gpus.yml), in GiB like the Ollama sizes.
+    # nvidia-smi's memory.total (found on the host, else data/gpus.yml), in GiB like the
+    # Ollama sizes.
     total = round(gpu_row.memory_mib * count / 1024, 2)
     taken = []
     for dep in ollama:
@@ -354,32 +359,68 @@ def _split_gpu_memory(host: ResolvedHost, deployments: list[Deployment], knowled
     return split
 
 
-def _fit_deployment(dep: Deployment, host: ResolvedHost, knowledge: Knowledge,
+def _gpu_model(host: ResolvedHost, src: Source, gpu_table: CompatTable) -> GpuModel | None:
+    """The host's GPU for fit planning: where found on the host, its name, memory and
+    compute capability as found (data/gpus.yml filling what the output lacks; None when
+    neither has them); where declared, its row of data/gpus.yml (PlanError if it has none)."""
+    if not host.gpu.name or gpu_table.gpus is None:
+        return None
+    if not src.found:
+        return gpu_table.gpus.find(host.gpu.name)
+    try:
+        row: GpuModel | None = gpu_table.gpus.find(host.gpu.name)
+    except CompatError:
+        row = None
+    capability = src.capability or (row.compute_capability if row else None)
+    memory = src.memory_mib or (row.memory_mib if row else None)
+    if capability is None or memory is None:
+        return None
+    return GpuModel(match=host.gpu.name, compute_capability=capability, memory_mib=memory,
+                    source=src.gpu_where)
+
+
+def _fit_gpu(host: ResolvedHost, src: Source,
+             gpu_table: CompatTable) -> tuple[str | GpuModel | None, str]:
+    """What fit() takes as the host's GPU, or None with why the fit cannot be checked."""
+    if not host.gpu.name:
+        return None, "the fleet does not name the host's GPUs (gpu: {name, count})"
+    if not src.found:
+        return host.gpu.name, ""
+    model = _gpu_model(host, src, gpu_table)
+    why = (f"{host.gpu.name} ({src.gpu_where}) is not in data/gpus.yml and the host's output "
+           "shows no compute capability or memory")
+    return model, "" if model else why
+
+
+def _fit_deployment(dep: Deployment, host: ResolvedHost, src: Source, knowledge: Knowledge,
                     gpu_table: CompatTable, reasons: list[str],
                     utilization: float | None = None, group_hosts: int = 1) -> dict[str, str]:
-    """vLLM flags from fit planning on a GPU host whose GPUs the fleet names; PlanError
-    (with what would fit) when the model does not fit."""
+    """vLLM flags from fit planning on a GPU host whose GPUs were found or the fleet names;
+    PlanError (with what would fit) when the model does not fit."""
     if host.profile != "gpu" or dep.engine != "vllm":
         return {}
-    if not host.gpu.name or dep.model not in knowledge.catalog.models:
-        why = ("the fleet does not name the host's GPUs (gpu: {name, count})" if not
-               host.gpu.name else f"{dep.model} is not in the catalog")
-        reasons.append(f"{dep.name}: fit not checked: {why}")
+    gpu, why = _fit_gpu(host, src, gpu_table)
+    if gpu is None or dep.model not in knowledge.catalog.models:
+        reasons.append(f"{dep.name}: fit not checked: "
+                       f"{why or f'{dep.model} is not in the catalog'}")
         return {}
+    memory = src.memory_mib if src.found else None
     floor = gpu_table.cuda.vllm.releases[gpu_table.gpu_stack.vllm_version]
-    result = fit(dep.model, host.gpu.name, host.gpu.count or 1, dep.options.max_model_len,
+    result = fit(dep.model, gpu, host.gpu.count or 1, dep.options.max_model_len,
                  utilization or dep.options.gpu_memory_utilization or 0.9,
                  catalog=knowledge.catalog,
                  gpus=gpu_table.gpus,
-                 engine_min_compute_capability=floor.min_compute_capability)
+                 engine_min_compute_capability=floor.min_compute_capability,
+                 memory_mib=memory, memory_source=src.gpu_where)
     if not result.fits:
         instead = f"; instead: {result.suggestions[0]}" if result.suggestions else ""
         if group_hosts > 1 and result.max_model_len == 0:
-            across = fit(dep.model, host.gpu.name, host.gpu.count or 1,
+            across = fit(dep.model, gpu, host.gpu.count or 1,
                          dep.options.max_model_len, dep.options.gpu_memory_utilization or 0.9,
                          catalog=knowledge.catalog, gpus=gpu_table.gpus,
                          engine_min_compute_capability=floor.min_compute_capability,
-                         suggest=False, nodes=group_hosts)
+                         suggest=False, nodes=group_hosts, memory_mib=memory,
+                         memory_source=src.gpu_where)
             if across.fits:
                 instead = (f"; instead: one instance across the group's {group_hosts} hosts "
                            f"(nodes: {group_hosts} with ray.auth_token_var) fits with tensor "
@@ -387,7 +428,8 @@ def _fit_deployment(dep: Deployment, host: ResolvedHost, knowledge: Knowledge,
                            f"{across.pipeline_parallel}, max_model_len {across.max_model_len}"
                            + (f"; or {result.suggestions[0]}" if result.suggestions else ""))
         raise PlanError(f"deployment '{dep.name}' on host '{host.name}': {dep.model} does not "
-                        f"fit {host.gpu.count or 1}x {host.gpu.name}: {result.reasons[-1]}"
+                        f"fit {host.gpu.count or 1}x {host.gpu.name} ({src.gpu_where}): "
+                        f"{result.reasons[-1]}"
                         f"{instead} (`orchestrate fit` shows the whole reasoning)")
     reasons.append(f"{dep.name}: fits {result.count}x {result.gpu}: tensor parallel "
                    f"{result.tensor_parallel}, {result.dtype}, {result.weights_gib} GiB weights, "
@@ -426,20 +468,24 @@ class _Span:
         return self.members[0]
 
 
-def _plan_span(dep: Deployment, index: int, members: list[ResolvedHost], knowledge: Knowledge,
-               gpu_table: CompatTable, loaded: LoadedFleet) -> _Span:
-    """The layout of one instance across `members`: tensor parallel inside a host, one
-    pipeline stage per host (vLLM's multi-node layout), checked by the fit."""
+def _plan_span(dep: Deployment, index: int, members: list[ResolvedHost], sources: list[Source],
+               knowledge: Knowledge, gpu_table: CompatTable, loaded: LoadedFleet) -> _Span:
+    """The layout of one instance across `members` (as found on them, else as declared):
+    tensor parallel inside a host, one pipeline stage per host (vLLM's multi-node layout),
+    checked by the fit."""
     where = loaded.locate(("deployments", index, "nodes"))
     names = ", ".join(h.name for h in members)
-    kinds = {(h.profile, h.gpu.name, h.gpu.count or 1) for h in members}
+    kinds = {(h.profile, h.gpu.name, h.gpu.count or 1, h.gpu.driver) for h in members}
     if len(kinds) > 1:
-        raise PlanError(f"{where}: deployment '{dep.name}' spans {names}, whose profiles or "
-                        "GPUs differ (" + "; ".join(f"{h.name}: {h.profile} {h.gpu.count or 1}x "
-                                                   f"{h.gpu.name or 'unnamed GPU'}"
-                                                   for h in members)
-                        + "); vLLM splits the model evenly, so give it identical hosts")
-    head = members[0]
+        raise PlanError(f"{where}: deployment '{dep.name}' spans {names}, whose profiles, "
+                        "GPUs or drivers differ ("
+                        + "; ".join(f"{h.name}: {h.profile} {h.gpu.count or 1}x "
+                                    f"{h.gpu.name or 'unnamed GPU'}, driver "
+                                    f"{h.gpu.driver or 'unknown'} ({src.gpu_where})"
+                                    for h, src in zip(members, sources, strict=True))
+                        + "); vLLM splits the model evenly and its Ray workers run the same "
+                        "build, so give it identical hosts")
+    head, head_src = members[0], sources[0]
     token_off = all(h.vars.get("ray_cluster_auth_mode") == "disabled" for h in members)
     if not (dep.ray and dep.ray.auth_token_var) and not token_off:
         raise PlanError(f"{where}: deployment '{dep.name}' spans hosts on a Ray cluster, which "
@@ -453,29 +499,30 @@ def _plan_span(dep: Deployment, index: int, members: list[ResolvedHost], knowled
     reasons = [layout]
     flags: dict[str, str] = {"--pipeline-parallel-size": str(dep.nodes)}
     tp = dep.options.tensor_parallel_size
+    gpu, why = _fit_gpu(head, head_src, gpu_table)
     if head.profile != "gpu":
         flags["--tensor-parallel-size"] = str(tp or 1)
         reasons.append(f"{dep.name}: tensor parallel {tp or 1} in each host, pipeline "
                        f"parallel {dep.nodes} across the hosts (profile {head.profile})")
-    elif not head.gpu.name or dep.model not in knowledge.catalog.models:
-        why = ("the fleet does not name the hosts' GPUs (gpu: {name, count})" if not
-               head.gpu.name else f"{dep.model} is not in the catalog")
+    elif gpu is None or dep.model not in knowledge.catalog.models:
+        why = why or f"{dep.model} is not in the catalog"
         if tp is None and not head.gpu.name:
-            raise PlanError(f"{where}: deployment '{dep.name}' spans hosts whose GPUs the "
-                            "fleet does not name: give them (gpu: {name, count}) so the plan "
-                            "can check the fit, or set options.tensor_parallel_size (GPUs per "
-                            "host)")
+            raise PlanError(f"{where}: deployment '{dep.name}' spans hosts whose GPUs were "
+                            "neither found (no facts) nor named in the fleet: gather their "
+                            "facts or give them (gpu: {name, count}) so the plan can check "
+                            "the fit, or set options.tensor_parallel_size (GPUs per host)")
         flags["--tensor-parallel-size"] = str(tp or head.gpu.count or 1)
         reasons.append(f"{dep.name}: fit not checked: {why}; tensor parallel "
                        f"{flags['--tensor-parallel-size']} in each host, pipeline parallel "
                        f"{dep.nodes} across the hosts")
     else:
         floor = gpu_table.cuda.vllm.releases[gpu_table.gpu_stack.vllm_version]
-        result = fit(dep.model, head.gpu.name, tp or head.gpu.count or 1,
+        result = fit(dep.model, gpu, tp or head.gpu.count or 1,
                      dep.options.max_model_len, dep.options.gpu_memory_utilization or 0.9,
                      catalog=knowledge.catalog, gpus=gpu_table.gpus,
                      engine_min_compute_capability=floor.min_compute_capability,
-                     nodes=dep.nodes)
+                     nodes=dep.nodes, memory_mib=head_src.memory_mib if head_src.found else None,
+                     memory_source=head_src.gpu_where)
         if not result.fits:
             instead = f"; instead: {result.suggestions[0]}" if result.suggestions else ""
             raise PlanError(f"{where}: deployment '{dep.name}': {dep.model} does not fit "
@@ -558,8 +605,11 @@ def _ray_client(roles: RoleDefaults) -> VllmRayClient:
                                                  roles.ray_cluster_temp_dir))
 
 
-def _capability(host: ResolvedHost, gpu_table: CompatTable) -> str | None:
-    """The compute capability of the host's GPU (gpu.name in data/gpus.yml), or None."""
+def _capability(host: ResolvedHost, src: Source, gpu_table: CompatTable) -> str | None:
+    """The compute capability of the host's GPU: as found on the host, else its name's
+    (found or declared) in data/gpus.yml, else None."""
+    if src.capability is not None:
+        return src.capability
     if not host.gpu.name or gpu_table.gpus is None:
         return None
     try:
@@ -574,20 +624,20 @@ def _driver_table(gpu_table: CompatTable) -> DriverTable:
     return gpu_table.driver
 
 
-def _managed_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTable,
-                   loaded: LoadedFleet, capability: str | None
+def _managed_build(host: ResolvedHost, src: Source, stack: StackProfile,
+                   gpu_table: CompatTable, loaded: LoadedFleet, capability: str | None
                    ) -> tuple[TorchChoice, StackProfile, CompatTable, list[str], int]:
     """driver.manage: the branch the drivers stage installs, and the stack chosen for it.
 
     The branch is the fleet's (driver.branch), else the lowest branch packaged for the
     systems the host may run that runs the newest vLLM the GPU can use (the pin where it
-    can); never one older than the driver found (gpu.driver). The stack is then what
-    that branch runs, as `orchestrate compat --driver` shows for it.
+    can); never one older than the host's driver (found, or gpu.driver). The stack is then
+    what that branch runs, as `orchestrate compat --driver` shows for it.
     """
     rows = host_branches(_driver_table(gpu_table), host.driver.source)
     found = host.gpu.driver
     found_branch = parse_driver_version(found)[0] if found else 0
-    found_at = loaded.locate(host.driver_keys["gpu.driver"]) if found else ""
+    found_at = src.driver_where
     offered = sorted({b for row in rows for b in row.branches})
     reasons: list[str] = []
     if host.driver.branch is not None:
@@ -599,16 +649,16 @@ def _managed_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTab
                             "choose one of those branches, or another driver.source")
         if branch < found_branch:
             raise PlanError(f"{where}: driver branch {branch} is older than the driver found "
-                            f"on host '{host.name}', {found} (set at {found_at}): the drivers "
+                            f"on host '{host.name}', {found} ({found_at}): the drivers "
                             f"stage does not downgrade; set branch {found_branch} or newer, "
                             "or remove it")
-        chosen_by = f"set at {where}"
+        chosen_by = declared_in(loaded, host.driver_keys["branch"])
     else:
         where = loaded.locate(host.driver_keys["manage"])
         newer = [b for b in offered if b >= found_branch]
         if not newer:
-            raise PlanError(f"{where}: host '{host.name}' runs driver {found} (set at "
-                            f"{found_at}), newer than every branch packaged for the systems "
+            raise PlanError(f"{where}: host '{host.name}' runs driver {found} "
+                            f"({found_at}), newer than every branch packaged for the systems "
                             f"it may install one on ({describe_branches(rows)}); leave its "
                             "driver to the host (driver.manage: false)")
         top = _decide_branch(newer[-1], capability, gpu_table, where, host)
@@ -618,7 +668,7 @@ def _managed_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTab
         chosen_by = (f"driver.manage: the lowest packaged branch that runs vLLM "
                      f"{top.vllm.version}'s torch {top.torch.cuda_build} (CUDA {top.torch.cuda}, "
                      f"driver >= {top.torch.min_driver})"
-                     + (f", and not older than the driver found, {found} (set at {found_at})"
+                     + (f", and not older than the host's driver, {found} ({found_at})"
                         if found else ""))
     decision = _decide_branch(branch, capability, gpu_table, where, host)
     carriers = [row.os + f" ({row.source})" for row in rows if branch in row.branches]
@@ -628,7 +678,7 @@ def _managed_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTab
                    + (f"; not for {', '.join(missing)}, where the role stops"
                       if missing else ""))
     if found and found_branch != branch:
-        reasons.append(f"  replaces driver {found} (set at {found_at}); the role does not "
+        reasons.append(f"  replaces driver {found} ({found_at}); the role does not "
                        "remove installed driver packages of another branch itself")
     chosen = gpu_table.cuda.vllm.releases[decision.vllm.version]
     stack = stack.model_copy(update={"vllm_version": decision.vllm.version,
@@ -653,7 +703,7 @@ def _decide_branch(branch: int, capability: str | None, gpu_table: CompatTable, 
         raise PlanError(f"{where}: host '{host.name}': driver branch {branch}: {exc}") from None
 
 
-def _kernel_modules(host: ResolvedHost, branch: int, capability: str | None,
+def _kernel_modules(host: ResolvedHost, src: Source, branch: int, capability: str | None,
                     modules: KernelModules, loaded: LoadedFleet, reasons: list[str]) -> bool:
     """Open or proprietary kernel modules, from the GPU (data/nvidia_driver.yml)."""
     gpu = f"{host.gpu.name} (compute capability {capability})" if capability else \
@@ -672,8 +722,8 @@ def _kernel_modules(host: ResolvedHost, branch: int, capability: str | None,
             raise PlanError(f"{where}: {gpu} is {required}, where NVIDIA supports only the "
                             "open kernel modules: set driver.open_kernel_modules: true, or "
                             "remove it")
-        reasons.append(f"NVIDIA {'open' if setting else 'proprietary'} kernel modules (set at "
-                       f"{where})")
+        reasons.append(f"NVIDIA {'open' if setting else 'proprietary'} kernel modules "
+                       f"({declared_in(loaded, host.driver_keys['open_kernel_modules'])})")
         return setting
     if required:
         reasons.append(f"NVIDIA open kernel modules: {gpu} is {required}, where NVIDIA "
@@ -688,8 +738,13 @@ def _kernel_modules(host: ResolvedHost, branch: int, capability: str | None,
     default = (f"NVIDIA's default for branch {branch} (open from "
                f"R{modules.open_default_from_branch})")
     if capability is None:
-        known = ("the fleet does not name the GPU (gpu.name)" if not host.gpu.name else
-                 f"{host.gpu.name} is not in data/gpus.yml")
+        if host.gpu.name:
+            known = f"{host.gpu.name} ({src.gpu_where}) is not in data/gpus.yml"
+        elif src.facts is not None:
+            known = ("the GPU's model is unknown: no driver on the host to ask, and no "
+                     "gpu.name declared")
+        else:
+            known = "the fleet does not name the GPU (gpu.name)"
         reasons.append(f"NVIDIA {'open' if default_open else 'proprietary'} kernel modules: "
                        f"{known}, so {default}; a Volta or older GPU needs "
                        "driver.open_kernel_modules: false")
@@ -699,19 +754,19 @@ def _kernel_modules(host: ResolvedHost, branch: int, capability: str | None,
     return default_open
 
 
-def _driver_vars(host: ResolvedHost, branch: int, gpu_table: CompatTable,
+def _driver_vars(host: ResolvedHost, src: Source, branch: int, gpu_table: CompatTable,
                  loaded: LoadedFleet, reasons: list[str]) -> NvidiaDriverVars:
     """nvidia_driver role variables where the fleet has the toolkit install the driver
     (driver.manage): the branch planned by _managed_build and the GPU's kernel modules."""
     driver = host.driver
     table = _driver_table(gpu_table)
-    capability = _capability(host, gpu_table)
-    open_modules = _kernel_modules(host, branch, capability, table.kernel_modules, loaded,
+    capability = _capability(host, src, gpu_table)
+    open_modules = _kernel_modules(host, src, branch, capability, table.kernel_modules, loaded,
                                    reasons)
     nvlsm = driver.nvlink_subnet_manager
     if nvlsm is not None:
         reasons.append(f"NVLink Subnet Manager {'installed' if nvlsm else 'not installed'} "
-                       f"(set at {loaded.locate(host.driver_keys['nvlink_subnet_manager'])})")
+                       f"({declared_in(loaded, host.driver_keys['nvlink_subnet_manager'])})")
     elif driver.fabric_manager and capability is not None and \
             parse_compute_capability(capability)[0] in \
             table.nvlink_subnet_manager.compute_capability_majors:
@@ -726,51 +781,55 @@ def _driver_vars(host: ResolvedHost, branch: int, gpu_table: CompatTable,
                             nvidia_driver_nvlsm=nvlsm)
 
 
-def _gpu_build(host: ResolvedHost, stack: StackProfile, gpu_table: CompatTable,
+def _gpu_build(host: ResolvedHost, src: Source, stack: StackProfile, gpu_table: CompatTable,
                loaded: LoadedFleet
                ) -> tuple[TorchChoice, StackProfile, CompatTable, list[str], int | None]:
     """The torch build, vLLM stack and compat table planned for a GPU host, with reasons,
     and the driver branch the drivers stage installs (driver.manage) or None.
 
     With driver.manage, the stack is chosen for the branch to be installed
-    (_managed_build). Else, with the host's driver in the fleet (gpu.driver), decide()
+    (_managed_build). Else, with the host's driver found or declared (gpu.driver), decide()
     picks the vLLM release and build that driver runs, the pinned one or an older one, and
     the stack and table follow it (so fit planning uses that release's compute-capability
     floor). Without it, the pinned vLLM's build needing the oldest driver, which the
     drivers stage checks.
     """
     if host.driver.manage:
-        return _managed_build(host, stack, gpu_table, loaded, _capability(host, gpu_table))
+        return _managed_build(host, src, stack, gpu_table, loaded,
+                              _capability(host, src, gpu_table))
     if host.gpu.driver is None:
         build = least_demanding_build(gpu_table)
         return build, stack, gpu_table, [
             f"NVIDIA driver not given (gpu.driver): planned the pinned vLLM "
             f"{stack.vllm_version} and its torch build needing the oldest driver; the drivers "
             "stage checks the host's driver against it"], None
-    where = loaded.locate(host.driver_keys["gpu.driver"])
-    capability = None
-    if host.gpu.name and gpu_table.gpus is not None:
+    capability = _capability(host, src, gpu_table)
+    if capability is None and host.gpu.name and not src.found and gpu_table.gpus is not None:
         try:
-            capability = gpu_table.gpus.find(host.gpu.name).compute_capability
+            gpu_table.gpus.find(host.gpu.name)
         except CompatError as exc:
             raise PlanError(f"host '{host.name}': {exc}") from None
     try:
         decision = decide(host.gpu.driver, capability, gpu_table)
     except CompatError as exc:
-        raise PlanError(f"{where}: host '{host.name}': {exc}") from None
+        # A declared driver is fixed at its key; a found one names where it was read.
+        raise PlanError(f"{loaded.locate(host.driver_keys['gpu.driver'])}: host '{host.name}': "
+                        f"{exc}" if not src.found else
+                        f"host '{host.name}': NVIDIA driver {host.gpu.driver} "
+                        f"{src.driver_where}: {exc}") from None
     chosen = gpu_table.cuda.vllm.releases[decision.vllm.version]
     stack = stack.model_copy(update={"vllm_version": decision.vllm.version,
                                      "torch_version": chosen.torch})
     gpu_table = gpu_table.model_copy(update={"gpu_stack": stack})
     return decision.torch, stack, gpu_table, [
         f"vLLM {decision.vllm.version} and torch {decision.torch.cuda_build} chosen for NVIDIA "
-        f"driver {decision.driver} (set at {where}; `orchestrate compat` shows the same):",
+        f"driver {decision.driver} ({src.driver_where}; `orchestrate compat` shows the same):",
         *(f"  {reason}" for reason in decision.reasons)], None
 
 
-def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
-               gpu_table: CompatTable, group: str, loaded: LoadedFleet, roles: RoleDefaults,
-               span: _Span | None = None) -> HostPlan:
+def _plan_host(host: ResolvedHost, src: Source, deployments: list[Deployment],
+               knowledge: Knowledge, gpu_table: CompatTable, group: str, loaded: LoadedFleet,
+               roles: RoleDefaults, span: _Span | None = None) -> HostPlan:
     stack: StackProfile | None = knowledge.compat.profiles.get(host.profile)
     if stack is None:
         raise PlanError(f"host '{host.name}': no software stack for profile '{host.profile}'")
@@ -780,20 +839,23 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     gpu_check: GpuCheckVars | None = None
     stack_reasons: list[str] = []
     if gpu:
-        build, stack, gpu_table, stack_reasons, branch = _gpu_build(host, stack, gpu_table,
-                                                                    loaded)
+        build, stack, gpu_table, stack_reasons, branch = _gpu_build(host, src, stack,
+                                                                    gpu_table, loaded)
         torch_requirement, torch_index = build.requirement, build.index_url
         gpu_check = GpuCheckVars(gpu_check_min_driver=build.min_driver,
                                  gpu_check_expected_name=host.gpu.name or None,
                                  gpu_check_expected_count=gpu_count)
     reasons = [f"profile {host.profile}: {stack.vllm_requirement} with {torch_requirement}"
-               + (f" from {torch_index}" if torch_index else ""), *stack_reasons]
+               + (f" from {torch_index}" if torch_index else ""), *stack_reasons, *src.notes]
+    if gpu and src.found:
+        reasons.append(f"GPUs: {host.gpu.count}x {host.gpu.name}, driver {host.gpu.driver}, "
+                       f"{src.gpu_where}")
     driver: NvidiaDriverVars | None = None
     if gpu:
         reasons.append(f"torch CUDA {build.cuda} build: the drivers stage requires NVIDIA "
                        f"driver >= {build.min_driver}")
         if branch is not None:
-            driver = _driver_vars(host, branch, gpu_table, loaded, reasons)
+            driver = _driver_vars(host, src, branch, gpu_table, loaded, reasons)
     else:
         reasons.append("torch CPU build: profile cpu, the host has no GPU to use")
         if host.driver.manage:
@@ -811,7 +873,8 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
             env_path = next(iter(deployment_envs.values()))
             reasons.append(f"one Python environment per deployment under {root}: "
                            + ", ".join(deployment_envs.values()))
-    disk_gib = float(ENV_DISK_GIB[host.profile]) * max(1, len(deployment_envs))
+    env_gib = float(ENV_DISK_GIB[host.profile]) * max(1, len(deployment_envs))
+    disk_gib = env_gib
     for dep in deployments:
         known = knowledge.catalog.models.get(dep.model)
         if dep.engine == "ollama" and not dep.model_dir:
@@ -834,6 +897,12 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
                            f"{mirror_urls(mirror.url, weights_origin(dep).key)[1]} "
                            "(`orchestrate mirror` stages them there once for every host)")
 
+    env_disk, weights_disk = fact_paths(host, roles)[0], roles.model_weights_root
+    reasons += check_disk(host, src, [
+        (env_disk, env_gib, "the Python environment" + ("s" if len(deployment_envs) > 1
+                                                        else "")),
+        *([(weights_disk, disk_gib - env_gib, "the weights")] if disk_gib > env_gib else [])])
+
     # A host the fleet gives no deployment gets no deployment variables: an operator's
     # own inventory (-i) may define them in group_vars, and an empty list here would
     # override those and remove the instances they describe.
@@ -855,7 +924,7 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
     ollama: OllamaVars | None = None
     instances: list[VllmDeployment] | None = None
     if deployments:
-        split = _split_gpu_memory(host, served, knowledge, gpu_table, reasons)
+        split = _split_gpu_memory(host, src, served, knowledge, gpu_table, reasons)
         weights = ModelWeightsVars(model_weights_models=[
             _model_entry(d, mirror, roles) for d in deployments if _has_weights(d)])
         ollama = _ollama_vars(host, [d for d in deployments if d.engine == "ollama"],
@@ -865,7 +934,7 @@ def _plan_host(host: ResolvedHost, deployments: list[Deployment], knowledge: Kno
                 name=d.name, port=d.port,
                 args=(_vllm_args(d, host.profile, span.flags, roles, ray=True) if span else
                       _vllm_args(d, host.profile,
-                                 _fit_deployment(d, host, knowledge, gpu_table, reasons,
+                                 _fit_deployment(d, host, src, knowledge, gpu_table, reasons,
                                                  split.get(d.name),
                                                  len(loaded.hosts_of(d.hosts))), roles)),
                 env={**_vllm_env(d, host.profile),
@@ -930,11 +999,16 @@ def fact_paths(host: ResolvedHost, roles: RoleDefaults) -> list[str]:
 
 
 def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: CompatTable,
-              stages: list[str] | None = None, roles: RoleDefaults | None = None) -> Plan:
+              stages: list[str] | None = None, roles: RoleDefaults | None = None,
+              facts: Mapping[str, HostFacts] | None = None) -> Plan:
     """The plan of `group`. `roles` are the roles' defaults (load_role_defaults(), passed
-    in like the knowledge); when left out they are loaded here."""
+    in like the knowledge); when left out they are loaded here. `facts` are the hosts'
+    (gathered or read from files by the caller): each host with facts is planned from what
+    they show, its declared gpu: checked against them; the others from the fleet alone."""
     roles = roles if roles is not None else load_role_defaults()
-    hosts = loaded.hosts_of(group)
+    declared = loaded.hosts_of(group)
+    effective = effective_hosts(loaded, declared, facts)
+    hosts = [effective[h.name][0] for h in declared]
     names = [h.name for h in hosts]
     span: _Span | None = None
     for index, dep in enumerate(loaded.fleet.deployments):
@@ -948,12 +1022,14 @@ def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: 
                             f"host group '{group}' holds only {', '.join(inside)}: its Ray "
                             f"cluster is set up with all of them at once; plan '{dep.hosts}' "
                             "or a group holding all of its hosts")
-        span = _plan_span(dep, index, members, knowledge, gpu_table, loaded)
+        span = _plan_span(dep, index, [effective[h.name][0] for h in members],
+                          [effective[h.name][1] for h in members], knowledge, gpu_table, loaded)
     plans = []
     for host in hosts:
         deployments = [d for d in loaded.fleet.deployments
                        if host.name in {h.name for h in loaded.hosts_of(d.hosts)}]
-        plans.append(_plan_host(host, deployments, knowledge, gpu_table, group, loaded, roles,
+        plans.append(_plan_host(host, effective[host.name][1], deployments, knowledge,
+                                gpu_table, group, loaded, roles,
                                 span if span and host in span.members else None))
     if span is not None:
         _check_same_stack(span, [p for p in plans if p.name in {h.name for h in span.members}])

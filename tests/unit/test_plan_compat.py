@@ -47,8 +47,8 @@ def test_driver_535_gets_the_newest_vllm_it_runs_with_the_reason(write) -> None:
     assert host.reasons[0] == ("profile gpu: vllm==0.7.3 with torch==2.5.1+cu121 from "
                                "https://download.pytorch.org/whl/cu121")
     assert host.reasons[1] == (
-        "vLLM 0.7.3 and torch cu121 chosen for NVIDIA driver 535.104.05 (set at "
-        f"{path}:7: groups.g.hosts.h1.gpu.driver; `orchestrate compat` shows the same):")
+        "vLLM 0.7.3 and torch cu121 chosen for NVIDIA driver 535.104.05 (declared in "
+        f"{path}:7 (groups.g.hosts.h1.gpu.driver); `orchestrate compat` shows the same):")
     decision = decide("535.104.05", "8.6", load_cuda_compat())
     assert host.reasons[2:2 + len(decision.reasons)] == [f"  {r}" for r in decision.reasons]
     assert ("  not vLLM 0.32.0 (torch 2.13.0, built for cu130): needs driver >= 580.65.06 "
