@@ -40,7 +40,8 @@ def _fake_nvidia_smi(bindir: Path, *, table: str, query: str | None = None,
     return bindir / "calls.log"
 
 
-def _run_module(tmp_path: Path, args: str, *, path: str, pythonpath: str = "") -> dict:
+def _run_module(tmp_path: Path, args: str, *, path: str, pythonpath: str = "",
+                module: str = "nvidia_gpu_facts") -> dict:
     env = {**os.environ, "PATH": path, "PYTHONPATH": pythonpath,
            "ANSIBLE_LIBRARY": str(ROLE / "library"),
            "ANSIBLE_MODULE_UTILS": str(ROLE / "module_utils"),
@@ -50,7 +51,7 @@ def _run_module(tmp_path: Path, args: str, *, path: str, pythonpath: str = "") -
     proc = subprocess.run(
         [str(ansible), "localhost", "-i", "localhost,", "-c", "local",
          "-e", f"ansible_python_interpreter={sys.executable}",
-         "-m", "nvidia_gpu_facts", "-a", args],
+         "-m", module, "-a", args],
         env=env, capture_output=True, text=True, check=False, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
@@ -266,3 +267,81 @@ def test_unreadable_sysfs_counts_nothing(tmp_path: Path) -> None:
                          path=_system_path())
     facts = result["ansible_facts"]["nvidia_gpu"]
     assert (facts["pci_gpus"], facts["nvswitches"]) == (None, None)
+
+
+# ---------------------------------------------------------------- host_capacity_facts
+
+SECURE_BOOT_VAR = "SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+
+
+def _capacity(tmp_path: Path, *, efi: bytes | str | None, headers: bool,
+              paths: list[str]) -> dict:
+    """host_capacity_facts on stand-in /proc, /sys and /lib/modules trees (`efi`: the
+    SecureBoot variable's bytes, "no-var" for an EFI boot without it, None for BIOS)."""
+    proc, sysfs, modules = tmp_path / "proc", tmp_path / "sys", tmp_path / "modules"
+    proc.mkdir()
+    (proc / "meminfo").write_text("MemTotal:       16318480 kB\nMemFree:  123 kB\n")
+    sysfs.mkdir()
+    if efi is not None:
+        (sysfs / "firmware" / "efi" / "efivars").mkdir(parents=True)
+        if isinstance(efi, bytes):
+            (sysfs / "firmware" / "efi" / "efivars" / SECURE_BOOT_VAR).write_bytes(efi)
+    release = modules / os.uname().release
+    release.mkdir(parents=True)
+    if headers:
+        (tmp_path / "headers").mkdir()
+        (release / "build").symlink_to(tmp_path / "headers")
+    else:  # headers removed, the link left behind
+        (release / "build").symlink_to(tmp_path / "gone")
+    args = json.dumps({"paths": paths, "proc_root": str(proc), "sysfs_root": str(sysfs),
+                       "modules_root": str(modules)})
+    result = _run_module(tmp_path, args, path=_system_path(), module="host_capacity_facts")
+    assert result["changed"] is False
+    return result["ansible_facts"]["host_capacity"]
+
+
+def test_capacity_secure_boot_enabled_with_headers(tmp_path: Path) -> None:
+    (tmp_path / "srv").mkdir()
+    facts = _capacity(tmp_path, efi=b"\x06\x00\x00\x00\x01", headers=True,
+                      paths=[str(tmp_path / "srv" / "models" / "qwen"), "/"])
+    assert facts["kernel"] == os.uname().release
+    assert facts["kernel_headers"] is True
+    assert facts["secure_boot"] == "enabled"
+    assert facts["memory_mib"] == 16318480 // 1024
+    nested, root = facts["disk"]
+    # A path not created yet: measured where it would be created.
+    assert nested["path"] == str(tmp_path / "srv" / "models" / "qwen")
+    assert os.path.ismount(nested["mount"])
+    assert str(tmp_path).startswith(nested["mount"])
+    stat = os.statvfs(tmp_path / "srv")
+    assert abs(nested["free_mib"] - stat.f_bavail * stat.f_frsize // 2**20) < 64
+    assert root["mount"] == "/"
+
+
+@pytest.mark.parametrize(("efi", "state"), [
+    (b"\x06\x00\x00\x00\x00", "disabled"),
+    (None, "not_efi"),
+    ("no-var", None),
+    (b"\x06\x00", None),
+])
+def test_capacity_secure_boot_states(tmp_path: Path, efi: bytes | str | None,
+                                     state: str | None) -> None:
+    facts = _capacity(tmp_path, efi=efi, headers=False, paths=[])
+    assert facts["secure_boot"] == state
+    assert facts["kernel_headers"] is False
+    assert facts["disk"] == []
+
+
+def test_capacity_runs_in_check_mode(tmp_path: Path) -> None:
+    env = {**os.environ, "ANSIBLE_LIBRARY": str(ROLE / "library"),
+           "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
+           "ANSIBLE_STDOUT_CALLBACK": "json", "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1"}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible"), "localhost", "-i", "localhost,",
+         "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}", "--check",
+         "-m", "host_capacity_facts", "-a", json.dumps({"paths": ["/"]})],
+        env=env, capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    assert result.get("skipped") is not True
+    assert result["ansible_facts"]["host_capacity"]["disk"][0]["mount"] == "/"
