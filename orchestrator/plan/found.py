@@ -238,10 +238,10 @@ def check_disk(host: ResolvedHost, source: Source, needs: list[tuple[str, float,
     for mount, (disk, total, whats) in per_mount.items():
         free = disk.free_mib / GIB_MIB
         if free < total:
-            raise PlanError(f"host '{host.name}': {disk.path} is on {mount}, which has "
-                            f"{free:.1f} GiB free, {facts.where()}; "
-                            f"the plan needs {total:.1f} GiB there ({', '.join(whats)}): "
-                            "free space there, or set python.path elsewhere")
+            raise PlanError(f"host '{host.name}': the filesystem mounted at {mount} has "
+                            f"{free:.1f} GiB free, {facts.where()}; the plan needs "
+                            f"{total:.1f} GiB there ({', '.join(whats)}): free space there, or "
+                            "put the Python environment elsewhere (python.path)")
         reasons.append(f"disk: {free:.1f} GiB free on {mount} {facts.where()}, "
                        f"{total:.1f} GiB needed ({', '.join(whats)})")
     if unmeasured:
