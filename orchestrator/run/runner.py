@@ -145,6 +145,18 @@ def run_playbook(run: RunDir, on_progress: Callable[[Progress], None], *,
                  forks: int = 25, env: Mapping[str, str] | None = None) -> RunResult:
     """Run site.yml for `run` and return what happened on each host."""
     interpreter = EventInterpreter(on_progress)
+    status, rc = run_ansible(run.path, run.playbook, run.inventories(), interpreter,
+                             cmdline=" ".join(run.ansible_args()) or None, forks=forks, env=env)
+    return interpreter.result(status, rc)
+
+
+def run_ansible(path: Path, playbook: str, inventories: list[str],
+                event_handler: Callable[[Mapping[str, Any]], bool], *,
+                cmdline: str | None = None, forks: int = 25,
+                env: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """Run `playbook` (relative to the checkout) with ansible-runner in the run directory
+    `path` (artifacts under path/artifacts), feeding every event to `event_handler`; the
+    one way this project starts Ansible. Returns runner's status and rc."""
     envvars = {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
                "ANSIBLE_FORCE_COLOR": "0",
                # ansible-runner turns host key checking off unless told otherwise;
@@ -157,15 +169,15 @@ def run_playbook(run: RunDir, on_progress: Callable[[Progress], None], *,
                **(env or {})}
     try:
         runner = ansible_runner.run(
-            private_data_dir=str(run.path),
+            private_data_dir=str(path),
             project_dir=str(ROOT),
-            playbook=run.playbook,
-            inventory=run.inventories(),
-            cmdline=" ".join(run.ansible_args()) or None,
+            playbook=playbook,
+            inventory=inventories,
+            cmdline=cmdline,
             forks=forks,
             ident="ansible",
-            artifact_dir=str(run.artifacts),
-            event_handler=interpreter,
+            artifact_dir=str(path / "artifacts"),
+            event_handler=event_handler,
             quiet=True,
             envvars=envvars,
             # Secrets reach Ansible through the process environment: never write
@@ -173,10 +185,10 @@ def run_playbook(run: RunDir, on_progress: Callable[[Progress], None], *,
             suppress_env_files=True,
         )
     except ansible_runner.exceptions.AnsibleRunnerException as exc:
-        raise OrchestrateError(f"ansible-runner could not start the run in {run.path}: "
+        raise OrchestrateError(f"ansible-runner could not start the run in {path}: "
                                f"{exc}") from None
-    _drop_saved_environment(run.artifacts / "ansible" / "command")
-    return interpreter.result(runner.status, runner.rc)
+    _drop_saved_environment(path / "artifacts" / "ansible" / "command")
+    return runner.status, runner.rc
 
 
 def _drop_saved_environment(command_file: Path) -> None:
