@@ -648,8 +648,8 @@ def _managed_build(host: ResolvedHost, src: Source, stack: StackProfile,
                             f"host '{host.name}' may install it on ({describe_branches(rows)}); "
                             "choose one of those branches, or another driver.source")
         if branch < found_branch:
-            raise PlanError(f"{where}: driver branch {branch} is older than the driver found "
-                            f"on host '{host.name}', {found} ({found_at}): the drivers "
+            raise PlanError(f"{where}: driver branch {branch} is older than the driver of "
+                            f"host '{host.name}', {found} ({found_at}): the drivers "
                             f"stage does not downgrade; set branch {found_branch} or newer, "
                             "or remove it")
         chosen_by = declared_in(loaded, host.driver_keys["branch"])

@@ -82,7 +82,8 @@ def test_host_setting_wins_and_the_stack_is_planned_for_its_branch(write) -> Non
     h2 = _plan(write("fleet.yml", FLEET))["h2"]
     assert _driver_vars(h2) == {"nvidia_driver_manage": True, "nvidia_driver_branch": "570",
                                 "nvidia_driver_open_kernel_modules": True}
-    assert any(re.search(r"branch 570 .*fleet\.yml:10: groups\.g\.hosts\.h2\.driver\.branch", r)
+    assert any(re.search(r"branch 570 .*\(declared in .*fleet\.yml:10 "
+                         r"\(groups\.g\.hosts\.h2\.driver\.branch\)\)", r)
                for r in h2.reasons), h2.reasons
     # R570 runs CUDA 12.8 at most: not the pin's cu130, vLLM 0.11.0's cu128.
     assert h2.vars["vllm_requirement"] == "vllm==0.11.0"
@@ -125,12 +126,12 @@ def test_an_old_branch_given_plans_the_vllm_it_runs(write) -> None:
                             r"not packaged for the systems host 'h1' may install it on \("
                             r"Ubuntu 22\.04 \(distro\): 535, 550, 570, 580;"),
     ("{branch: 550}", '"570.133.20"',
-     r"fleet\.yml:6: groups\.g\.driver\.branch: driver branch 550 is older than the driver "
-     r"found on host 'h1', 570\.133\.20 \(set at .*fleet\.yml:5: groups\.g\.gpu\.driver\): the "
-     r"drivers stage does not downgrade; set branch 570 or newer"),
+     r"fleet\.yml:6: groups\.g\.driver\.branch: driver branch 550 is older than the driver of "
+     r"host 'h1', 570\.133\.20 \(declared in .*fleet\.yml:5 \(groups\.g\.gpu\.driver\)\): "
+     r"the drivers stage does not downgrade; set branch 570 or newer"),
     (None, '"590.48.01"',
-     r"fleet\.yml:2: defaults\.driver\.manage: host 'h1' runs driver 590\.48\.01 \(set at "
-     r".*fleet\.yml:5: groups\.g\.gpu\.driver\), newer than every branch packaged"),
+     r"fleet\.yml:2: defaults\.driver\.manage: host 'h1' runs driver 590\.48\.01 \(declared "
+     r"in .*fleet\.yml:5 \(groups\.g\.gpu\.driver\)\), newer than every branch packaged"),
 ])
 def test_branch_refusals_name_the_key_file_and_line(write, fleet_driver: str | None,
                                                     gpu_driver: str | None,
@@ -214,7 +215,8 @@ def test_the_example_fleets_commented_driver_block_plans_when_uncommented(tmp_pa
         assert _driver_vars(host) == {"nvidia_driver_manage": True, "nvidia_driver_branch": "580",
                                       "nvidia_driver_source": "distro",
                                       "nvidia_driver_open_kernel_modules": False}
-        assert any(r.startswith("NVIDIA proprietary kernel modules (set at ") for r in host.reasons)
+        assert any(r.startswith("NVIDIA proprietary kernel modules (declared in ")
+                   for r in host.reasons)
 
 
 # --- kernel modules, Fabric Manager and the NVLink Subnet Manager ---------------------------
