@@ -16,9 +16,9 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.errors import OrchestrateError
+from orchestrator.errors import ConfigError, OrchestrateError
 from orchestrator.mirror.weights import DEFAULT_PORT
-from orchestrator.plan.planner import STAGES, Plan
+from orchestrator.plan.planner import STAGES
 from orchestrator.report import console as report
 from orchestrator.run.runner import Progress
 from orchestrator.workflows import bench as bench_flow
@@ -35,10 +35,14 @@ from orchestrator.workflows import status as status_flow
 from orchestrator.workflows import up as up_flow
 from orchestrator.workflows.common import (
     DEFAULT_FLEET,
+    NO_FACTS,
     STATE_DIR,
     Events,
+    FactsPolicy,
     Target,
+    age_text,
     no_fleet_given,
+    parse_duration,
 )
 
 if TYPE_CHECKING:
@@ -46,7 +50,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Provision GPU hosts to serve Qwen2.5 with vLLM, and prove they work.")
-facts_app = typer.Typer(no_args_is_help=True, help="GPU facts as the planner sees them.")
+facts_app = typer.Typer(help="What the hosts really have, as `plan` and `up` plan from it.")
 app.add_typer(facts_app, name="facts")
 console = Console()
 err = Console(stderr=True)
@@ -65,6 +69,14 @@ OnlyOpt = Annotated[list[str] | None, typer.Option("--only", help=f"Run only thi
                                                    f"({', '.join(STAGES)}); repeatable.")]
 SkipOpt = Annotated[list[str] | None, typer.Option("--skip", help="Skip this stage; "
                                                    "repeatable.")]
+RefreshOpt = Annotated[bool, typer.Option(
+    "--refresh-facts", help="Gather every host's facts again, whatever the cache holds.")]
+MaxAgeOpt = Annotated[str, typer.Option(
+    "--facts-max-age", help="Reuse a host's cached facts (.orchestrate/facts) younger than "
+                            "this: 90s, 30m, 1h, 2d; 0: never.")]
+NoGatherOpt = Annotated[bool, typer.Option(
+    "--no-gather", help="Reach no host for its facts: plan from fleet.yml's declarations "
+                        "alone.")]
 VaultOpt = Annotated[Path | None, typer.Option(
     "--vault-password-file", envvar="ANSIBLE_VAULT_PASSWORD_FILE",
     help="Opens the fleet's Vault-encrypted secrets file (API keys).")]
@@ -131,13 +143,13 @@ def _sandbox_fleet() -> tuple[LoadedFleet, Path]:
     return loaded, password_file
 
 
-def _start_sandbox(plan: Plan) -> None:
+def _start_sandbox(hosts: list[str]) -> None:
     from orchestrator.knowledge.catalog import load_knowledge
     from orchestrator.sandbox import fleet as sandbox_fleet
     from orchestrator.sandbox import hosts as sandbox
 
     wheelhouse = sandbox_fleet.sandbox_wheelhouse(load_knowledge(), _log)
-    sandbox.up(_sandbox_state(), count=len(plan.hosts),
+    sandbox.up(_sandbox_state(), count=len(hosts),
                ssh_base_port=sandbox_fleet.SSH_BASE_PORT,
                service_ports=[sandbox_fleet.VLLM_PORT, sandbox_fleet.OLLAMA_PORT],
                mounts={wheelhouse: sandbox_fleet.WHEELHOUSE_MOUNT}, log=_log)
@@ -156,6 +168,22 @@ def _target(hosts: str, fleet: Path | None, inventory: Path | None,
         return Target(hosts=hosts, builtin=loaded, vault_password_file=password_file)
     return Target(hosts=hosts, fleet=fleet, inventory=inventory,
                   vault_password_file=vault_password_file)
+
+
+def _facts_policy(no_gather: bool, refresh: bool, max_age: str,
+                  directory: Path | None = None) -> FactsPolicy:
+    """Where the plan's facts come from, as the options say."""
+    age = parse_duration(max_age, key="--facts-max-age")
+    given = [name for name, on in (("--no-gather", no_gather), ("--facts", directory),
+                                    ("--refresh-facts", refresh)) if on]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} contradict each other: give one",
+                          key=given[0])
+    if no_gather:
+        return NO_FACTS
+    if directory is not None:
+        return FactsPolicy("dir", directory=directory)
+    return FactsPolicy("gather", max_age=age, refresh=refresh)
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -177,15 +205,26 @@ def init(
 
 @app.command()
 def plan(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
-         only: OnlyOpt = None, skip: SkipOpt = None, as_json: JsonOpt = False) -> None:
-    """Show what would be installed where, and why; changes nothing."""
+         only: OnlyOpt = None, skip: SkipOpt = None, as_json: JsonOpt = False,
+         refresh_facts: RefreshOpt = False, facts_max_age: MaxAgeOpt = "1h",
+         no_gather: NoGatherOpt = False,
+         facts_dir: Annotated[Path | None, typer.Option(
+             "--facts", help="Plan offline from one file per host in this directory: "
+                             "<host>.json (orchestrate facts --json's facts, or "
+                             "playbooks/facts.yml's) or <host>.txt (saved nvidia-smi "
+                             "output); no host is reached.")] = None) -> None:
+    """Show what would be installed where, and why, from each host's facts (gathered first,
+    or cached); changes nothing."""
+    out = err if as_json else console
     with _errors():
+        policy = _facts_policy(no_gather, refresh_facts, facts_max_age, facts_dir)
         result = plan_flow.plan(plan_flow.PlanOptions(
-            _target(hosts, fleet, inventory), tuple(only or ()), tuple(skip or ())))
+            _target(hosts, fleet, inventory), tuple(only or ()), tuple(skip or ()),
+            facts=policy), _events(out))
     if as_json:
         _emit(result)
     else:
-        report.plan_table(result, console)
+        report.plan_table(result, console, {h: o.line() for h, o in result.facts.items()})
 
 
 @app.command()
@@ -193,16 +232,21 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
        check: Annotated[bool, typer.Option("--check", help="Ansible check mode with diff: "
                                            "show changes, make none.")] = False,
        only: OnlyOpt = None, skip: SkipOpt = None, as_json: JsonOpt = False,
-       vault_password_file: VaultOpt = None) -> None:
-    """Provision the hosts (stage by stage), then probe every deployment. With `mirror:` in
-    the fleet, the weights are staged there first (fetched once, for every host) and, with
-    mirror.listen, served from this machine while the playbooks run."""
+       vault_password_file: VaultOpt = None, refresh_facts: RefreshOpt = False,
+       facts_max_age: MaxAgeOpt = "1h", no_gather: NoGatherOpt = False) -> None:
+    """Gather the hosts' facts and plan from them, provision the hosts (stage by stage),
+    then probe every deployment. Hosts whose driver the drivers stage installs are gathered
+    again after it. With `mirror:` in the fleet, the weights are staged there first
+    (fetched once, for every host) and, with mirror.listen, served from this machine while
+    the playbooks run."""
     out = err if as_json else console
     with _errors():
+        policy = _facts_policy(no_gather, refresh_facts, facts_max_age)
         target = _target(hosts, fleet, inventory, vault_password_file)
         result = up_flow.up(up_flow.UpOptions(
             target, check=check, only=tuple(only or ()), skip=tuple(skip or ()),
-            before_run=_start_sandbox if target.builtin is not None else None),
+            facts=policy,
+            before_facts=_start_sandbox if target.builtin is not None else None),
             _events(out))
     if result.mirror is not None and result.mirror.models:
         report.mirror_table(result.mirror.models, result.mirror.dir, out)
@@ -271,6 +315,38 @@ def bench(
     if as_json:
         _emit(result)
     if not result.passed:
+        raise typer.Exit(1)
+
+
+@facts_app.callback(invoke_without_command=True)
+def facts(ctx: typer.Context,
+          hosts: Annotated[str | None, typer.Option(
+              "--hosts", help="Host group ('all' for every host).")] = None,
+          fleet: FleetOpt = None, inventory: InventoryOpt = None, as_json: JsonOpt = False,
+          refresh: Annotated[bool, typer.Option(
+              "--refresh", help="Gather every host again, whatever the cache holds.")] = False,
+          facts_max_age: MaxAgeOpt = "1h") -> None:
+    """Gather what each host of --hosts really has (GPUs, driver and CUDA, MIG, persistence,
+    ECC, Fabric Manager need, OS, kernel and headers, Secure Boot, Python, RAM, free disk)
+    over Ansible's connection, all hosts in one run, and cache it; exit 1 if a host was not
+    reached (the others are still reported). `facts parse FILE` reads saved output."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if hosts is None:
+        err.print(ctx.get_help(), highlight=False)
+        err.print("error: give --hosts GROUP, or a command (parse)", highlight=False)
+        raise typer.Exit(2)
+    out = err if as_json else console
+    with _errors():
+        result = facts_flow.gather(_target(hosts, fleet, inventory), refresh,
+                                   parse_duration(facts_max_age, key="--facts-max-age"),
+                                   _events(out))
+    if as_json:
+        _emit(result)
+    else:
+        report.facts_tables(result.group, [(h.facts, f"{h.source}, {age_text(h.age_s)} old")
+                                           for h in result.hosts], console)
+    if result.unreachable:
         raise typer.Exit(1)
 
 

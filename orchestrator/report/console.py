@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -9,6 +10,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from orchestrator.facts.hostfacts import HostFacts, NvidiaFacts
 from orchestrator.mirror.packages import OLLAMA, WHEELS, OllamaArchive, WheelStack
 from orchestrator.mirror.weights import Staged, Traffic
 from orchestrator.plan.planner import Plan, command_line
@@ -18,9 +20,11 @@ from orchestrator.verify.httpprobe import ProbeReport, ProbeResult
 from orchestrator.verify.liveness import DeploymentStatus
 
 
-def plan_table(plan: Plan, console: Console) -> None:
-    table = Table(title=f"Plan for '{plan.group}' (stages: {', '.join(plan.stages)})")
-    for column in ("host", "profile", "address", "deployments", "why"):
+def plan_table(plan: Plan, console: Console, facts: Mapping[str, str] | None = None) -> None:
+    """The plan, a row per host; `facts`: per host, where its facts came from."""
+    table = Table(title=escape(f"Plan for '{plan.group}' (stages: {', '.join(plan.stages)})"))
+    columns = ["host", "profile", "address", "deployments", "why"]
+    for column in [*columns, *(["facts"] if facts is not None else [])]:
         table.add_column(column, overflow="fold")
     ray = plan.ray_cluster
     for host in plan.hosts:
@@ -35,10 +39,95 @@ def plan_table(plan: Plan, console: Console) -> None:
                   for t in host.probes if t.engine == "ollama"]
         deployments = "\n".join(lines) or "-"
         conn = host.connection
-        table.add_row(host.name, host.profile,
-                      f"{conn['ansible_user']}@{conn['ansible_host']}:{conn['ansible_port']}",
-                      deployments, "\n".join(host.reasons))
+        # Reasons quote what the hosts reported (GPU names, errors): text, never markup.
+        cells = [host.name, host.profile,
+                 f"{conn['ansible_user']}@{conn['ansible_host']}:{conn['ansible_port']}",
+                 deployments, "\n".join(host.reasons),
+                 *([facts.get(host.name, "-")] if facts is not None else [])]
+        table.add_row(*(escape(c) for c in cells))
     console.print(table)
+
+
+def _counted(values: list[str]) -> str:
+    """Distinct values, with how many GPUs have each where they differ."""
+    seen = {v: values.count(v) for v in values}
+    return (next(iter(seen)) if len(seen) == 1
+            else ", ".join(f"{n}x {v}" for v, n in seen.items()))
+
+
+def _driver_text(nvidia: NvidiaFacts) -> str:
+    state = nvidia.driver_state
+    if state == "loaded":
+        return f"{nvidia.driver_version} / CUDA {nvidia.cuda_version or '?'}"
+    if state == "no_gpu":
+        return "no NVIDIA GPU"
+    if state == "not_installed":
+        found = "" if nvidia.pci_gpus is None else f" ({nvidia.pci_gpus} NVIDIA GPU(s) on " \
+                                                     "the PCI bus)"
+        return f"not installed{found}"
+    error = nvidia.error
+    return (f"broken: {error.kind}: {error.message}; next: {error.next_step}" if error
+            else "broken")
+
+
+def _facts_rows(facts: HostFacts) -> list[tuple[str, str]]:
+    """A host's facts, one (name, value) per row, as facts_tables prints them."""
+    rows: list[tuple[str, str]] = []
+    nvidia = facts.nvidia
+    if nvidia is not None:
+        gpus = nvidia.gpus
+        kinds = [f"{g.name}, {g.memory_total_mib if g.memory_total_mib is not None else '?'} "
+                 f"MiB" + (f", compute capability {g.compute_capability}"
+                           if g.compute_capability else "") for g in gpus]
+        fabric = nvidia.fabric_manager_needed
+        rows += [
+            ("GPUs", f"{len(gpus)}x {_counted(kinds)}" if gpus else "none found"),
+            ("driver / CUDA", _driver_text(nvidia)),
+            ("MIG", _counted([g.mig_mode or "not supported" for g in gpus])
+             + (f" ({len(nvidia.mig_devices)} MIG devices)" if nvidia.mig_devices else "")
+             if gpus else "-"),
+            ("persistence", _counted([g.persistence_mode or "unknown" for g in gpus])
+             if gpus else "-"),
+            ("ECC", _counted([g.ecc_mode or "not supported" for g in gpus]) if gpus else "-"),
+            ("Fabric Manager", "unknown" if fabric is None else
+             f"needed ({nvidia.nvswitches} NVSwitches)" if fabric else "not needed"),
+            ("read with", nvidia.source),
+        ]
+    system = facts.os
+    if system is not None:
+        headers = {True: "headers installed", False: "headers MISSING",
+                   None: "headers unknown"}[system.kernel_headers]
+        rows += [
+            ("OS", " ".join(p for p in (system.distribution, system.version) if p)
+             + (f" ({system.family})" if system.family else "") or "unknown"),
+            ("kernel", f"{system.kernel or 'unknown'}, {headers}"),
+            ("Secure Boot", system.secure_boot or "unknown"),
+            ("Python", system.python_version or "unknown"),
+        ]
+    if facts.memory_mib is not None:
+        rows.append(("RAM", f"{facts.memory_mib} MiB ({facts.memory_mib / 1024:.1f} GiB)"))
+    rows += [("free disk", f"{d.path}: {d.free_mib} MiB ({d.free_mib / 1024:.1f} GiB) on "
+                           f"{d.mount}") for d in facts.disk]
+    return rows
+
+
+def facts_tables(group: str, hosts: list[tuple[HostFacts, str]], console: Console) -> None:
+    """`orchestrate facts`: a table per host (its facts, and where they came from), or the
+    reason it was not reached. Every value is the host's: printed as text, never markup."""
+    for facts, origin in hosts:
+        if not facts.reachable:
+            console.print(f"[red]{escape(facts.host)}: not reached[/red]: "
+                          f"{escape(facts.unreachable or 'no reason given')}", highlight=False)
+            continue
+        table = Table(title=escape(f"{facts.host} ({origin}, {facts.where()})"),
+                      show_header=False)
+        table.add_column("fact")
+        table.add_column("value", overflow="fold")
+        for name, value in _facts_rows(facts):
+            table.add_row(name, escape(value))
+        console.print(table)
+    if not hosts:
+        console.print(f"no hosts in '{escape(group)}'", highlight=False)
 
 
 @dataclass

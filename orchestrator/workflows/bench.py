@@ -9,6 +9,7 @@ from pydantic import Field
 from orchestrator.verify import bench as benchmark
 from orchestrator.verify.httpprobe import probe_plan
 from orchestrator.workflows.common import (
+    CACHED,
     Bench,
     Events,
     Probes,
@@ -49,8 +50,9 @@ def bench(options: BenchOptions, events: Events) -> BenchRun:
     target = options.target
     workload = benchmark.make_workload(options.concurrency, options.requests,
                                        options.input_tokens, options.output_tokens)
-    plan = benchmark.only_deployments(plan_for(target)[1], list(options.deployments))
-    secrets = open_secrets(plan, target.vault_password_file)
+    plan = benchmark.only_deployments(plan_for(target, facts=CACHED, events=events).plan,
+                                      list(options.deployments))
+    secrets = open_secrets(plan.secrets_file, target.vault_password_file)
     # Before any request: a run directory that cannot be written stops it here.
     run_dir = new_run(plan, target.runs_root, "bench")
     probes = probe_plan(plan, secrets=secrets)

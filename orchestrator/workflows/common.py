@@ -1,23 +1,31 @@
 """What every workflow shares: which hosts (the target), how it reports while it runs, the
-fleet and plan it works from, and the base of every command's result."""
+fleet, the hosts' facts and the plan it works from, and the base of every command's result."""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from orchestrator.config.fleet import LoadedFleet, MirrorSettings, load_fleet
+from orchestrator.config.fleet import LoadedFleet, MirrorSettings, ResolvedHost, load_fleet
 from orchestrator.config.vault import load_secrets
 from orchestrator.errors import ConfigError
+from orchestrator.facts import cache as facts_cache
+from orchestrator.facts.hostfacts import HostFacts
+from orchestrator.facts.offline import load_facts_dir
 from orchestrator.knowledge.catalog import load_knowledge
 from orchestrator.knowledge.compat import load_cuda_compat
 from orchestrator.knowledge.roles import load_role_defaults
 from orchestrator.mirror import weights as weights_mirror
-from orchestrator.plan.planner import Plan, make_plan, select_stages
+from orchestrator.plan.planner import Plan, fact_paths, make_plan, select_stages
+from orchestrator.run.gather import GatherHost, gather_facts
+from orchestrator.run.render import new_run_id
 from orchestrator.run.runner import Progress
 from orchestrator.verify.bench import BenchReport
 from orchestrator.verify.httpprobe import ProbeReport
@@ -114,19 +122,189 @@ def load(target: Target) -> LoadedFleet:
     return load_fleet(path, inventory)
 
 
-def plan_for(target: Target, only: list[str] | None = None, skip: list[str] | None = None
-             ) -> tuple[LoadedFleet, Plan]:
+# --- the hosts' facts: gathered, cached, read from a directory, or none ----------------------
+
+DEFAULT_FACTS_MAX_AGE = dt.timedelta(hours=1)
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?")
+
+
+def parse_duration(text: str, *, key: str) -> dt.timedelta:
+    """"90s", "30m", "1h", "2d", "1h30m", or plain seconds ("0": never reuse)."""
+    found = _DURATION.fullmatch(text.strip())
+    if not text.strip() or found is None:
+        raise ConfigError(f"'{text}' is not a duration: e.g. 90s, 30m, 1h, 1h30m, 2d, or 0",
+                          key=key)
+    days, hours, minutes, seconds = (int(part or 0) for part in found.groups())
+    return dt.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+FactsMode = Literal["gather", "dir", "cached", "none"]
+
+
+@dataclass(frozen=True)
+class FactsPolicy:
+    """Where the plan takes the hosts' facts from.
+
+    gather: the cache where younger than max_age (unless refresh), the other hosts reached
+      now in one run of playbooks/facts.yml and cached (plan, up);
+    dir: one file per host in `directory` (plan --facts DIR), no host reached;
+    cached: the cache of any age only, no host reached (probe, status, bench: they check
+      what `up` planned from);
+    none: no facts, fleet.yml's declarations alone (--no-gather).
+    A host without facts, or unreachable, is planned from fleet.yml's declarations."""
+
+    mode: FactsMode
+    max_age: dt.timedelta = DEFAULT_FACTS_MAX_AGE
+    refresh: bool = False
+    directory: Path | None = None
+
+
+GATHER = FactsPolicy("gather")
+CACHED = FactsPolicy("cached")
+NO_FACTS = FactsPolicy("none")
+
+FactsSource = Literal["gathered", "cache", "dir"]
+
+
+@dataclass(frozen=True)
+class Known:
+    """One host's facts and where they came from."""
+
+    facts: HostFacts
+    source: FactsSource
+
+
+@dataclass(frozen=True)
+class FoundFacts:
+    hosts: dict[str, Known]
+    # The gathering's run directory (ansible-runner's artifacts); None when no host was
+    # reached.
+    run_dir: Path | None = None
+
+
+def find_facts(target: Target, hosts: list[ResolvedHost], policy: FactsPolicy,
+               events: Events) -> FoundFacts:
+    """The facts of `hosts` by `policy`; reachable gathered ones are cached."""
+    names = [h.name for h in hosts]
+    if policy.mode == "none" or not hosts:
+        return FoundFacts({})
+    if policy.mode == "dir":
+        if policy.directory is None:
+            raise ConfigError("no directory given", key="--facts")
+        read = load_facts_dir(policy.directory, names)
+        return FoundFacts({n: Known(f, "dir") for n, f in read.items()})
+    now = dt.datetime.now(dt.UTC)
+    known: dict[str, Known] = {}
+    if not policy.refresh:
+        max_age = None if policy.mode == "cached" else policy.max_age
+        for name in names:
+            cached = facts_cache.read(target.state_dir, name, max_age, now)
+            if cached is not None:
+                known[name] = Known(cached, "cache")
+    missing = [h for h in hosts if h.name not in known]
+    if known:
+        limit = ("" if policy.mode == "cached"
+                 else f", younger than {age_text(int(policy.max_age.total_seconds()))}")
+        events.log(f"facts of {', '.join(known)} from {facts_cache.facts_dir(target.state_dir)}"
+                   f" (cached{limit})")
+    if policy.mode == "cached" or not missing:
+        return FoundFacts(known)
+    roles = load_role_defaults()
+    run_path = (target.runs_root / new_run_id(dt.datetime.now(), "facts")).resolve()
+    events.log(f"gathering the facts of {', '.join(h.name for h in missing)} "
+               f"(playbooks/facts.yml, run {run_path.name})")
+    with events.progress([h.name for h in missing]) as on_progress:
+        gathered = gather_facts(
+            [GatherHost(h.name, h.connection(), dict(h.vars), fact_paths(h, roles))
+             for h in missing],
+            run_path, operator_inventory=target.inventory, on_progress=on_progress)
+    for name, facts in gathered.items():
+        if facts.reachable:
+            facts_cache.write(target.state_dir, facts)
+        else:
+            events.log(f"{name}: not reached ({facts.unreachable}): planned from "
+                       "fleet.yml's declarations")
+        known[name] = Known(facts, "gathered")
+    return FoundFacts(known, run_path)
+
+
+class FactsOrigin(Result):
+    """Where the plan of one host took its facts from."""
+
+    source: Literal["gathered", "cache", "dir", "fleet.yml"] = Field(
+        description="gathered: reached by this command; cache: .orchestrate/facts/<host>.json "
+                    "of an earlier gathering; dir: plan --facts DIR; fleet.yml: no facts (not "
+                    "reached, or not asked for), planned from the fleet's declarations")
+    gathered_at: dt.datetime | None = Field(description="when the facts were taken (UTC); "
+                                                        "null without facts")
+    age_s: int | None = Field(description="seconds from then to this command; null without "
+                                          "facts")
+    unreachable: str | None = Field(description="why the host could not be reached or read; "
+                                                "null when it was")
+
+    @classmethod
+    def of(cls, known: Known | None, now: dt.datetime) -> FactsOrigin:
+        if known is None:
+            return cls(source="fleet.yml", gathered_at=None, age_s=None, unreachable=None)
+        facts = known.facts
+        if not facts.reachable:
+            return cls(source="fleet.yml", gathered_at=facts.gathered_at, age_s=None,
+                       unreachable=facts.unreachable or "not reached")
+        return cls(source=known.source, gathered_at=facts.gathered_at,
+                   age_s=max(0, int(facts.age(now).total_seconds())), unreachable=None)
+
+    def line(self) -> str:
+        """One line, as the plan table shows it."""
+        if self.unreachable is not None:
+            return f"not reached: {self.unreachable}; from fleet.yml"
+        if self.age_s is None:
+            return "from fleet.yml (no facts)"
+        return f"{self.source}, {age_text(self.age_s)} old"
+
+
+def age_text(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True)
+class Planned:
+    loaded: LoadedFleet
+    plan: Plan
+    facts: dict[str, Known]
+
+    def origins(self, now: dt.datetime | None = None) -> dict[str, FactsOrigin]:
+        """Per planned host, where its facts came from."""
+        when = now or dt.datetime.now(dt.UTC)
+        return {h.name: FactsOrigin.of(self.facts.get(h.name), when) for h in self.plan.hosts}
+
+
+def make_planned(loaded: LoadedFleet, group: str, stages: list[str],
+                 known: dict[str, Known]) -> Planned:
+    plan = make_plan(loaded, group, load_knowledge(), load_cuda_compat(), stages,
+                     roles=load_role_defaults(),
+                     # None: the reasons then say the plan was made without facts.
+                     facts={name: k.facts for name, k in known.items()} or None)
+    return Planned(loaded, plan, known)
+
+
+def plan_for(target: Target, only: list[str] | None = None, skip: list[str] | None = None,
+             *, facts: FactsPolicy, events: Events | None = None) -> Planned:
+    """The plan of the target's group, from the hosts' facts as `facts` says."""
     loaded = load(target)
-    return loaded, make_plan(loaded, target.hosts, load_knowledge(), load_cuda_compat(),
-                             select_stages(only, skip), roles=load_role_defaults())
+    stages = select_stages(only, skip)
+    found = find_facts(target, loaded.hosts_of(target.hosts), facts, events or Events())
+    return make_planned(loaded, target.hosts, stages, found.hosts)
 
 
-def open_secrets(plan: Plan, password_file: Path | None) -> dict[str, str]:
-    """The API keys of the plan's secrets file, opened before anything runs so that a wrong
+def open_secrets(secrets_file: str | None, password_file: Path | None) -> dict[str, str]:
+    """The API keys of the fleet's secrets file, opened before anything runs so that a wrong
     password fails first."""
-    if plan.secrets_file is None:
+    if secrets_file is None:
         return {}
-    return load_secrets(Path(plan.secrets_file), password_file)
+    return load_secrets(Path(secrets_file), password_file)
 
 
 def mirror_path(settings: MirrorSettings | None, state_dir: Path) -> Path:

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import Field
+
 from orchestrator.plan.planner import Plan
-from orchestrator.workflows.common import Target, plan_for
+from orchestrator.workflows.common import (
+    CACHED,
+    GATHER,
+    Events,
+    FactsOrigin,
+    FactsPolicy,
+    Target,
+    plan_for,
+)
 
 
 @dataclass(frozen=True)
@@ -13,7 +23,25 @@ class PlanOptions:
     target: Target
     only: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
+    facts: FactsPolicy = GATHER
 
 
-def plan(options: PlanOptions) -> Plan:
-    return plan_for(options.target, list(options.only), list(options.skip))[1]
+class PlanResult(Plan):
+    """`orchestrate plan --json`: the plan, and where each host's facts came from."""
+
+    facts: dict[str, FactsOrigin] = Field(description="per host: where the facts it was "
+                                                      "planned from came from")
+
+
+def plan(options: PlanOptions, events: Events) -> PlanResult:
+    policy = options.facts
+    if options.target.builtin is not None and policy.mode == "gather":
+        # The built-in sandbox's hosts run only while `up` keeps them: plan never starts
+        # them, so it reads what the last `up` cached.
+        events.log("plan does not start the sandbox's hosts: their facts are the ones the "
+                   "last `up` cached; hosts without any are planned from the sandbox "
+                   "fleet's declarations")
+        policy = CACHED
+    planned = plan_for(options.target, list(options.only), list(options.skip), facts=policy,
+                       events=events)
+    return PlanResult.model_validate({**dict(planned.plan), "facts": planned.origins()})

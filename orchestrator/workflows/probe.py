@@ -12,7 +12,14 @@ from orchestrator.run.render import new_run_id
 from orchestrator.verify import deepprobe
 from orchestrator.verify.hostprobe import probe_all
 from orchestrator.verify.httpprobe import probe_plan
-from orchestrator.workflows.common import Events, Probes, Target, open_secrets, plan_for
+from orchestrator.workflows.common import (
+    CACHED,
+    Events,
+    Probes,
+    Target,
+    open_secrets,
+    plan_for,
+)
 from orchestrator.workflows.runs import new_run, save_results
 
 
@@ -35,8 +42,8 @@ class ProbeRun(Probes):
 
 def probe(options: ProbeOptions, events: Events) -> ProbeRun:
     target = options.target
-    _, plan = plan_for(target)
-    secrets = open_secrets(plan, target.vault_password_file)
+    plan = plan_for(target, facts=CACHED, events=events).plan
+    secrets = open_secrets(plan.secrets_file, target.vault_password_file)
     report = (probe_all(plan, secrets=secrets) if options.ssh
               else probe_plan(plan, secrets=secrets))
     if options.deep:

@@ -11,14 +11,14 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from orchestrator.errors import ConfigError
-from orchestrator.plan.planner import Plan
 from orchestrator.workflows.bench import BenchRun
 from orchestrator.workflows.compat import CompatResult
 from orchestrator.workflows.down import DownResult
-from orchestrator.workflows.facts import FactsResult
+from orchestrator.workflows.facts import FactsReport, FactsResult
 from orchestrator.workflows.fit import FitAnswer, FitRefusal
 from orchestrator.workflows.init import InitResult
 from orchestrator.workflows.mirror import MirrorResult
+from orchestrator.workflows.plan import PlanResult
 from orchestrator.workflows.probe import ProbeRun
 from orchestrator.workflows.status import StatusResult
 from orchestrator.workflows.up import UpResult
@@ -57,16 +57,25 @@ def _every_key_present(schema: Any) -> Any:
 COMMANDS = {c.name: c for c in [
     Command("init", InitResult, "the fleet file written",
             "0 written; 2 the file exists (without --force), or no checkout to copy it from"),
-    Command("plan", Plan, "the plan: per host its role variables, probes and reasons",
-            "0; 2 bad input (fleet, group, stage)"),
-    Command("up", UpResult, "the Ansible run, the mirror's work and the probes",
-            "0 all passed; 1 a playbook or a probe failed; 2 bad input, nothing run"),
+    Command("plan", PlanResult, "the plan: per host its role variables, probes and reasons, "
+                                "and where its facts came from",
+            "0 (a host not reached is planned from fleet.yml, `facts` says so); 2 bad input "
+            "(fleet, group, stage, facts directory) or a host that differs from its "
+            "declaration"),
+    Command("up", UpResult, "the facts used, the Ansible run(s), the mirror's work and the "
+                            "probes",
+            "0 all passed; 1 a playbook or a probe failed; 2 bad input or a host that "
+            "differs from its declaration, nothing run"),
     Command("probe", ProbeRun, "every probe's result, with evidence and next step",
             "0 all passed; 1 a probe failed; 2 bad input"),
     Command("bench", BenchRun, "the probes and each deployment's measurements",
             "0 all passed; 1 a probe or a request failed; 2 bad input"),
     Command("mirror", MirrorResult, "what is staged in the mirror and what was downloaded",
             "0 staged; 1 a download or check failed; 2 bad input"),
+    Command("facts", FactsReport, "each host's facts (GPUs, driver, OS, disk), gathered now "
+                                  "or from the cache",
+            "0 every host was reached; 1 a host was not (`unreachable`; the others are "
+            "reported); 2 bad input"),
     Command("facts parse", FactsResult, "the GPU facts of saved nvidia-smi output",
             "0 healthy; 1 it shows a broken driver or tool (see `error`); 2 unreadable"),
     Command("compat", CompatResult, "the torch build and vLLM release, or why none",

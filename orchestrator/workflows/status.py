@@ -13,7 +13,7 @@ from pydantic import Field
 from orchestrator.verify.hostprobe import Collector
 from orchestrator.verify.httpprobe import ProbeResult
 from orchestrator.verify.liveness import DeploymentStatus, collect_units, liveness
-from orchestrator.workflows.common import Result, Target, open_secrets, plan_for
+from orchestrator.workflows.common import CACHED, Result, Target, open_secrets, plan_for
 from orchestrator.workflows.runs import LastRun, last_run
 
 
@@ -42,8 +42,8 @@ class StatusResult(Result):
 
 def status(options: StatusOptions) -> StatusResult:
     target = options.target
-    _, plan = plan_for(target)
-    secrets = open_secrets(plan, target.vault_password_file)
+    plan = plan_for(target, facts=CACHED).plan
+    secrets = open_secrets(plan.secrets_file, target.vault_password_file)
     now = liveness(plan, secrets=secrets, ssh_timeout=options.ssh_timeout,
                    http_timeout=options.http_timeout, collect=options.collect,
                    client_factory=options.client_factory)

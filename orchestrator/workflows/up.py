@@ -1,4 +1,6 @@
-"""`orchestrate up`: stage the weights, run the stage playbooks, then probe."""
+"""`orchestrate up`: gather the hosts' facts, plan from them, stage the weights, run the
+stage playbooks, then probe. Hosts whose driver the drivers stage installs are gathered
+again after it, and the later stages are planned from the driver then loaded."""
 
 from __future__ import annotations
 
@@ -6,23 +8,29 @@ import datetime as dt
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import Field
 
 from orchestrator.mirror import weights as weights_mirror
 from orchestrator.mirror.weights import Staged, Traffic
-from orchestrator.plan.planner import Plan
-from orchestrator.run.render import new_run_id, render
+from orchestrator.plan.planner import Plan, select_stages
+from orchestrator.run.render import RunDir, new_run_id, render
 from orchestrator.run.runner import HostStats, RunResult, TaskFailure, run_playbook
 from orchestrator.verify.hostprobe import probe_all
 from orchestrator.workflows.common import (
+    GATHER,
     Events,
+    FactsOrigin,
+    FactsPolicy,
     Probes,
     Result,
     Target,
+    find_facts,
+    load,
+    make_planned,
     mirror_path,
     open_secrets,
-    plan_for,
 )
 from orchestrator.workflows.mirror import stage_for_up
 from orchestrator.workflows.runs import save_results
@@ -34,9 +42,10 @@ class UpOptions:
     check: bool = False
     only: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
-    # Called with the plan once the weights are staged, before the run directory is
-    # written (the CLI starts the sandbox's hosts here).
-    before_run: Callable[[Plan], None] | None = None
+    facts: FactsPolicy = GATHER
+    # Called with the group's host names before their facts are gathered (the CLI starts
+    # the sandbox's hosts here).
+    before_facts: Callable[[list[str]], None] | None = None
 
 
 class AnsibleOutcome(Result):
@@ -96,52 +105,143 @@ class UpMirror(Result):
 class UpResult(Result):
     """`orchestrate up --json`."""
 
-    run_id: str = Field(description="the run directory's name")
-    run_dir: str = Field(description="plan, inventory, host_vars, the replay command, "
-                                     "ansible-runner's artifacts, probes.json, report.html")
+    run_id: str = Field(description="the last run directory's name")
+    run_dir: str = Field(description="the last run directory: plan, inventory, host_vars, "
+                                     "the replay command, ansible-runner's artifacts, "
+                                     "probes.json, report.html")
+    run_dirs: list[str] = Field(description="every run directory of the stages, in order: "
+                                            "two when hosts' drivers were installed first and "
+                                            "the later stages planned from their facts "
+                                            "gathered again")
     report: str = Field(description="the run's HTML report")
     stages: list[str] = Field(description="the stages run, in order")
-    ansible: AnsibleOutcome
+    facts: dict[str, FactsOrigin] = Field(description="per host: where the facts of its "
+                                                      "(last) plan came from")
+    regathered: list[str] = Field(description="hosts whose facts were gathered again after "
+                                              "the drivers stage installed their driver")
+    ansible: AnsibleOutcome = Field(description="the stage playbooks, every run together")
     mirror: UpMirror | None = Field(description="null when the fleet has no mirror")
     probes: Probes | None = Field(description="null with --check or without the verify "
                                               "stage")
     passed: bool = Field(description="the playbooks and every probe passed (exit 0)")
 
 
-def up(options: UpOptions, events: Events) -> UpResult:
-    """Stage the weights (with a mirror), provision the hosts stage by stage, then probe."""
+def _truthy(value: Any) -> bool:
+    # Inventory values arrive as YAML booleans or as the strings Ansible's bool filter reads.
+    return value is True or str(value).strip().lower() in ("true", "yes", "on", "1")
+
+
+def driver_installing_hosts(plan: Plan) -> list[str]:
+    """Hosts whose driver the drivers stage installs (nvidia_driver_manage)."""
+    return [h.name for h in plan.hosts if _truthy(h.vars.get("nvidia_driver_manage"))]
+
+
+def merged(runs: list[RunResult]) -> RunResult:
+    """Several runs of the stage playbooks as one outcome: per host the sums, every failure."""
+    stats: dict[str, HostStats] = {}
+    for run in runs:
+        for host, s in run.stats.items():
+            total = stats.setdefault(host, HostStats())
+            total.ok += s.ok
+            total.changed += s.changed
+            total.failed += s.failed
+            total.unreachable += s.unreachable
+            total.skipped += s.skipped
+    failed = [r for r in runs if not r.ok]
+    last = failed[0] if failed else runs[-1]
+    return RunResult(status=last.status, rc=last.rc, stats=stats,
+                     failures=[f for r in runs for f in r.failures])
+
+
+def _without(plan: Plan, failed: set[str], log: Callable[[str], None]) -> Plan:
+    """`plan` less the hosts that failed the first part (and, where one was a member of the
+    Ray cluster, the whole cluster: it is set up with all its members at once)."""
+    drop = {h.name for h in plan.hosts} & failed
+    ray = plan.ray_cluster
+    if ray is not None and drop & set(ray.members):
+        log(f"deployment {ray.deployment}: its Ray cluster lost "
+            f"{', '.join(sorted(drop & set(ray.members)))}: all of "
+            f"{', '.join(ray.members)} are left out of the later stages")
+        drop |= set(ray.members)
+        ray = None
+    if drop:
+        log(f"left out of the later stages (failed before them): {', '.join(sorted(drop))}")
+    return plan.model_copy(update={"hosts": [h for h in plan.hosts if h.name not in drop],
+                                   "ray_cluster": ray})
+
+
+def _run_stages(plan: Plan, options: UpOptions, events: Events) -> tuple[RunDir, RunResult]:
     target = options.target
-    loaded, plan = plan_for(target, list(options.only), list(options.skip))
-    secrets = open_secrets(plan, target.vault_password_file)
-    settings = loaded.fleet.mirror
-    listen = (weights_mirror.parse_listen(settings.listen, settings, key="mirror.listen")
-              if settings is not None and settings.listen else None)
-    # Before any host is changed: a bad file from the origin stops the run here.
-    staged = stage_for_up(loaded, target.hosts, plan, check=options.check,
-                          state_dir=target.state_dir, log=events.log)
-    if options.before_run is not None:
-        options.before_run(plan)
     run_dir = render(plan, target.runs_root, new_run_id(dt.datetime.now(), "up"),
                      check=options.check, operator_inventory=target.inventory,
                      vault_password_file=target.vault_password_file)
     events.log(f"run {run_dir.run_id}: stages {', '.join(plan.stages)} on "
                f"{len(plan.hosts)} host(s) of '{target.hosts}'")
+    with events.progress([h.name for h in plan.hosts]) as on_event:
+        return run_dir, run_playbook(run_dir, on_event)
+
+
+def up(options: UpOptions, events: Events) -> UpResult:
+    """Gather the facts, plan, stage the weights (with a mirror), provision the hosts stage
+    by stage, then probe."""
+    target = options.target
+    loaded = load(target)
+    stages = select_stages(list(options.only), list(options.skip))
+    hosts = loaded.hosts_of(target.hosts)
+    secrets = open_secrets(loaded.fleet.secrets, target.vault_password_file)
+    settings = loaded.fleet.mirror
+    listen = (weights_mirror.parse_listen(settings.listen, settings, key="mirror.listen")
+              if settings is not None and settings.listen else None)
+    if options.before_facts is not None:
+        options.before_facts([h.name for h in hosts])
+    known = find_facts(target, hosts, options.facts, events).hosts
+    planned = make_planned(loaded, target.hosts, stages, known)
+    plan = planned.plan
+    # Before any host is changed: a bad file from the origin stops the run here.
+    staged = stage_for_up(loaded, target.hosts, plan, check=options.check,
+                          state_dir=target.state_dir, log=events.log)
+    # In check mode no driver is installed: nothing new to gather.
+    installing = [] if options.check else driver_installing_hosts(plan)
+    split = ("drivers" in stages and stages[-1] != "drivers" and bool(installing))
+    runs: list[tuple[RunDir, RunResult]] = []
+    regathered: list[str] = []
     traffic = None
     with ExitStack() as serving:
         if listen is not None and settings is not None:
             traffic = serving.enter_context(weights_mirror.serving(
                 mirror_path(settings, target.state_dir), listen, events.log))
-        with events.progress([h.name for h in plan.hosts]) as on_event:
-            ran = run_playbook(run_dir, on_event)
+        if not split:
+            runs.append(_run_stages(plan, options, events))
+        else:
+            cut = stages.index("drivers") + 1
+            events.log(f"the drivers stage installs the driver of {', '.join(installing)}: "
+                       f"stages up to drivers first, then their facts again, then "
+                       f"{', '.join(stages[cut:])} planned from them")
+            runs.append(_run_stages(plan.model_copy(update={"stages": stages[:cut]}),
+                                    options, events))
+            failed = runs[0][1].failed_hosts()
+            again = [h for h in hosts if h.name in installing and h.name not in failed]
+            regathered = [h.name for h in again]
+            fresh = find_facts(target, again, FactsPolicy("gather", refresh=True), events)
+            planned = make_planned(loaded, target.hosts, stages[cut:],
+                                   {**known, **fresh.hosts})
+            plan = planned.plan
+            rest = _without(plan, failed, events.log)
+            if rest.hosts:
+                runs.append(_run_stages(rest, options, events))
+    ran = merged([r for _, r in runs])
+    run_dir = runs[-1][0]
     probes = None
-    if not options.check and "verify" in plan.stages:
+    if not options.check and "verify" in stages:
         probes = probe_all(plan, secrets=secrets)
     report = save_results(run_dir.path, command="up", plan=plan, probes=probes)
     mirrored = None if settings is None else UpMirror(
         dir=str(mirror_path(settings, target.state_dir)), url=settings.url, models=staged,
         origin_bytes=sum(s.origin_bytes for s in staged),
         served=Served.of(traffic) if traffic is not None else None)
-    return UpResult(run_id=run_dir.run_id, run_dir=str(run_dir.path), report=str(report),
-                    stages=list(plan.stages), ansible=AnsibleOutcome.of(ran),
-                    mirror=mirrored, probes=Probes.of(probes) if probes else None,
+    return UpResult(run_id=run_dir.run_id, run_dir=str(run_dir.path),
+                    run_dirs=[str(r.path) for r, _ in runs], report=str(report),
+                    stages=stages, facts=planned.origins(), regathered=regathered,
+                    ansible=AnsibleOutcome.of(ran), mirror=mirrored,
+                    probes=Probes.of(probes) if probes else None,
                     passed=ran.ok and (probes is None or probes.passed))
