@@ -5,7 +5,9 @@ every probe passes (SSH and HTTP) -> the API key is nowhere in clear -> up again
 nothing and takes nothing from the origin -> bench (the Ollama stand-in marked as one) ->
 kill -9 of vLLM is healed by systemd -> a stopped service and a corrupted weights file fail
 their host's probes only, with the next step -> a re-imaged host fetching a file the mirror
-holds damaged fails naming it -> `mirror --verify` repairs it -> the playbooks heal -> down.
+holds damaged fails naming it -> `mirror --verify` repairs it -> the playbooks heal ->
+hosts with a replayed nvidia-smi (a stand-in) are each found and planned their own stack ->
+down.
 
 How the cases share the sandbox: the module-scoped fixture `sandbox` brings it up once and
 runs `down` at teardown, asserting it there. Each later step is a module-scoped fixture
@@ -13,7 +15,9 @@ that runs its commands, judges nothing and hands over what came back; the test f
 judge. So a failed check names what broke, and the steps after it still run and report.
 The steps form one chain (each requests the one before), so that the sandbox changes in
 the same order whichever cases are selected. Only when `up` prints no JSON at all (a
-crash) does the `sandbox` fixture fail, and every case errors with its message.
+crash) does the `sandbox` fixture fail, and every case errors with its message. The
+replayed step (`replayed`) needs only the running hosts and leaves them as it found them,
+so it requests `sandbox` alone: `-k replayed` runs `up` and that step, nothing else.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from orchestrator.config.vault import load_secrets
 from orchestrator.sandbox import hosts as sandbox_hosts
+from orchestrator.sandbox.fleet import GROUP as SANDBOX_GROUP
+from orchestrator.sandbox.fleet import sandbox_fleet
 
 pytestmark = pytest.mark.e2e
 
@@ -480,3 +487,194 @@ def test_playbooks_heal_the_reimaged_host(sandbox: Sandbox, healed: Ran) -> None
     files = json.loads((Path(model["path"]) / "manifest.json").read_text())["files"]
     assert file_downloads(healed.json()["mirror"], model)[DAMAGED] == (
         1, files[DAMAGED]["size"])
+
+
+# --- replayed nvidia-smi: facts first, a plan per host ------------------------------------------
+#
+# The sandbox's containers have no GPU. Five fleet hosts ride on them (several names, one
+# container address and port), each told by `gpu_check_nvidia_smi` where its nvidia-smi
+# is: four get the nvidia-smi STAND-IN tests/doubles/nvidia_smi_replay, which prints one
+# real saved output from tests/data/nvidia-smi whatever it is asked; the fifth gets none.
+# Each host also gets a STAND-IN for sysfs's PCI bus (`gpu_check_sysfs_root`) showing one
+# NVIDIA GPU, as a GPU host's bus would: the containers' real bus has none, and a host
+# with no NVIDIA GPU at all would be planned differently from one with no driver.
+# This step needs only the sandbox's hosts, not what the later steps do to them, and
+# leaves them as it found them: it is not in the chain, so `-k replayed` runs `up` and it.
+
+REPLAY_DATA = Path(__file__).resolve().parents[1] / "data"
+REPLAY_STANDIN = Path(__file__).resolve().parents[1] / "doubles" / "nvidia_smi_replay"
+REPLAY_DIR = "/opt/replay"
+# host -> (saved output it replays, driver, GPU, torch requirement, vLLM requirement): the
+# builds `orchestrate compat --driver` gives each driver (R535 cu121 ... R580 cu130).
+REPLAYED = {
+    "rtx4090-535": ("xml__RTX-4090__535.86.05.txt", "535.86.05", "NVIDIA GeForce RTX 4090",
+                    "torch==2.5.1+cu121", "vllm==0.7.3"),
+    "a10-550": ("table__A10__550.127.05.txt", "550.127.05", "NVIDIA A10",
+                "torch==2.6.0+cu124", "vllm==0.8.5.post1"),
+    "a100-570": ("table__A100-SXM4-40GB__570.124.06.txt", "570.124.06",
+                 "NVIDIA A100-SXM4-40GB", "torch==2.8.0+cu128", "vllm==0.11.0"),
+    "rtx4090-580": ("table__RTX-4090__580.65.06.txt", "580.65.06", "NVIDIA GeForce RTX 4090",
+                    "torch==2.13.0+cu130", "vllm==0.32.0"),
+}
+NO_DRIVER = "no-driver"  # no nvidia-smi at its path; driver: {manage: true}
+# The declared-GPU fleet: this host declares an A10, the replay shows an A100.
+DECLARED_HOST, DECLARED_GPU = "a100-570", "NVIDIA A10"
+
+
+@dataclass(frozen=True)
+class Replayed:
+    fleet: Path
+    installed: list[str]  # podman's complaints while installing the replays; [] when none
+    facts: Ran
+    plan: Ran
+    declared_fleet: Path
+    declared_line: int  # the line of the declared gpu's name
+    declared: Ran
+    left: dict[str, str]  # container -> what it still held under REPLAY_DIR afterwards
+
+
+def podman(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], env=env, capture_output=True, text=True,
+                          check=False, timeout=120)
+
+
+def replay_tree(root: Path, host: str, saved: str | None) -> None:
+    """Under root/host: the nvidia-smi stand-in and its saved output (saved None: no
+    nvidia-smi), and a sysfs stand-in whose PCI bus holds one NVIDIA 3D controller."""
+    top = root / host
+    device = top / "sys" / "bus" / "pci" / "devices" / "0000:17:00.0"
+    device.mkdir(parents=True)
+    (device / "vendor").write_text("0x10de\n")
+    (device / "class").write_text("0x030200\n")
+    if saved is not None:
+        (top / "nvidia-smi").write_bytes(REPLAY_STANDIN.read_bytes())
+        (top / "nvidia-smi").chmod(0o755)
+        (top / "nvidia-smi.out").write_bytes((REPLAY_DATA / "nvidia-smi" / saved).read_bytes())
+
+
+def replay_fleet(sandbox: Sandbox) -> tuple[dict[str, Any], dict[str, str]]:
+    """tests/data/replay/fleet.yml with the sandbox's own connection settings (from the
+    fleet orchestrator/sandbox/fleet.py builds), and host -> the container it rides on."""
+    own = sandbox_fleet(sandbox.cwd / STATE / "id_ed25519",
+                        Path(sandbox.env["ORCHESTRATE_TINY_MODEL"]))
+    group = own.fleet.groups[SANDBOX_GROUP]
+    riders = {h.name: h for h in own.hosts_of(SANDBOX_GROUP)}
+    data = yaml.safe_load((REPLAY_DATA / "replay" / "fleet.yml").read_text())
+    replayed = data["groups"]["replayed"]
+    replayed.update(ssh_user=group.ssh_user, ssh_key=group.ssh_key,
+                    vars={"ansible_ssh_common_args":
+                          (group.vars or {})["ansible_ssh_common_args"]})
+    containers = {}
+    for name, host in replayed["hosts"].items():
+        rider = riders[host["address"]]
+        containers[name] = sandbox_hosts.CONTAINER_PREFIX + rider.name
+        host.update(address=rider.address, ssh_port=rider.ssh_port)
+    return data, containers
+
+
+@pytest.fixture(scope="module")
+def replayed(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Replayed:
+    """The replays installed into the containers, `facts` and `plan` of the replayed fleet,
+    `plan` of one declaring a GPU the host does not have; the replays removed again."""
+    cwd = tmp_path_factory.mktemp("replayed")
+    data, containers = replay_fleet(sandbox)
+    fleet = cwd / "fleet.yml"
+    fleet.write_text(yaml.safe_dump(data, sort_keys=False))
+    data["groups"]["replayed"]["hosts"][DECLARED_HOST]["gpu"] = {"name": DECLARED_GPU,
+                                                                 "count": 1}
+    declared_fleet = cwd / "declared-gpu.yml"
+    declared_text = yaml.safe_dump(data, sort_keys=False)
+    declared_fleet.write_text(declared_text)
+    [declared_line] = [n for n, line in enumerate(declared_text.splitlines(), start=1)
+                       if line.strip() == f"name: {DECLARED_GPU}"]
+    trees = {container: cwd / "opt" / container for container in set(containers.values())}
+    for host, container in containers.items():
+        replay_tree(trees[container], host, REPLAYED[host][0] if host in REPLAYED else None)
+    installed: list[str] = []
+    try:
+        for container, tree in trees.items():
+            # Into a fresh REPLAY_DIR: `podman cp` puts a tree inside one that exists.
+            podman(sandbox.env, "exec", container, "rm", "-rf", REPLAY_DIR)
+            done = podman(sandbox.env, "cp", str(tree), f"{container}:{REPLAY_DIR}")
+            installed += [f"{container}: {done.stderr.strip()}"] if done.returncode else []
+        facts = orchestrate(cwd, sandbox.env, "facts", "-f", str(fleet), "--hosts", "replayed",
+                            "--json", "--refresh")
+        plan = orchestrate(cwd, sandbox.env, "plan", "-f", str(fleet), "--hosts", "replayed",
+                           "--json")
+        declared = orchestrate(cwd, sandbox.env, "plan", "-f", str(declared_fleet),
+                               "--hosts", "replayed", "--json")
+    finally:
+        for container in trees:
+            podman(sandbox.env, "exec", container, "rm", "-rf", REPLAY_DIR)
+    left = {container: podman(sandbox.env, "exec", container, "sh", "-c",
+                              f"ls -A {REPLAY_DIR} 2>&1 || true").stdout.strip()
+            for container in trees}
+    return Replayed(fleet, installed, facts, plan, declared_fleet, declared_line, declared,
+                    left)
+
+
+def test_replayed_facts_report_each_hosts_driver_and_gpu(replayed: Replayed) -> None:
+    """`orchestrate facts` over SSH: what each host's nvidia-smi STAND-IN replays (a real
+    saved output), the OS of the container it rides on, and no driver where there is no
+    nvidia-smi."""
+    assert not replayed.installed, replayed.installed
+    assert replayed.facts.rc == 0, replayed.facts.tail()
+    report = replayed.facts.json()
+    assert report["unreachable"] == [] and {h["source"] for h in report["hosts"]} == {
+        "gathered"}, report
+    found = {h["host"]: h["facts"] for h in report["hosts"]}
+    assert sorted(found) == sorted([*REPLAYED, NO_DRIVER])
+    for host, (_, driver, gpu, _, _) in REPLAYED.items():
+        nvidia = found[host]["nvidia"]
+        assert found[host]["reachable"], found[host]
+        assert (nvidia["driver_version"], [g["name"] for g in nvidia["gpus"]]) == (
+            driver, [gpu]), nvidia
+        assert nvidia["error"] is None and nvidia["source"] == "nvidia-smi", nvidia
+        assert found[host]["os"]["distribution"] == "Debian", found[host]["os"]
+    missing = found[NO_DRIVER]["nvidia"]
+    assert missing["gpus"] == [] and missing["error"]["kind"] == "not_installed", missing
+    assert missing["pci_gpus"] == 1, missing
+
+
+def test_replayed_plan_gives_each_host_its_own_torch_and_vllm(replayed: Replayed) -> None:
+    """No `gpu:` in the fleet: each host's torch build and vLLM release come from the driver
+    its nvidia-smi STAND-IN replays, and the reasons say it was found on the host."""
+    assert not re.search(r"^\s*gpu:", replayed.fleet.read_text(), re.M)
+    assert replayed.plan.rc == 0, replayed.plan.tail()
+    planned = {h["name"]: h for h in replayed.plan.json()["hosts"]}
+    got = {host: (planned[host]["vars"]["pytorch_requirement"],
+                  planned[host]["vars"]["vllm_requirement"]) for host in REPLAYED}
+    assert got == {host: (torch, vllm) for host, (*_, torch, vllm) in REPLAYED.items()}
+    for host, (_, driver, _, _, _) in REPLAYED.items():
+        reasons = "\n".join(planned[host]["reasons"])
+        assert "found on the host" in reasons and driver in reasons, reasons
+
+
+def test_replayed_host_without_nvidia_smi_is_planned_a_driver(replayed: Replayed) -> None:
+    """The host whose nvidia-smi is missing is planned as having no driver: with
+    driver.manage, the drivers stage installs a branch, and its stack is that branch's."""
+    assert replayed.plan.rc == 0, replayed.plan.tail()
+    [host] = [h for h in replayed.plan.json()["hosts"] if h["name"] == NO_DRIVER]
+    reasons = "\n".join(host["reasons"])
+    assert host["vars"]["nvidia_driver_manage"] is True
+    assert host["vars"]["nvidia_driver_branch"] == "580", reasons
+    assert host["vars"]["pytorch_requirement"] == "torch==2.13.0+cu130", reasons
+    assert "no NVIDIA driver found on the host" in reasons, reasons
+
+
+def test_replayed_declared_gpu_that_differs_is_refused(replayed: Replayed) -> None:
+    """fleet.yml declares an A10 where the nvidia-smi STAND-IN replays an A100: exit 2,
+    naming the host, what was declared (file:line) and what was found."""
+    declared = replayed.declared
+    assert declared.rc == 2, declared.tail()
+    message = declared.stdout + declared.stderr
+    assert re.findall(r"host '([^']+)'", message) == [DECLARED_HOST], message
+    assert f"{replayed.declared_fleet}:{replayed.declared_line}" in message, message
+    assert f"declares {DECLARED_GPU};" in message, message
+    assert "1x NVIDIA A100-SXM4-40GB, driver 570.124.06" in message, message
+    assert "Traceback" not in message
+
+
+def test_replayed_stand_ins_are_removed_from_the_sandbox(replayed: Replayed) -> None:
+    assert replayed.left and all(
+        "No such file or directory" in seen for seen in replayed.left.values()), replayed.left
