@@ -221,11 +221,16 @@ def find_facts(target: Target, hosts: list[ResolvedHost], policy: FactsPolicy,
     for name, facts in gathered.items():
         if facts.reachable:
             facts_cache.write(target.state_dir, facts)
-        else:
-            events.log(f"{name}: not reached ({facts.unreachable}): planned from "
-                       "fleet.yml's declarations")
         known[name] = Known(facts, "gathered")
     return FoundFacts(known, run_path)
+
+
+def log_unreached(known: dict[str, Known], log: Callable[[str], None]) -> None:
+    """For a plan: each host not reached, planned from the fleet's declarations instead."""
+    for name, k in known.items():
+        if not k.facts.reachable:
+            log(f"{name}: not reached ({k.facts.unreachable}): planned from fleet.yml's "
+                "declarations")
 
 
 class FactsOrigin(Result):
@@ -295,7 +300,9 @@ def plan_for(target: Target, only: list[str] | None = None, skip: list[str] | No
     """The plan of the target's group, from the hosts' facts as `facts` says."""
     loaded = load(target)
     stages = select_stages(only, skip)
-    found = find_facts(target, loaded.hosts_of(target.hosts), facts, events or Events())
+    events = events or Events()
+    found = find_facts(target, loaded.hosts_of(target.hosts), facts, events)
+    log_unreached(found.hosts, events.log)
     return make_planned(loaded, target.hosts, stages, found.hosts)
 
 

@@ -28,6 +28,7 @@ from orchestrator.workflows.common import (
     Target,
     find_facts,
     load,
+    log_unreached,
     make_planned,
     mirror_path,
     open_secrets,
@@ -195,6 +196,7 @@ def up(options: UpOptions, events: Events) -> UpResult:
     if options.before_facts is not None:
         options.before_facts([h.name for h in hosts])
     known = find_facts(target, hosts, options.facts, events).hosts
+    log_unreached(known, events.log)
     planned = make_planned(loaded, target.hosts, stages, known)
     plan = planned.plan
     # Before any host is changed: a bad file from the origin stops the run here.
@@ -223,6 +225,7 @@ def up(options: UpOptions, events: Events) -> UpResult:
             again = [h for h in hosts if h.name in installing and h.name not in failed]
             regathered = [h.name for h in again]
             fresh = find_facts(target, again, FactsPolicy("gather", refresh=True), events)
+            log_unreached(fresh.hosts, events.log)
             planned = make_planned(loaded, target.hosts, stages[cut:],
                                    {**known, **fresh.hosts})
             plan = planned.plan

@@ -46,12 +46,14 @@ def test_unknown_stage(tmp_path: Path) -> None:
     proc = run(tmp_path, "plan", "--hosts", "gpu-cluster", "-f",
                str(REPO / "templates/fleet.yml"), "--only", "drivrs")
     assert proc.returncode == 2 and "unknown stage 'drivrs'" in proc.stderr
+    assert not (tmp_path / ".orchestrate").exists()  # refused before any host was reached
 
 
 def test_init_then_plan_json(tmp_path: Path) -> None:
     assert run(tmp_path, "init").returncode == 0
     assert run(tmp_path, "init").returncode == 2  # never overwrites silently
-    proc = run(tmp_path, "plan", "--hosts", "gpu-cluster", "--json")
+    # The example fleet's addresses are placeholders: plan from its declarations.
+    proc = run(tmp_path, "plan", "--hosts", "gpu-cluster", "--json", "--no-gather")
     assert proc.returncode == 0, proc.stderr
     assert '"vllm_requirement": "vllm==0.32.0"' in proc.stdout
 
@@ -234,7 +236,7 @@ def test_fit_json_refusals_print_json_with_the_reason(tmp_path: Path, args: list
 
 
 def test_plan_table_for_an_inventory_without_deployments(tmp_path: Path) -> None:
-    proc = run(tmp_path, "plan", "--hosts", "gpu_cluster", "-i",
+    proc = run(tmp_path, "plan", "--hosts", "gpu_cluster", "--no-gather", "-i",
                str(REPO / "inventory/gpu-cluster/hosts.yml"))
     assert proc.returncode == 0, proc.stderr
     assert "gpu-01" in proc.stdout and "Traceback" not in proc.stderr
@@ -301,7 +303,7 @@ def test_probe_takes_the_vault_password_file_from_ansibles_variable(tmp_path: Pa
 def test_plan_shows_the_gpu_memory_split_between_ollama_and_vllm(tmp_path: Path) -> None:
     # The example fleet puts qwen7b (vLLM) and qwen3b-ollama on the same A10: the table
     # shows Ollama's share, the vLLM flag it leaves, and why.
-    proc = subprocess.run([ORCHESTRATE, "plan", "--hosts", "gpu-cluster", "-f",
+    proc = subprocess.run([ORCHESTRATE, "plan", "--hosts", "gpu-cluster", "--no-gather", "-f",
                            str(REPO / "templates/fleet.yml")], cwd=tmp_path,
                           capture_output=True, text=True, check=False,
                           env={**os.environ, "COLUMNS": "400"})

@@ -179,7 +179,8 @@ def fan_out(tmp_path_factory: pytest.TempPathFactory, repo_dir: Path) -> Iterato
         assert second.returncode == 0, second.stderr
         origin_after_second = hub.bytes_served()
         calls_second = len(hub.api_calls) - calls_after_first
-        plan = orchestrate(tmp, "plan", "--hosts", "gpu", "-f", str(fleet), "--json")
+        plan = orchestrate(tmp, "plan", "--hosts", "gpu", "-f", str(fleet), "--json",
+                           "--no-gather")
         assert plan.returncode == 0, plan.stderr
         planned = {h["name"]: h["vars"]["model_weights_models"]
                    for h in json.loads(plan.stdout)["hosts"]}
@@ -567,7 +568,7 @@ def test_up_stages_first_and_a_bad_file_from_the_origin_stops_it_before_any_host
         tmp_path: Path, hub: StandInHub) -> None:
     hub.corrupt(MODEL_ID, WEIGHTS, "flip", times=None)
     fleet = fleet_yaml(tmp_path / "fleet.yml", hub=hub.endpoint, mirror_url="http://ctl:8090")
-    proc = orchestrate(tmp_path, "up", "--hosts", "gpu", "-f", str(fleet),
+    proc = orchestrate(tmp_path, "up", "--hosts", "gpu", "-f", str(fleet), "--no-gather",
                        MODELSCOPE_DOWNLOAD_MAX_RETRIES="0")
     assert proc.returncode == 1
     message = " ".join(proc.stderr.split())

@@ -5,8 +5,9 @@
   for it, and read back into its result model; docs/json.md is the one the models make.
 * Hosts and engines are network-free stand-ins on loopback, each named so: an HTTP server
   answering as vLLM's OpenAI server and Ollama's API do (no model behind it), a fleet host
-  whose SSH port nothing listens on (so `up` and the SSH probes meet an unreachable host for
-  real), and for `status` the collector's evidence as test_hostprobe.py records it.
+  whose SSH port nothing listens on (so `facts`, `plan` and `up` gather from an unreachable
+  host for real, and `up` and the SSH probes meet it too), and for `status` the collector's
+  evidence as test_hostprobe.py records it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ from orchestrator.verify import hostcollect
 from orchestrator.verify.hostprobe import CollectError
 from orchestrator.verify.liveness import units_config
 from orchestrator.workflows import schemas
-from orchestrator.workflows.common import Events, Target, load, no_fleet_given, plan_for
+from orchestrator.workflows.common import (
+    NO_FACTS,
+    Events,
+    Target,
+    load,
+    no_fleet_given,
+    plan_for,
+)
 from orchestrator.workflows.runs import last_run
 from orchestrator.workflows.status import StatusOptions, StatusResult, status
 from orchestrator.workflows.up import UpOptions, up
@@ -144,7 +152,9 @@ def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 # filled in. Each command's --json runs at least once, refusals included.
 CASES: list[tuple[str, list[str], int]] = [
     ("init", ["--fleet", "new-fleet.yml"], 0),
-    ("plan", ["--hosts", "g", "-f", "{fleet}"], 0),
+    ("facts", ["--hosts", "g", "-f", "{fleet}"], 1),  # unreachable host, reported
+    ("plan", ["--hosts", "g", "-f", "{fleet}"], 0),  # gathers first: planned from fleet.yml
+    ("plan", ["--hosts", "g", "-f", "{fleet}", "--no-gather"], 0),
     ("up", ["--hosts", "g", "-f", "{fleet}", "--only", "preflight"], 1),  # unreachable host
     ("probe", ["--hosts", "g", "-f", "{fleet}", "--no-ssh"], 0),
     ("probe", ["--hosts", "g", "-f", "{fleet}"], 1),  # SSH: nothing listens
@@ -205,7 +215,10 @@ def test_json_keys_scripts_read_are_kept(outputs: Any) -> None:
     read, before the workflow layer (new keys may be added, none removed)."""
     _, done = outputs
     first = {name: json.loads(proc.stdout) for name, _, _, proc in reversed(done)}
-    assert {"run_id", "run_dir", "ansible", "mirror", "probes"} <= set(first["up"])
+    assert {"run_id", "run_dir", "run_dirs", "facts", "ansible", "mirror",
+            "probes"} <= set(first["up"])
+    assert {"group", "run_dir", "hosts", "unreachable"} <= set(first["facts"])
+    assert {"group", "stages", "hosts", "facts"} <= set(first["plan"])
     assert {"status", "rc", "changed", "hosts", "failures"} <= set(first["up"]["ansible"])
     assert {"group", "results", "passed"} <= set(first["probe"])
     assert {"run_id", "run_dir", "report", "passed", "probes", "bench"} <= set(first["bench"])
@@ -223,8 +236,21 @@ def test_runs_keep_their_results_in_their_own_directory(outputs: Any) -> None:
         "plan.json", "probes.json", "report.html"}
     assert json.loads((Path(probe["run_dir"]) / "probes.json").read_text())["results"] == \
         probe["results"]
+    # The host's SSH port is closed: each command that gathers reports it, per host.
+    gathered = found[("facts", 1)]
+    assert gathered["unreachable"] == ["h"] and not gathered["hosts"][0]["facts"]["reachable"]
+    assert Path(gathered["run_dir"]).name.endswith("-facts")
+    assert not (cwd / ".orchestrate" / "facts").exists()  # an unreachable host is not cached
+    planned, declared = (json.loads(proc.stdout)["facts"]["h"]
+                         for name, _, _, proc in done if name == "plan")
+    assert planned["source"] == "fleet.yml" and planned["age_s"] is None
+    assert f"port {CLOSED_PORT}: Connection refused" in planned["unreachable"]
+    assert declared == {"source": "fleet.yml", "gathered_at": None, "age_s": None,
+                        "unreachable": None}
     ran = found[("up", 1)]
+    assert ran["facts"]["h"]["source"] == "fleet.yml" and ran["facts"]["h"]["unreachable"]
     assert ran["ansible"]["failures"][0]["unreachable"] and ran["probes"] is None
+    assert ran["run_dirs"] == [ran["run_dir"]] and ran["regathered"] == []
     assert (Path(ran["run_dir"]) / "report.html").is_file()
     # status: the SSH host is unreachable, the engines answer: up, with the last run.
     now = StatusResult.model_validate(found[("status", 0)])
@@ -252,7 +278,7 @@ def test_down_json_and_its_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_every_command_has_a_schema_and_docs_json_md_is_current(tmp_path: Path) -> None:
     typer_commands = {c.name or (c.callback.__name__ if c.callback else "")
                       for c in cli.app.registered_commands}
-    facts = {f"facts {c.name}" for c in cli.facts_app.registered_commands}
+    facts = {"facts", *(f"facts {c.name}" for c in cli.facts_app.registered_commands)}
     assert typer_commands | facts == {*schemas.COMMANDS, "schema"}
     doc = (REPO / "docs" / "json.md").read_text(encoding="utf-8")
     assert doc == schemas.markdown(), ("docs/json.md is stale: run "
@@ -300,7 +326,8 @@ def test_status_asks_the_collector_for_units_and_sockets_only(tmp_path: Path) ->
 
 
 def status_plan(tmp_path: Path) -> Plan:
-    return plan_for(Target("g", fleet=write_fleet(tmp_path / "fleet.yml", 8000, 11434)))[1]
+    return plan_for(Target("g", fleet=write_fleet(tmp_path / "fleet.yml", 8000, 11434)),
+                    facts=NO_FACTS).plan
 
 
 def check_status(tmp_path: Path, ports: tuple[int, int], collect: Any) -> StatusResult:
@@ -412,18 +439,20 @@ def test_fleet_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert load(Target("g", fleet=Path("nosuch.yml"), builtin=other)) is other
 
 
-def test_up_runs_the_callers_hook_with_the_plan_before_the_run_directory(
+def test_up_runs_the_callers_hook_with_the_hosts_before_gathering_their_facts(
         tmp_path: Path) -> None:
     state = tmp_path / "state"
-    seen: list[tuple[str, bool]] = []
+    seen: list[tuple[list[str], bool]] = []
 
-    def before_run(plan: Plan) -> None:
-        seen.append((plan.group, (state / "runs").exists()))
+    def before_facts(hosts: list[str]) -> None:
+        seen.append((hosts, (state / "runs").exists()))
 
     loaded = load_fleet(write_fleet(tmp_path / "fleet.yml", CLOSED_PORT))
     result = up(UpOptions(Target("g", builtin=loaded, state_dir=state), only=("preflight",),
-                          before_run=before_run), Events())
-    assert seen == [("g", False)]
+                          before_facts=before_facts), Events())
+    assert seen == [(["h"], False)]
+    assert [p.name.rsplit("-", 1)[1] for p in sorted((state / "runs").iterdir())] == [
+        "facts", "up"]
     assert Path(result.run_dir).parent == (state / "runs").resolve()
     assert not result.passed and result.ansible.failures[0].unreachable
     assert result.stages == ["preflight"] and result.probes is None
