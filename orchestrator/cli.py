@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Provision GPU hosts to serve Qwen2.5 with vLLM, and prove they work.")
-facts_app = typer.Typer(help="What the hosts really have, as `plan` and `up` plan from it.")
+# Its help is the callback's docstring: `orchestrate facts --hosts G` itself gathers.
+facts_app = typer.Typer()
 app.add_typer(facts_app, name="facts")
 console = Console()
 err = Console(stderr=True)
