@@ -125,11 +125,18 @@ class HostFacts(_Facts):
     def age(self, now: dt.datetime) -> dt.timedelta:
         return now - self.gathered_at
 
-    def where(self) -> str:
-        """How a reason cites these facts."""
+    def where(self, part: Literal["gpu", "host"] = "gpu") -> str:
+        """How a reason cites these facts: the GPU part by the tool that read it (NVML,
+        nvidia-smi, a saved file), the rest (OS, disk, PCI bus) by how they were gathered."""
         when = self.gathered_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        how = self.nvidia.source if self.nvidia is not None else self.origin
+        how = self.nvidia.source if part == "gpu" and self.nvidia is not None else self.origin
         return f"found on the host ({how}, {when})"
+
+    def os_release(self) -> str | None:
+        """ "Debian 12.15", or None where the OS was not read."""
+        if self.os is None or not self.os.distribution:
+            return None
+        return f"{self.os.distribution} {self.os.version or ''}".strip()
 
 
 def nvidia_from_smi(facts: GpuFacts, source: str) -> NvidiaFacts:

@@ -90,7 +90,7 @@ def _differences(loaded: LoadedFleet, host: ResolvedHost, name: str | None, coun
     if declared.name and (name is None or not same_gpu(declared.name, name)):
         differ.append(("name", declared.name))
     if declared.count and declared.count != count:
-        differ.append(("count", f"{declared.count} GPUs"))
+        differ.append(("count", f"{declared.count} GPU{'s' if declared.count > 1 else ''}"))
     if declared.driver and declared.driver != driver:
         differ.append(("driver", f"driver {declared.driver}"))
     if not differ:
@@ -109,7 +109,7 @@ def _fabric_manager(loaded: LoadedFleet, host: ResolvedHost, facts: HostFacts,
     nvidia = facts.nvidia
     if nvidia is None or not nvidia.fabric_manager_needed:
         return host
-    switches = f"{nvidia.nvswitches} NVSwitches found on the PCI bus ({facts.where()})"
+    switches = f"{nvidia.nvswitches} NVSwitches on the PCI bus, {facts.where('host')}"
     setting = host.driver.fabric_manager
     if setting is False:
         key = host.driver_keys.get("fabric_manager", ("driver", "fabric_manager"))
@@ -149,7 +149,8 @@ def _from_facts(loaded: LoadedFleet, host: ResolvedHost, facts: HostFacts,
         problems.append(f"host '{host.name}': the NVIDIA driver does not answer ({where}): "
                         f"{' '.join(nvidia.error.message.split())}: {nvidia.error.next_step}")
     elif state == "not_installed":
-        pci = (f", {nvidia.pci_gpus} NVIDIA GPUs on its PCI bus" if nvidia.pci_gpus else "")
+        pci = (f", {nvidia.pci_gpus} NVIDIA GPU{'s' if nvidia.pci_gpus > 1 else ''} on its "
+               "PCI bus" if nvidia.pci_gpus else "")
         missing = f"no NVIDIA driver {where}{pci}"
         if not host.driver.manage:
             problems.append(f"host '{host.name}': {missing}: set driver: {{manage: true}} in "
@@ -239,10 +240,10 @@ def check_disk(host: ResolvedHost, source: Source, needs: list[tuple[str, float,
         free = disk.free_mib / GIB_MIB
         if free < total:
             raise PlanError(f"host '{host.name}': the filesystem mounted at {mount} has "
-                            f"{free:.1f} GiB free, {facts.where()}; the plan needs "
+                            f"{free:.1f} GiB free, {facts.where('host')}; the plan needs "
                             f"{total:.1f} GiB there ({', '.join(whats)}): free space there, or "
                             "put the Python environment elsewhere (python.path)")
-        reasons.append(f"disk: {free:.1f} GiB free on {mount} {facts.where()}, "
+        reasons.append(f"disk: {free:.1f} GiB free on {mount} {facts.where('host')}, "
                        f"{total:.1f} GiB needed ({', '.join(whats)})")
     if unmeasured:
         reasons.append(f"disk: free space not measured at {', '.join(unmeasured)}; the "

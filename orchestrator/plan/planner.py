@@ -30,6 +30,7 @@ from orchestrator.knowledge.compat import (
     DriverTable,
     GpuModel,
     KernelModules,
+    OsBranches,
     TorchChoice,
     branch_driver,
     decide,
@@ -624,6 +625,27 @@ def _driver_table(gpu_table: CompatTable) -> DriverTable:
     return gpu_table.driver
 
 
+def _found_os_rows(host: ResolvedHost, src: Source, rows: list[OsBranches]
+                   ) -> list[OsBranches]:
+    """The systems a managed driver may come from: the one found on the host where its OS
+    was read, else every system of the driver source (the role's preflight then checks)."""
+    facts = src.facts
+    release = facts.os_release() if facts is not None else None
+    if facts is None or facts.os is None or release is None:
+        return rows
+    version = facts.os.version or ""
+    names = {facts.os.distribution, facts.os.family}
+    matching = [row for row in rows if row.distribution in names
+                and row.version in (version, version.split(".")[0])]
+    if not matching:
+        raise PlanError(f"host '{host.name}': driver.manage, but the host runs {release} "
+                        f"({facts.where('host')}), and the drivers stage installs drivers on "
+                        f"{describe_branches(rows)} (data/nvidia_driver.yml): install its "
+                        "driver yourself and leave driver.manage off for it, or choose another "
+                        "driver.source")
+    return matching
+
+
 def _managed_build(host: ResolvedHost, src: Source, stack: StackProfile,
                    gpu_table: CompatTable, loaded: LoadedFleet, capability: str | None
                    ) -> tuple[TorchChoice, StackProfile, CompatTable, list[str], int]:
@@ -634,7 +656,8 @@ def _managed_build(host: ResolvedHost, src: Source, stack: StackProfile,
     can); never one older than the host's driver (found, or gpu.driver). The stack is then
     what that branch runs, as `orchestrate compat --driver` shows for it.
     """
-    rows = host_branches(_driver_table(gpu_table), host.driver.source)
+    rows = _found_os_rows(host, src, host_branches(_driver_table(gpu_table),
+                                                   host.driver.source))
     found = host.gpu.driver
     found_branch = parse_driver_version(found)[0] if found else 0
     found_at = src.driver_where

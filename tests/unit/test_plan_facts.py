@@ -14,7 +14,7 @@ import pytest
 
 from orchestrator.config.fleet import load_fleet
 from orchestrator.errors import PlanError
-from orchestrator.facts.hostfacts import HostFacts, from_nvidia_smi_text
+from orchestrator.facts.hostfacts import HostFacts, OsFacts, from_nvidia_smi_text
 from orchestrator.facts.offline import load_facts_dir
 from orchestrator.knowledge.catalog import load_knowledge
 from orchestrator.knowledge.compat import decide, load_cuda_compat
@@ -25,6 +25,8 @@ FACTS = REPO / "tests" / "data" / "facts"
 SMI = REPO / "tests" / "data" / "nvidia-smi"
 WHEN = dt.datetime(2026, 12, 5, 23, 50, tzinfo=dt.UTC)
 WHERE = "found on the host (nvml, 2026-12-05 23:50 UTC)"
+# The host part (OS, disk, PCI bus) is cited by how it was gathered, not by the GPU tool.
+WHERE_HOST = "found on the host (gathered by playbooks/facts.yml, 2026-12-05 23:50 UTC)"
 
 
 def _saved(host: str, fixture: str) -> HostFacts:
@@ -115,7 +117,7 @@ def test_declared_gpus_that_differ_are_refused_naming_both_sides_for_every_host(
     lines = str(caught.value).splitlines()
     assert lines[1:] == [
         f"  host 'h1': {path}:3 (groups.g.gpu.name), {path}:3 (groups.g.gpu.count) declares "
-        f"A10, 1 GPUs; {WHERE} 2x NVIDIA L4, driver 550.54.14: correct or remove gpu: in {path}",
+        f"A10, 1 GPU; {WHERE} 2x NVIDIA L4, driver 550.54.14: correct or remove gpu: in {path}",
         f"  host 'h2': {path}:6 (groups.g.hosts.h2.gpu.driver) declares driver 550.54.14; "
         f"{WHERE} 1x NVIDIA A10, driver 550.127.05: correct or remove gpu: in {path}"]
 
@@ -160,6 +162,24 @@ def test_a_host_without_driver_and_driver_manage_gets_the_branch_to_install(writ
             "installs one") in host.reasons
 
 
+def test_a_managed_driver_is_the_branch_packaged_for_the_os_found(write) -> None:
+    path = write("fleet.yml", "defaults: {driver: {manage: true}}\n" + FLEET)
+    debian = _facts("h1", error="not_installed", pci_gpus=1).model_copy(update={
+        "os": OsFacts(distribution="Debian", version="12.15", family="Debian")})
+    host = _plan(path, {"h1": debian}).hosts[0]
+    # Debian 12's own packages carry R535 only (data/nvidia_driver.yml), so its stack is
+    # R535's: torch cu121 and vLLM 0.7.3, not the pin the Ubuntu rows would allow.
+    assert host.vars["nvidia_driver_branch"] == "535"
+    assert host.vars["pytorch_requirement"] == "torch==2.5.1+cu121"
+    assert any("packaged for Debian 12 (distro)" in r and "where the role stops" not in r
+               for r in host.reasons), host.reasons
+    fedora = debian.model_copy(update={
+        "os": OsFacts(distribution="Fedora", version="41", family="RedHat")})
+    with pytest.raises(PlanError, match=r"host 'h1': driver.manage, but the host runs Fedora 41 "
+                                        r"\(found on the host \(gathered by playbooks/facts.yml"):
+        _plan(path, {"h1": fedora})
+
+
 def test_a_host_without_driver_is_refused_unless_the_toolkit_installs_one(write) -> None:
     path = write("fleet.yml", FLEET)
     with pytest.raises(PlanError, match=r"host 'h1': no NVIDIA driver found on the host .*: set "
@@ -198,12 +218,12 @@ def test_nvswitches_found_turn_fabric_manager_on_and_refuse_it_turned_off(write)
     facts = {"h1": _facts("h1", gpus=h100, driver="580.95.05", nvswitches=4)}
     host = _plan(path, facts).hosts[0]
     assert host.vars["nvidia_driver_fabricmanager"] is True
-    assert (f"Fabric Manager installed with the driver: 4 NVSwitches found on the PCI bus "
-            f"({WHERE})") in host.reasons
+    assert (f"Fabric Manager installed with the driver: 4 NVSwitches on the PCI bus, "
+            f"{WHERE_HOST}") in host.reasons
     off = write("fleet.yml", "defaults: {driver: {manage: true, fabric_manager: false}}\n"
                 + FLEET)
     with pytest.raises(PlanError, match=r"fleet.yml:1 \(defaults.driver.fabric_manager\) turns "
-                                        r"Fabric Manager off, but 4 NVSwitches found"):
+                                        r"Fabric Manager off, but 4 NVSwitches on the PCI bus"):
         _plan(off, facts)
 
 
@@ -233,13 +253,13 @@ def test_free_disk_found_too_small_is_refused_summing_what_shares_a_mount(write)
     with pytest.raises(PlanError) as caught:
         _plan(path, {"h1": _facts("h1", gpus=[L4], driver="580.95.05", disk=disk)})
     assert str(caught.value) == (
-        f"host 'h1': the filesystem mounted at / has 20.0 GiB free, {WHERE}; the plan needs "
+        f"host 'h1': the filesystem mounted at / has 20.0 GiB free, {WHERE_HOST}; the plan needs "
         "30.2 GiB there (the Python environment in /opt/qwen-serve/env, the weights in "
         "/var/lib/qwen-serve/models): free space there, or put the Python environment "
         "elsewhere (python.path)")
     apart = [disk[0], ("/var/lib/qwen-serve/models", "/var", 20 * 1024)]
     host = _plan(path, {"h1": _facts("h1", gpus=[L4], driver="580.95.05", disk=apart)}).hosts[0]
-    assert (f"disk: 20.0 GiB free on / {WHERE}, 16.0 GiB needed (the Python environment in "
+    assert (f"disk: 20.0 GiB free on / {WHERE_HOST}, 16.0 GiB needed (the Python environment in "
             "/opt/qwen-serve/env)") in host.reasons
 
 
