@@ -163,6 +163,9 @@ class EngineOptions(Strict):
     gpu_memory_gib: Annotated[float, Field(gt=0)] | None = None
     kv_cache_space_gib: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="vLLM CPU build only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    # The operator's explicit choice to serve beyond loopback without an API key: the plan
+    # refuses such a deployment unless this is set, and flags it when it is.
+    open: bool = False
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
 

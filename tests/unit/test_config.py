@@ -194,3 +194,11 @@ def test_bad_deployment_across_hosts_names_file_line_and_key(write, text, line, 
     err = error_of(path)
     assert (err.file, err.line, err.key) == (str(path), line, key)
     assert words in str(err)
+
+
+def test_open_is_an_explicit_opt_in(write) -> None:
+    closed = load_fleet(write("fleet.yml", GOOD)).fleet.deployments[0]
+    assert closed.options.open is False
+    opened = load_fleet(write("open.yml", GOOD.replace(
+        "    port: 8000\n", "    port: 8000\n    options: {open: true}\n"))).fleet.deployments[0]
+    assert opened.options.open is True
