@@ -9,6 +9,14 @@ class OrchestrateError(Exception):
     exit_code = 1
 
 
+def one_line(text: str) -> str:
+    """`text` with newlines and other control characters escaped (\\n, \\x1b): a key or value
+    quoted from a hostile file can neither break the line nor drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ConfigError(OrchestrateError):
     """Bad input: names the file, the key and the line, and what was expected."""
 
@@ -25,7 +33,7 @@ class ConfigError(OrchestrateError):
             where = f"{file}:{line}"
         prefix = f"{where}: " if where else ""
         keypart = f"{key}: " if key else ""
-        super().__init__(f"{prefix}{keypart}{message}")
+        super().__init__(one_line(f"{prefix}{keypart}{message}"))
 
 
 class PlanError(OrchestrateError):

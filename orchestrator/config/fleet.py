@@ -9,14 +9,23 @@ winning, as Ansible's group_vars and host_vars do.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from orchestrator.config.yamlsource import YamlDocument, dotted, load_yaml
 from orchestrator.errors import ConfigError
@@ -29,9 +38,72 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 RESERVED_GROUPS = {"all", "ungrouped"}
 
+# A host name (DNS labels; a leading '-' would read as an ssh option) or an IP address.
+_HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}")
+
+
+def _address(value: str) -> str:
+    if not _HOSTNAME.fullmatch(value):
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("expected a host name or an IP address (letters, digits, '.', "
+                             "'-', '_'; no spaces)") from None
+    return value
+
+
+def _bind_address(value: str) -> str:
+    if value != "localhost":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("expected an IP address to listen on (127.0.0.1, 0.0.0.0, ::1, "
+                             "a host's own address) or localhost") from None
+    return value
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("expected an absolute path on the host (starting with /)")
+    return value
+
+
+Address = Annotated[str, AfterValidator(_address)]
+BindAddress = Annotated[str, AfterValidator(_bind_address)]
+HostPath = Annotated[str, AfterValidator(_absolute_path)]
+Url = Annotated[str, Field(pattern=r"^(https?|file)://\S+$")]
+# pip's --find-links on the host: a directory there, or a URL.
+Links = Annotated[str, Field(pattern=r"^(/|(https?|file)://)\S*$")]
+
+
+def _printable(value: Any) -> None:
+    """Refuse a control character anywhere in `value` (strings, list items, mapping keys)."""
+    if isinstance(value, str):
+        if not value.isprintable():
+            char = next(c for c in value if not c.isprintable())
+            raise ValueError(f"character U+{ord(char):04X} is not allowed (newlines and other "
+                             "control or invisible characters would reach unit files, "
+                             "host_vars and command lines)")
+    elif isinstance(value, list):
+        for item in value:
+            _printable(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _printable(key)
+            _printable(item)
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML's `true` is not the port 1, nor "8000" a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_control_characters(cls, value: Any, info: ValidationInfo) -> Any:
+        # `vars` are the operator's own Ansible variables, passed through as they are.
+        if info.field_name != "vars":
+            _printable(value)
+        return value
 
 
 class PythonSettings(Strict):
@@ -40,19 +112,19 @@ class PythonSettings(Strict):
     manager: Literal["venv", "conda"] | None = None
     version: Annotated[str, Field(pattern=r"^3\.\d+$")] | None = None
     # The environment's path; with per_deployment, the directory holding one per deployment.
-    path: str | None = None
+    path: HostPath | None = None
     # One environment per deployment (<path>/<deployment>), so that deployments upgrade
     # vLLM independently; default: one environment per host, shared.
     per_deployment: bool | None = None
-    conda_installer_url: str | None = None
+    conda_installer_url: Url | None = None
 
 
 class PipSettings(Strict):
     """Where hosts take Python packages from: the public index, a mirror, or a wheelhouse."""
 
-    index_url: str | None = None
-    extra_index_urls: list[str] | None = None
-    find_links: str | None = None
+    index_url: Url | None = None
+    extra_index_urls: list[Url] | None = None
+    find_links: Links | None = None
     no_index: bool | None = None
 
 
@@ -127,7 +199,7 @@ class HostSettings(Strict):
 
 
 class Host(HostSettings):
-    address: str
+    address: Address
     port_map: dict[Port, Port] | None = Field(
         default=None,
         description="service port on the host -> port reachable on `address` (NAT, sandbox)")
@@ -155,7 +227,7 @@ class EngineOptions(Strict):
     # Where the server listens. Default: vLLM on every address (it has an API key and the
     # control machine's probes must reach it); Ollama, which has no authentication, on
     # loopback only (its HTTP probes are then skipped; the services stage checks it).
-    bind_address: str | None = None
+    bind_address: BindAddress | None = None
     # Ollama: the GGUF file inside model_dir to import (air-gapped), instead of a pull.
     gguf_file: Annotated[str, Field(pattern=r"^[^/]+\.gguf$")] | None = None
     # Ollama: GPU memory the model takes, where the catalog cannot tell (GGUF imports,
@@ -172,7 +244,10 @@ class EngineOptions(Strict):
     @field_validator("extra_args")
     @classmethod
     def _no_secret_flags(cls, value: list[str]) -> list[str]:
-        if any(arg.split("=", 1)[0] == "--api-key" for arg in value):
+        # vLLM's parser reads --api_key as --api-key, and argparse takes an unambiguous
+        # prefix (--api-k): refuse every spelling, in any case.
+        names = (arg.split("=", 1)[0].lower().replace("_", "-") for arg in value)
+        if any(len(name) > len("--api-") and "--api-key".startswith(name) for name in names):
             raise ValueError("--api-key on the command line is readable by every user on the "
                              "host (ps); give the key as a secret instead")
         return value
@@ -286,6 +361,10 @@ class LoadedFleet:
     fleet: Fleet
     source: str
     documents: tuple[YamlDocument, ...] = ()
+    # Group -> its resolved hosts: the planner asks per host and per deployment, so that
+    # resolving on each call would grow with the square of the fleet.
+    _resolved: dict[str, tuple[ResolvedHost, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def locate(self, loc: tuple[str | int, ...]) -> str:
         """'file:line: key' of a key of the fleet, for errors found after loading."""
@@ -305,13 +384,21 @@ class LoadedFleet:
             known = ", ".join(sorted(groups)) or "none defined"
             raise ConfigError(f"unknown host group '{group}' (groups in {self.source}: {known})",
                               key="--hosts")
-        chosen = groups.items() if group == "all" else [(group, groups[group])]
-        resolved: dict[str, ResolvedHost] = {}
-        for group_name, grp in chosen:
-            for host_name, host in grp.hosts.items():
-                resolved.setdefault(host_name, _resolve(self.fleet.defaults, group_name, grp,
-                                                        host_name, host))
-        return list(resolved.values())
+        cached = self._resolved.get(group)
+        if cached is None:
+            if group == "all":
+                # A host in several groups takes the settings of the first one.
+                resolved: dict[str, ResolvedHost] = {}
+                for name in groups:
+                    for host in self.hosts_of(name):
+                        resolved.setdefault(host.name, host)
+                cached = tuple(resolved.values())
+            else:
+                grp = groups[group]
+                cached = tuple(_resolve(self.fleet.defaults, group, grp, host_name, host)
+                               for host_name, host in grp.hosts.items())
+            self._resolved[group] = cached
+        return list(cached)
 
 
 def _merge(*layers: BaseModel | None) -> dict[str, Any]:
@@ -325,7 +412,12 @@ def _merge(*layers: BaseModel | None) -> dict[str, Any]:
 def _resolve(defaults: HostSettings, group_name: str, group: Group, name: str,
              host: Host) -> ResolvedHost:
     layers = (defaults, group, host)
-    flat = _merge(*layers)
+
+    def pick(key: str, default: Any) -> Any:
+        # Read field by field: dumping the group would dump all of its hosts, per host.
+        return next((v for v in (getattr(layer, key) for layer in reversed(layers))
+                     if v is not None), default)
+
     variables: dict[str, Any] = {}
     for layer in layers:
         variables.update(layer.vars or {})
@@ -340,11 +432,11 @@ def _resolve(defaults: HostSettings, group_name: str, group: Group, name: str,
         name=name,
         group=group_name,
         address=host.address,
-        ssh_port=flat.get("ssh_port", 22),
-        ssh_user=flat.get("ssh_user", "root"),
-        ssh_key=flat.get("ssh_key"),
-        become=flat.get("become", True),
-        profile=flat.get("profile", "gpu"),
+        ssh_port=pick("ssh_port", 22),
+        ssh_user=pick("ssh_user", "root"),
+        ssh_key=pick("ssh_key", None),
+        become=pick("become", True),
+        profile=pick("profile", "gpu"),
         python=PythonSettings(**_merge(*(layer.python for layer in layers))),
         pip=PipSettings(**_merge(*(layer.pip for layer in layers))),
         gpu=GpuSettings(**_merge(*(layer.gpu for layer in layers))),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from ansible.errors import AnsibleError
 from ansible.parsing.dataloader import DataLoader
 from ansible.parsing.vault import (
@@ -20,6 +19,7 @@ from ansible.parsing.vault import (
     is_encrypted,
 )
 
+from orchestrator.config.yamlsource import parse_yaml
 from orchestrator.errors import ConfigError
 
 
@@ -44,7 +44,12 @@ def load_secrets(path: Path, password_file: Path | None) -> dict[str, str]:
         # The message names the file, never its content.
         raise ConfigError(f"cannot open with the vault password in {password_file}: "
                           f"{str(exc).splitlines()[0]}", file=str(path), key="secrets") from None
-    loaded = yaml.safe_load(plain)
+    try:
+        loaded = parse_yaml(plain, str(path)).data
+    except ConfigError as exc:
+        # YAML's messages quote the text they stumble on: here, the decrypted secrets.
+        raise ConfigError("the decrypted secrets file is not valid YAML (`ansible-vault edit "
+                          f"{path}`)", file=str(path), line=exc.line, key="secrets") from None
     if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
         raise ConfigError("expected a mapping of variable names to values", file=str(path),
                           key="secrets")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
+from orchestrator.config import fleet as fleet_module
 from orchestrator.config.fleet import load_fleet
 from orchestrator.errors import ConfigError
 
@@ -202,3 +204,133 @@ def test_open_is_an_explicit_opt_in(write) -> None:
     opened = load_fleet(write("open.yml", GOOD.replace(
         "    port: 8000\n", "    port: 8000\n    options: {open: true}\n"))).fleet.deployments[0]
     assert opened.options.open is True
+
+
+def _option(text: str) -> str:
+    """GOOD with one line of options on its deployment (line 15)."""
+    return GOOD.replace("    port: 8000\n", f"    port: 8000\n    options: {{{text}}}\n")
+
+
+def _host(text: str) -> str:
+    """GOOD with gpu-01's mapping (line 7) replaced."""
+    return GOOD.replace("{address: 10.0.0.11}", f"{{{text}}}")
+
+
+@pytest.mark.parametrize(("text", "line", "key", "words"), [
+    # Strict types: YAML's true is not the port 1, nor a quoted number a number.
+    (GOOD.replace("port: 8000", "port: true"), 14, "deployments[0].port", "valid integer"),
+    (GOOD.replace("ssh_port: 2222", "ssh_port: '2222'"), 8,
+     "groups.gpu-cluster.hosts.gpu-02.ssh_port", "valid integer"),
+    (GOOD.replace("port: 8000", "port: 8000.0"), 14, "deployments[0].port", "valid integer"),
+    (GOOD.replace("  profile: gpu\n", "  become: 'no'\n"), 3, "defaults.become",
+     "valid boolean"),
+    (_option("enforce_eager: 1"), 15, "deployments[0].options.enforce_eager", "valid boolean"),
+    (_option("open: 'yes'"), 15, "deployments[0].options.open", "valid boolean"),
+    (_option("gpu_memory_utilization: true"), 15,
+     "deployments[0].options.gpu_memory_utilization", "valid number"),
+    (GOOD.replace("    port: 8000\n", "    port: 8000\n    nodes: true\n"), 15,
+     "deployments[0].nodes", "valid integer"),
+    # Addresses are host names or IP addresses.
+    (_host("address: ''"), 7, "groups.gpu-cluster.hosts.gpu-01.address", "host name or an IP"),
+    (_host("address: 10.0.0.11 x"), 7, "groups.gpu-cluster.hosts.gpu-01.address",
+     "no spaces"),
+    (_host("address: '10.0.0.11;touch /tmp/x'"), 7,
+     "groups.gpu-cluster.hosts.gpu-01.address", "host name or an IP"),
+    (_host("address: -oProxyCommand=id"), 7, "groups.gpu-cluster.hosts.gpu-01.address",
+     "host name or an IP"),
+    (_option("bind_address: '127.0.0.1;touch X;#'"), 15,
+     "deployments[0].options.bind_address", "expected an IP address to listen on"),
+    (_option("bind_address: my-host"), 15, "deployments[0].options.bind_address",
+     "or localhost"),
+    # Paths on the host are absolute; nothing carries a newline or a control character.
+    (GOOD.replace("  profile: gpu\n", "  python: {path: opt/venv}\n"), 3,
+     "defaults.python.path", "absolute path"),
+    (GOOD.replace("  profile: gpu\n", '  python: {path: "/opt/v\\nansible_become: false"}\n'),
+     3, "defaults.python.path", "U+000A is not allowed"),
+    (GOOD.replace("model: Qwen/Qwen2.5-7B-Instruct",
+                  'model: "Qwen/Qwen2.5-7B-Instruct\\nansible_ssh_common_args: -oX"'), 11,
+     "deployments[0].model", "U+000A is not allowed"),
+    (GOOD.replace("    port: 8000\n", '    port: 8000\n    served_model_name: "q\\e[2Jx"\n'),
+     15, "deployments[0].served_model_name", "U+001B is not allowed"),
+    (GOOD.replace("    port: 8000\n", '    port: 8000\n    model_dir: "/m\\u2028x"\n'), 15,
+     "deployments[0].model_dir", "U+2028 is not allowed"),
+    (GOOD.replace("    port: 8000\n", '    port: 8000\n    revision: "v1\\rx"\n'), 15,
+     "deployments[0].revision", "U+000D is not allowed"),
+    (_option('extra_args: ["--max-num-seqs\\n8"]'), 15, "deployments[0].options.extra_args",
+     "U+000A is not allowed"),
+    (_option('env: {"A\\nB": x}'), 15, "deployments[0].options.env", "U+000A is not allowed"),
+    (_option("gguf_file: \"a\\n.gguf\""), 15, "deployments[0].options.gguf_file",
+     "U+000A is not allowed"),
+    (GOOD.replace("  profile: gpu\n", "  pip: {find_links: wheels}\n"), 3,
+     "defaults.pip.find_links", "pattern"),
+    (GOOD.replace("  profile: gpu\n", "  pip: {index_url: 'pypi.example -i x'}\n"), 3,
+     "defaults.pip.index_url", "pattern"),
+    # The API key on vLLM's command line, in every spelling vLLM's parser takes.
+    (_option("extra_args: [--api_key=x]"), 15, "deployments[0].options.extra_args",
+     "readable by every user"),
+    (_option("extra_args: [--api_key, x]"), 15, "deployments[0].options.extra_args",
+     "readable by every user"),
+    (_option("extra_args: [--API-KEY=x]"), 15, "deployments[0].options.extra_args",
+     "readable by every user"),
+    (_option("extra_args: [--api-k, x]"), 15, "deployments[0].options.extra_args",
+     "readable by every user"),
+])
+def test_hostile_values_name_file_line_and_key(write, text, line, key, words) -> None:
+    path = write("fleet.yml", text)
+    err = error_of(path)
+    assert (err.file, err.line, err.key) == (str(path), line, key)
+    assert words in str(err)
+    assert str(err).isprintable()
+
+
+def test_addresses_bind_addresses_and_paths_that_are_valid(write) -> None:
+    loaded = load_fleet(write("fleet.yml", GOOD.replace(
+        "  profile: gpu\n", "  python: {path: '/opt/v;touch X;#'}\n").replace(
+        "{address: 10.0.0.11}", "{address: 'fe80::1%eth0'}").replace(
+        "{address: 10.0.0.12,", "{address: gpu-02.dc1.example.com.,") + (
+        "    options: {bind_address: '::1', extra_args: [--api-server-count=2], "
+        "env: {HF_HUB_OFFLINE: '1'}}\n")))
+    one, two = loaded.hosts_of("gpu-cluster")
+    assert (one.address, two.address) == ("fe80::1%eth0", "gpu-02.dc1.example.com.")
+    assert loaded.fleet.deployments[0].options.bind_address == "::1"
+    # A shell's characters in an absolute path are data: the render quotes every argument.
+    assert one.python.path == "/opt/v;touch X;#"
+
+
+def test_vars_pass_through_unchanged(write) -> None:
+    """An operator's own Ansible variables may hold a multi-line value (a certificate)."""
+    loaded = load_fleet(write("fleet.yml", GOOD.replace(
+        "  profile: gpu\n", '  vars: {ca_pem: "-----BEGIN\\nx\\n-----END\\n"}\n')))
+    assert loaded.hosts_of("gpu-cluster")[0].vars == {"ca_pem": "-----BEGIN\nx\n-----END\n"}
+
+
+def test_hosts_are_resolved_once_per_group(write, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner asks for a group's hosts per host: each host is resolved once."""
+    hosts = "".join(f"      h{i}: {{address: 10.1.0.{i}}}\n" for i in range(40))
+    loaded = load_fleet(write("fleet.yml", f"groups:\n  g:\n    hosts:\n{hosts}"))
+    calls: list[str] = []
+    real = fleet_module._resolve
+    monkeypatch.setattr(fleet_module, "_resolve",
+                        lambda *args: calls.append(args[3]) or real(*args))
+    for _ in range(40):
+        assert len(loaded.hosts_of("g")) == 40
+        assert len(loaded.hosts_of("all")) == 40
+    assert sorted(calls) == sorted(f"h{i}" for i in range(40))
+    assert loaded.hosts_of("g")[0] is loaded.hosts_of("all")[0]
+
+
+def test_five_thousand_hosts_load_and_resolve_in_well_under_two_seconds(tmp_path: Path) -> None:
+    """Once 15 s: every host's resolution dumped its whole group, and YAML was parsed twice."""
+    lines = ["defaults: {ssh_user: ubuntu, gpu: {name: NVIDIA L4, count: 1}}",
+             "groups:", "  gpu:", "    hosts:",
+             *(f"      h{i}: {{address: 10.{i // 65536}.{i // 256 % 256}.{i % 256}}}"
+               for i in range(5000)),
+             "deployments:",
+             "  - {name: d, model: Qwen/Qwen2.5-0.5B-Instruct, engine: vllm, hosts: gpu, "
+             "port: 8000}"]
+    path = tmp_path / "fleet.yml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    hosts = load_fleet(path).hosts_of("gpu")
+    assert time.perf_counter() - start < 2.0  # about 0.3 s here
+    assert len(hosts) == 5000 and hosts[-1].gpu.name == "NVIDIA L4"
