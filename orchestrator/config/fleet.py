@@ -500,7 +500,9 @@ def _describe(error: Any, root: type[BaseModel]) -> str:
         return "required key is missing"
     got = error.get("input")
     shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-    return f"{error['msg']}{shown}"
+    # A validator's own message, without pydantic's "Value error, " before it.
+    message = str(error["ctx"]["error"]) if kind == "value_error" else error["msg"]
+    return f"{message}{shown}"
 
 
 def _most_telling(exc: ValidationError) -> Any:

@@ -48,3 +48,20 @@ def test_a_password_is_required(tmp_path: Path) -> None:
     secrets, _ = _vault(tmp_path, "vault_api_key: s3cret\n")
     with pytest.raises(ConfigError, match="give --vault-password-file"):
         load_secrets(secrets, None)
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("port: 8000\nvault_api_key: s3cret: more\n", 2),
+    # YAML's own message would quote the alias, here the secret.
+    ("vault_api_key: *s3cret\n", 1),
+    ("vault_api_key: [s3cret\nport: 1\n", 2),
+])
+def test_decrypted_but_not_yaml_names_file_and_line_only(tmp_path: Path, text: str,
+                                                         line: int) -> None:
+    secrets, password = _vault(tmp_path, text)
+    with pytest.raises(ConfigError, match="decrypted secrets file is not valid YAML") as info:
+        load_secrets(secrets, password)
+    assert (info.value.file, info.value.line) == (str(secrets), line)
+    assert "s3cret" not in str(info.value)
+    # Nothing that a traceback would print holds the decrypted text either.
+    assert info.value.__cause__ is None and info.value.__suppress_context__
