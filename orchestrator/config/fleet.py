@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from ansible.module_utils.parsing.convert_bool import boolean
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -619,11 +620,24 @@ _INVENTORY_KEYS = {
 }
 
 
+def _as_ansible_reads(key: str, value: Any) -> Any:
+    """An inventory is Ansible's format, read with Ansible's types: an INI inventory's
+    `ansible_become=true` and `ansible_port=2200` arrive as strings."""
+    if key == "become" and isinstance(value, str | int) and not isinstance(value, bool):
+        try:
+            return boolean(value, strict=True)
+        except TypeError:
+            return value  # refused by validation, naming the variable
+    if key == "ssh_port" and isinstance(value, str) and value.isdecimal():
+        return int(value)
+    return value
+
+
 def _settings_from_vars(variables: dict[str, Any]) -> dict[str, Any]:
     """Connection variables become fleet settings; the rest pass through as `vars`."""
     rest = dict(variables)
-    settings = {key: rest.pop(ansible_key) for ansible_key, key in _INVENTORY_KEYS.items()
-                if ansible_key in rest}
+    settings = {key: _as_ansible_reads(key, rest.pop(ansible_key))
+                for ansible_key, key in _INVENTORY_KEYS.items() if ansible_key in rest}
     if rest:
         settings["vars"] = rest
     return settings

@@ -129,6 +129,17 @@ def test_ansible_inventory_becomes_groups(write) -> None:
     assert b.vars == {"ansible_python_interpreter": "/usr/bin/python3", "nvidia_branch": "550"}
 
 
+def test_inventory_values_are_read_as_ansible_reads_them(write) -> None:
+    """An INI inventory converted by ansible-inventory keeps its values as strings."""
+    loaded = load_fleet(None, write("hosts.yml", INVENTORY.replace(
+        "ansible_port: 2200", "ansible_port: '2200'\n          ansible_become: 'yes'")))
+    node_a = loaded.hosts_of("gpu")[0]
+    assert (node_a.ssh_port, node_a.become) == (2200, True)
+    err = error_of(None, write("bad.yml", INVENTORY.replace("ansible_port: 2200",
+                                                            "ansible_become: maybe")))
+    assert err.key == "gpu.hosts.node-a.become" and "valid boolean" in str(err)
+
+
 def test_inventory_plus_fleet_deployments(write) -> None:
     fleet = write("fleet.yml", "deployments:\n  - {name: d, model: m, engine: vllm, hosts: gpu, "
                                "port: 8000}\n")
