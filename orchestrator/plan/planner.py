@@ -1032,11 +1032,16 @@ def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: 
     declared = loaded.hosts_of(group)
     effective = effective_hosts(loaded, declared, facts)
     hosts = [effective[h.name][0] for h in declared]
-    names = [h.name for h in hosts]
+    names = {h.name for h in hosts}
+    # Each host's deployments, found once per deployment: asked per host, the lookup grew
+    # with hosts x deployments x group size.
+    served: dict[str, list[Deployment]] = {name: [] for name in names}
     span: _Span | None = None
     for index, dep in enumerate(loaded.fleet.deployments):
         members = loaded.hosts_of(dep.hosts)
         inside = [h.name for h in members if h.name in names]
+        for name in inside:
+            served[name].append(dep)
         if dep.nodes == 1 or not inside:
             continue
         if len(inside) < len(members):
@@ -1048,14 +1053,13 @@ def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: 
         span = _plan_span(dep, index, [effective[h.name][0] for h in members],
                           [effective[h.name][1] for h in members], knowledge, gpu_table, loaded)
     plans = []
+    spanned = {h.name for h in span.members} if span else set()
     for host in hosts:
-        deployments = [d for d in loaded.fleet.deployments
-                       if host.name in {h.name for h in loaded.hosts_of(d.hosts)}]
-        plans.append(_plan_host(host, effective[host.name][1], deployments, knowledge,
+        plans.append(_plan_host(host, effective[host.name][1], served[host.name], knowledge,
                                 gpu_table, group, loaded, roles,
-                                span if span and host in span.members else None))
+                                span if host.name in spanned else None))
     if span is not None:
-        _check_same_stack(span, [p for p in plans if p.name in {h.name for h in span.members}])
+        _check_same_stack(span, [p for p in plans if p.name in spanned])
     ray_cluster = (RayClusterPlan(deployment=span.dep.name, head=span.head.name,
                                   members=[h.name for h in span.members]) if span else None)
     return Plan(group=group, stages=list(stages or STAGES), hosts=plans,
