@@ -4,24 +4,23 @@ One SSH connection and one remote command per host: orchestrator/verify/hostcoll
 on the host's python3 and returns raw evidence as JSON; the pure functions here turn
 that evidence into ProbeResults by comparing it with the plan. Hosts are probed in
 parallel, each within its own time limit, so one dead host does not hold up the others.
-SSH uses the inventory's settings (address, port, user, key) through paramiko, and
-checks host keys against known_hosts unless the host's ssh args say
-StrictHostKeyChecking=no.
+The collector runs through Ansible's own connection (playbooks/probe.yml, by
+ansible-runner), so probes reach hosts exactly as the stages and `facts` do: the host's
+ansible_* variables, ansible.cfg, ~/.ssh/config, ProxyJump bastions and known_hosts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shlex
-import time
+import tempfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-import paramiko
+import yaml
 
 from orchestrator.facts.nvidia_smi import (
     HARDWARE_SLOWDOWNS,
@@ -39,13 +38,15 @@ from orchestrator.facts.nvidia_smi import (
 from orchestrator.knowledge.compat import CompatError, parse_driver_version
 from orchestrator.knowledge.roles import load_role_defaults
 from orchestrator.plan.planner import HostPlan, Plan
+from orchestrator.run.runner import run_ansible
 from orchestrator.verify import hostcollect
 from orchestrator.verify.httpprobe import ProbeReport, ProbeResult, probe_plan
 
 SSH_TIMEOUT = 30.0
-# Beyond a host's timeout before it is reported and left behind: paramiko's connection
-# set-up (TCP, banner, authentication) has its own timeouts, which may add up past it.
+# Beyond a host's timeout before it is reported and left behind: Ansible's start, the
+# connection's own timeout and the task's timeout may add up past it.
 SSH_GRACE = 10.0
+PLAYBOOK = "playbooks/probe.yml"
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
 # nvml.h nvmlClocksEventReason* bits, by the names nvidia-smi's XML uses.
 _NVML_REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap",
@@ -66,12 +67,6 @@ Collector = Callable[[HostPlan, float], dict[str, Any]]
 Configure = Callable[[HostPlan, float], dict[str, Any]]
 # The collector's evidence of a host -> its probe results (interpret, or a part of it).
 Judge = Callable[[HostPlan, Mapping[str, Any]], list[ProbeResult]]
-
-# paramiko logs its transport thread's failures (a host that sends no banner) with their
-# tracebacks; with no handler anywhere, Python's last-resort handler would print those on
-# the terminal. The failure reaches the operator as the ssh probe's evidence instead.
-logging.getLogger("paramiko").addHandler(logging.NullHandler())
-
 
 class CollectError(Exception):
     """SSH or the remote collector failed; carries the operator's next step."""
@@ -165,43 +160,7 @@ def collector_program(config: Mapping[str, Any]) -> str:
     return f"{source}\n\nmain({json.dumps(config)!r})\n"
 
 
-# ---------------------------------------------------------------- SSH
-
-def ssh_options(variables: Mapping[str, Any]) -> dict[str, str]:
-    """`-o Key=Value` options of the host's ansible_ssh_common_args/extra_args, keys
-    lower-cased as ssh reads them."""
-    args = " ".join(str(variables.get(k) or "")
-                    for k in ("ansible_ssh_common_args", "ansible_ssh_extra_args"))
-    tokens = shlex.split(args)
-    options: dict[str, str] = {}
-    for i, token in enumerate(tokens):
-        option = tokens[i + 1] if token == "-o" and i + 1 < len(tokens) else (
-            token[2:] if token.startswith("-o") and len(token) > 2 else None)
-        if option:
-            key, _, value = option.replace("=", " ", 1).partition(" ")
-            options[key.strip().lower()] = value.strip()
-    return options
-
-
-def _client(host: HostPlan) -> paramiko.SSHClient:
-    client = paramiko.SSHClient()
-    options = ssh_options(host.vars)
-    strict = options.get("stricthostkeychecking", "").lower()
-    if strict in ("no", "off"):
-        # As ssh does with this option; what it learns is kept in memory, never saved.
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        return client
-    files = options.get("userknownhostsfile", "~/.ssh/known_hosts").split()
-    for name in [*files, "/etc/ssh/ssh_known_hosts"]:
-        path = Path(name).expanduser()
-        if path.is_file():
-            client.load_system_host_keys(str(path))
-    # accept-new takes an unknown host's key (in memory only) but still refuses a known
-    # host whose key changed (BadHostKeyException).
-    client.set_missing_host_key_policy(paramiko.AutoAddPolicy() if strict == "accept-new"
-                                       else paramiko.RejectPolicy())
-    return client
-
+# ---------------------------------------------------------------- SSH, through Ansible
 
 def _python(host: HostPlan) -> str:
     interpreter = host.vars.get("ansible_python_interpreter")
@@ -211,106 +170,102 @@ def _python(host: HostPlan) -> str:
     return "python3"
 
 
+class _Answer:
+    """The collector task's outcome on the host, from the run's events."""
+
+    def __init__(self) -> None:
+        self.event = ""
+        self.res: dict[str, Any] = {}
+
+    def __call__(self, event: Mapping[str, Any]) -> bool:
+        name = str(event.get("event", ""))
+        if name in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable"):
+            self.event = name
+            self.res = dict((event.get("event_data") or {}).get("res") or {})
+        return True
+
+
+def _inventory(host: HostPlan, program: Path, timeout: float) -> dict[str, Any]:
+    # The host's ansible_* variables, as the facts run writes them (run/gather.py): the
+    # same connection as every other run; read-only, so never sudo.
+    entry = {**host.connection,
+             **{k: v for k, v in host.vars.items() if k.startswith("ansible_")},
+             "ansible_python_interpreter": _python(host), "ansible_become": False,
+             "orchestrate_collector_program": str(program),
+             "orchestrate_collector_timeout": max(1, int(timeout))}
+    return {"all": {"hosts": {host.name: entry}}}
+
+
+def _connection_failure(host: HostPlan, where: str, message: str, reach: str) -> CollectError:
+    conn = host.connection
+    address, port = str(conn.get("ansible_host", host.name)), int(conn.get("ansible_port", 22))
+    key = conn.get("ansible_ssh_private_key_file")
+    # What ssh said, without Ansible's preamble ("Data could not be sent ... over ssh: ").
+    said = f"ssh {where}: {message.partition('over ssh: ')[2] or message}".strip()[-500:]
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in message or "Host key for" in message:
+        return CollectError(said, f"{host.name}'s host key changed: if the host was "
+                            f"reinstalled, verify the new key and `ssh-keygen -R "
+                            f"'[{address}]:{port}'`; otherwise treat it as a possible attack")
+    if "Host key verification failed" in message or "No ED25519 host key is known" in message:
+        return CollectError(said, f"{host.name}'s host key is not known here: check it and "
+                            f"add it (`ssh -p {port} {address}` once, or `ssh-keyscan -p {port} "
+                            f"{address} >> ~/.ssh/known_hosts`), or for throwaway hosts set "
+                            "ansible_ssh_common_args: -o StrictHostKeyChecking=no")
+    if "Permission denied" in message:
+        return CollectError(said, f"the host refused the key: check ssh_key "
+                            f"({key or 'none given: ssh agent and default keys'}) and "
+                            f"{conn.get('ansible_user')}'s authorized_keys on {host.name}")
+    return CollectError(said, reach)
+
+
 def run_collector(host: HostPlan, timeout: float = SSH_TIMEOUT, *,
                   configure: Configure = collector_config) -> dict[str, Any]:
-    """Run the collector on `host` over one SSH connection, within `timeout` seconds."""
+    """Run the collector on `host` through Ansible's own connection (one ansible-runner run
+    of playbooks/probe.yml), within `timeout` seconds."""
     conn = host.connection
     address, port = str(conn.get("ansible_host", host.name)), int(conn.get("ansible_port", 22))
     user = conn.get("ansible_user")
-    key = conn.get("ansible_ssh_private_key_file")
     where = f"{user + '@' if user else ''}{address}:{port}"
     reach = (f"check that {host.name} is up and sshd answers there: `ssh -p {port} "
              f"{user + '@' if user else ''}{address} true` from this machine; fix the fleet's "
              "address, ssh_port, ssh_user or ssh_key")
-    deadline = time.monotonic() + timeout
-    client = _client(host)
-    try:
-        try:
-            # Half the time for the banner: when the banner's wait and the handshake's run
-            # out together, paramiko says "No existing session" instead of naming the
-            # banner that never came.
-            client.connect(address, port=port, username=user,
-                           key_filename=str(Path(key).expanduser()) if key else None,
-                           look_for_keys=not key, timeout=timeout,
-                           banner_timeout=timeout / 2, auth_timeout=timeout)
-        except paramiko.BadHostKeyException as exc:
-            raise CollectError(f"ssh {where}: {exc}",
-                               f"{host.name}'s host key changed: if the host was reinstalled, "
-                               f"verify the new key and `ssh-keygen -R '[{address}]:{port}'`; "
-                               "otherwise treat it as a possible attack") from None
-        except paramiko.AuthenticationException as exc:
-            raise CollectError(f"ssh {where}: {exc}",
-                               f"the host refused the key: check ssh_key "
-                               f"({key or 'none given: ssh agent and default keys'}) and "
-                               f"{user}'s authorized_keys on {host.name}") from None
-        except paramiko.SSHException as exc:
-            if "known_hosts" in str(exc):
-                raise CollectError(
-                    f"ssh {where}: {exc}",
-                    f"{host.name}'s host key is not known here: check it and add it "
-                    f"(`ssh -p {port} {address}` once, or ssh-keyscan), or for throwaway "
-                    "hosts set ansible_ssh_common_args: -o StrictHostKeyChecking=no") from None
-            raise CollectError(f"ssh {where}: {exc}", reach) from None
-        except (OSError, EOFError) as exc:
-            raise CollectError(f"ssh {where}: {type(exc).__name__}: {exc}", reach) from None
-        # What is left after connecting, less a few seconds, so that the collector's own
-        # report of what ran out of time still gets back.
-        program = collector_program(configure(
-            host, max(1.0, deadline - time.monotonic() - 5.0)))
-        rc, out, err = _execute(client, f"{shlex.quote(_python(host))} -", program, deadline)
-    except TimeoutError:
+    # Ansible's start and the connection come first: the collector gets what is left,
+    # so that its own report of what ran out of time still gets back.
+    started = min(10.0, timeout / 2)
+    with tempfile.TemporaryDirectory(prefix="orchestrate-probe-") as tmp:
+        run_path = Path(tmp)
+        program = run_path / "collector.py"
+        program.write_text(collector_program(configure(host, max(1.0, timeout - started))),
+                           encoding="utf-8")
+        inventory = run_path / "inventory.yml"
+        inventory.write_text(yaml.safe_dump(_inventory(host, program, timeout), sort_keys=False),
+                             encoding="utf-8")
+        answer = _Answer()
+        run_ansible(run_path, PLAYBOOK, [str(inventory)], answer, forks=1,
+                    env={"ANSIBLE_TIMEOUT": str(max(1, int(started)))})
+    res = answer.res
+    if not answer.event or "Timed out after" in str(res.get("msg") or ""):
         raise CollectError(f"ssh {where}: no complete answer within {timeout:.0f} s",
                            f"{reach}; a host under heavy load may need a longer probe "
-                           "timeout") from None
-    except paramiko.SSHException as exc:
-        raise CollectError(f"ssh {where}: {exc}", reach) from None
-    finally:
-        client.close()
-    if rc == 127:
-        raise CollectError(f"ssh {where}: {_python(host)} not found: {err.strip()[-300:]}",
+                           "timeout")
+    if answer.event == "runner_on_unreachable":
+        raise _connection_failure(host, where, str(res.get("msg") or ""), reach)
+    failure = f"{res.get('module_stderr') or ''}{res.get('stderr') or ''}"
+    if answer.event == "runner_on_failed" and (res.get("rc") == 127 or "not found" in failure):
+        raise CollectError(f"ssh {where}: {_python(host)} not found: {failure.strip()[-300:]}",
                            f"install python3 on {host.name} (Ansible needs it too) or set "
                            "ansible_python_interpreter")
     try:
-        evidence = json.loads(out)
+        evidence = json.loads(str(res.get("stdout") or ""))
     except ValueError:
         evidence = None
-    if rc != 0 or not isinstance(evidence, dict):
-        raise CollectError(f"ssh {where}: the probe collector exited {rc}: "
-                           f"{(err or out).strip()[-500:]}",
+    if answer.event != "runner_on_ok" or not isinstance(evidence, dict):
+        said = failure or str(res.get("stdout") or "") or str(res.get("msg") or "")
+        raise CollectError(f"ssh {where}: the probe collector exited {res.get('rc')}: "
+                           f"{said.strip()[-500:]}",
                            f"run `{_python(host)} --version` on {host.name}: the collector "
                            "needs Python 3.9 or newer")
     return evidence
-
-
-def _execute(client: paramiko.SSHClient, command: str, program: str,
-             deadline: float) -> tuple[int, str, str]:
-    transport = client.get_transport()
-    if transport is None:
-        raise paramiko.SSHException("connection closed")
-    channel = transport.open_session(timeout=max(0.1, deadline - time.monotonic()))
-    try:
-        channel.exec_command(command)
-        channel.sendall(program.encode())
-        channel.shutdown_write()
-        out = bytearray()
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            channel.settimeout(left)
-            data = channel.recv(1 << 16)
-            if not data:
-                break
-            out += data
-        err = bytearray()
-        while channel.recv_stderr_ready():
-            err += channel.recv_stderr(1 << 16)
-        if not channel.status_event.wait(max(0.1, deadline - time.monotonic())):
-            raise TimeoutError
-        return (channel.exit_status, out.decode(errors="replace"),
-                err.decode(errors="replace"))
-    finally:
-        channel.close()
 
 
 # ---------------------------------------------------------------- interpretation

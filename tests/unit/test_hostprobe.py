@@ -9,9 +9,10 @@ orchestrator/verify/hostcollect.py.
   Stand-ins, each named so where it is made: torch-check (no torch here), systemctl (no
   systemd as PID 1 here), nvidia-smi (no NVIDIA driver here; it prints a real capture)
   and the NVML module (no libnvidia-ml here).
-* The SSH layer through paramiko with the sandbox's own connection settings: against a
-  stand-in sshd (paramiko's server side on loopback), a port nothing listens on, and a
-  listener that never answers.
+* The SSH layer through Ansible's own connection (playbooks/probe.yml by ansible-runner,
+  the system ssh) with the sandbox's own connection settings: against a stand-in sshd
+  (paramiko's server side on loopback), a port nothing listens on, and a listener that
+  never answers.
 """
 
 from __future__ import annotations
@@ -804,8 +805,8 @@ class StandInSshd:
     class _Server(paramiko.ServerInterface):
         def __init__(self, authorized: paramiko.PKey) -> None:
             self.authorized = authorized
-            self.command = ""
-            self.asked = threading.Event()
+            self.commands: dict[int, str] = {}
+            self.asked = threading.Condition()
 
         def get_allowed_auths(self, username: str) -> str:
             return "publickey"
@@ -819,8 +820,9 @@ class StandInSshd:
                     else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED)
 
         def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
-            self.command = command.decode()
-            self.asked.set()
+            with self.asked:
+                self.commands[channel.get_id()] = command.decode()
+                self.asked.notify_all()
             return True
 
     def __init__(self, authorized: paramiko.PKey, path: str) -> None:
@@ -844,26 +846,30 @@ class StandInSshd:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        # Every session of the connection, one after the other: Ansible's ssh keeps a
+        # master connection (ControlPersist) that later runs open new sessions on.
         transport = paramiko.Transport(conn)
         transport.add_server_key(self.host_key)
         server = self._Server(self.authorized)
         try:
             transport.start_server(server=server)
-            channel = transport.accept(10)
-            if channel is None or not server.asked.wait(10):
-                return
-            self.commands.append(server.command)
-            program = bytearray()
-            while chunk := channel.recv(1 << 16):
-                program += chunk
-            done = subprocess.run(["sh", "-c", server.command], input=bytes(program),
-                                  capture_output=True, env={"PATH": self.path}, timeout=60,
-                                  check=False)
-            channel.sendall(done.stdout)
-            channel.sendall_stderr(done.stderr)
-            channel.send_exit_status(done.returncode)
-            channel.close()
-            transport.join(10)  # until the client hangs up
+            while (channel := transport.accept(30)) is not None:
+                with server.asked:
+                    if not server.asked.wait_for(
+                            lambda: channel.get_id() in server.commands, 10):
+                        return
+                    command = server.commands[channel.get_id()]
+                self.commands.append(command)
+                program = bytearray()
+                while chunk := channel.recv(1 << 16):
+                    program += chunk
+                done = subprocess.run(["sh", "-c", command], input=bytes(program),
+                                      capture_output=True, env={"PATH": self.path},
+                                      timeout=60, check=False)
+                channel.sendall(done.stdout)
+                channel.sendall_stderr(done.stderr)
+                channel.send_exit_status(done.returncode)
+                channel.close()
         except (paramiko.SSHException, OSError, EOFError):
             return
         finally:
@@ -905,13 +911,16 @@ def test_a_dead_host_fails_ssh_while_the_live_one_answers(
     started = time.monotonic()
     results = probe_hosts(plan, timeout=20)
     assert time.monotonic() - started < 20
-    assert sshd.commands == ["python3 -"]  # the program goes over stdin, never argv
+    # One command through Ansible's pipelining: the module, and in it the collector's
+    # program, go over stdin, never argv.
+    assert sshd.commands == ["/bin/sh -c 'python3 && sleep 0'"]
     assert {r.probe: r.status for r in results if r.host == "sandbox-1"} == {
         "gpu": "skip", "gpu_health": "skip", "stack": "pass", "weights": "pass",
         "service": "pass", "listening": "pass"}
     [failed] = [r for r in results if r.host == "sandbox-2"]
     assert (failed.probe, failed.status) == ("ssh", "fail")
-    assert failed.evidence.startswith(f"ssh root@127.0.0.1:{port}: NoValidConnectionsError")
+    assert failed.evidence == (f"ssh root@127.0.0.1:{port}: ssh: connect to host 127.0.0.1 "
+                               f"port {port}: Connection refused")
     assert failed.next_step == (
         f"check that sandbox-2 is up and sshd answers there: `ssh -p {port} root@127.0.0.1 "
         "true` from this machine; fix the fleet's address, ssh_port, ssh_user or ssh_key")
@@ -935,9 +944,9 @@ except CollectError as exc:
 
 
 def test_a_host_that_never_answers_times_out_without_a_traceback() -> None:
-    # Run as its own program: paramiko logs the failure with a traceback, which would reach
-    # the terminal through Python's last-resort log handler (pytest would capture it here).
-    # The listener is accepted by the kernel and never served: no SSH banner ever comes.
+    # Run as its own program, so that anything printed past the error is seen (pytest
+    # would capture it here). The listener is accepted by the kernel and never served: no
+    # SSH banner ever comes.
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", SILENT_HOST], capture_output=True, text=True,
                           timeout=60, check=False, cwd=REPO)
@@ -945,7 +954,7 @@ def test_a_host_that_never_answers_times_out_without_a_traceback() -> None:
     assert done.returncode == 0 and done.stderr == ""
     said, step = done.stdout.splitlines()
     assert said.startswith("ssh root@127.0.0.1:") and said.endswith(
-        ": Error reading SSH protocol banner")
+        ": no complete answer within 1 s")
     assert step.startswith("check that sandbox-1 is up and sshd answers there")
 
 
@@ -961,7 +970,7 @@ def test_host_keys_checked_against_known_hosts(ssh_host: tuple[HostPlan, StandIn
     strict = with_ssh_args(live, f"-o UserKnownHostsFile={known}")
     with pytest.raises(CollectError) as unknown:
         run_collector(strict, timeout=20)
-    assert "not found in known_hosts" in str(unknown.value)
+    assert str(unknown.value).endswith(": Host key verification failed.")
     assert "host key is not known here" in unknown.value.next_step
     # accept-new takes a host it does not know yet.
     assert "listening" in run_collector(
@@ -969,11 +978,17 @@ def test_host_keys_checked_against_known_hosts(ssh_host: tuple[HostPlan, StandIn
         timeout=20)
     known.write_text(sshd.known_hosts_line())
     assert "listening" in run_collector(strict, timeout=20)
-    known.write_text(sshd.known_hosts_line(paramiko.ECDSAKey.generate()))
+    # A host whose key changed: a fresh sshd, as ssh's master connection to the first one
+    # (ControlPersist) would be reused without a look at its key.
     for args in (f"-o UserKnownHostsFile={known}",
                  f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known}"):
+        other = StandInSshd(sshd.authorized, sshd.path)
+        known.write_text(other.known_hosts_line(paramiko.ECDSAKey.generate()))
+        moved = live.model_copy(update={"connection": {**live.connection,
+                                                       "ansible_port": other.port}})
         with pytest.raises(CollectError) as changed:
-            run_collector(with_ssh_args(live, args), timeout=20)
+            run_collector(with_ssh_args(moved, args), timeout=20)
+        other.close()
         assert "host key changed" in changed.value.next_step
 
 
