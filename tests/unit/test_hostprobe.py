@@ -992,6 +992,43 @@ def test_host_keys_checked_against_known_hosts(ssh_host: tuple[HostPlan, StandIn
         assert "host key changed" in changed.value.next_step
 
 
+# Stand-in for the route to a host behind a bastion: ssh's ProxyCommand, piping to the
+# address it is given, and leaving a mark that it was the way in.
+PROXY = """
+import socket, sys, threading
+from pathlib import Path
+Path(sys.argv[3]).write_text(f"{sys.argv[1]}:{sys.argv[2]}")
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+def upstream():
+    while data := sys.stdin.buffer.read1(65536):
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+threading.Thread(target=upstream, daemon=True).start()
+while data := conn.recv(65536):
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+"""
+
+
+def test_the_probe_reaches_a_host_as_ssh_config_says(ssh_host: tuple[HostPlan, StandInSshd],
+                                                     tmp_path: Path) -> None:
+    # The fleet names the host by an alias only the ssh_config file knows, and that file
+    # routes the connection through a proxy command, as a bastion's ProxyJump does: the
+    # probe connects as Ansible does, not by its own reading of the inventory.
+    live, sshd = ssh_host
+    proxy, mark = tmp_path / "proxy.py", tmp_path / "proxied"
+    proxy.write_text(PROXY)
+    config = tmp_path / "ssh_config"
+    config.write_text("Host behind-the-bastion\n  HostName 127.0.0.1\n"
+                      f"  ProxyCommand {sys.executable} {proxy} %h %p {mark}\n")
+    behind = live.model_copy(update={
+        "connection": {**live.connection, "ansible_host": "behind-the-bastion"},
+        "vars": {**live.vars, "ansible_ssh_common_args":
+                 f"-F {config} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"}})
+    assert "listening" in run_collector(behind, timeout=20)
+    assert mark.read_text() == f"127.0.0.1:{sshd.port}"
+
+
 def test_a_refused_key_and_a_missing_python(ssh_host: tuple[HostPlan, StandInSshd],
                                             tmp_path: Path) -> None:
     live, _ = ssh_host
