@@ -206,7 +206,7 @@ def _connection_failure(host: HostPlan, where: str, message: str, reach: str) ->
         return CollectError(said, f"{host.name}'s host key changed: if the host was "
                             f"reinstalled, verify the new key and `ssh-keygen -R "
                             f"'[{address}]:{port}'`; otherwise treat it as a possible attack")
-    if "Host key verification failed" in message or "No ED25519 host key is known" in message:
+    if "Host key verification failed" in message or "host key is known for" in message:
         return CollectError(said, f"{host.name}'s host key is not known here: check it and "
                             f"add it (`ssh -p {port} {address}` once, or `ssh-keyscan -p {port} "
                             f"{address} >> ~/.ssh/known_hosts`), or for throwaway hosts set "
