@@ -89,6 +89,38 @@ def run_role(tmp: Path, hosts: dict[str, dict[str, Any]]) -> tuple[dict[str, Hos
     return results, proc.stdout
 
 
+class ProcessWatch(threading.Thread):
+    """Reads every process's command line on this machine (the host of the run) every few
+    milliseconds while the role runs: which held the token, and that the modelscope
+    client of the private repository was seen at all."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+        self.with_token: set[str] = set()
+        self.clients: set[str] = set()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.005):
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue  # exited meanwhile
+                if TOKEN in args:
+                    self.with_token.add(args)
+                if "download --model orchestrate/private" in args:
+                    self.clients.add(args)
+
+    def __enter__(self) -> ProcessWatch:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join()
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -172,6 +204,8 @@ class Runs:
     served_first: dict[str, list[tuple[str, str | None, int, int]]]
     served_second: dict[str, list[tuple[str, str | None, int, int]]]
     calls_second: list[str]
+    # Command lines seen during the first run: those holding the token, the private client's.
+    watched: ProcessWatch
 
     def dest(self, host: str, index: int = 0) -> Path:
         return Path(self.hosts[host]["model_weights_models"][index]["dest"])
@@ -210,7 +244,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, hub: StandInHub, private_hub:
     }
     private_hub.cut_transfer("orchestrate/private", WEIGHTS, after_bytes=300_000)
     hub.corrupt("orchestrate/corrupt", WEIGHTS, "flip")
-    first, first_report = run_role(root, hosts)
+    with ProcessWatch() as watched:
+        first, first_report = run_role(root, hosts)
     served_first = {name: served(hub, name) for name in PUBLIC}
     served_first["private"] = served(private_hub, "private")
     hub.clear_faults()
@@ -240,7 +275,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, hub: StandInHub, private_hub:
     served_second = {name: served(hub, name) for name in PUBLIC}
     served_second["private"] = served(private_hub, "private")
     return Runs({**hosts, **second_hosts}, first, second, first_report + second_report,
-                served_first, served_second, hub.api_calls + private_hub.api_calls)
+                served_first, served_second, hub.api_calls + private_hub.api_calls, watched)
 
 
 def test_download_from_the_stand_in_hub_is_complete_and_verified(
@@ -279,6 +314,17 @@ def test_private_repository_gets_the_token_and_no_log_shows_it(runs: Runs) -> No
     # The playbook's report holds every task's result and arguments, like ansible-runner's
     # artifacts: the token is not in it.
     assert TOKEN not in runs.reports
+
+
+def test_the_token_is_in_no_process_list(runs: Runs) -> None:
+    """Ansible writes a task's `environment:` into the command that starts its module
+    (/bin/sh -c 'NAME=value python ...'): the token must reach the client another way."""
+    assert runs.first["good"].failures == {}
+    assert runs.watched.clients  # the client of the private repository ran, and was seen
+    assert runs.watched.with_token == set()
+    # The token file lived only while the client ran.
+    home = Path(runs.hosts["good"]["model_weights_models"][0]["dest"]).parents[1] / "ms-home"
+    assert not (home / "api-token").exists()
 
 
 def test_mirror_source_fetches_the_manifest_files(runs: Runs, model_dir: Path) -> None:
