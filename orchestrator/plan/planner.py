@@ -10,6 +10,7 @@ variables are typed per role (orchestrator/plan/rolevars.py).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import shlex
 from collections.abc import Mapping
@@ -90,6 +91,9 @@ class ProbeTarget(_Out):
     tool_call_judged: bool = True
     # Bound to the host's loopback: not reachable from the control machine over HTTP.
     loopback_only: bool = False
+    # Served beyond loopback without an API key by the operator's choice (options.open):
+    # flagged wherever the plan and its report are shown.
+    open: bool = False
 
 
 class HostPlan(_Out):
@@ -133,6 +137,32 @@ def _bind(dep: Deployment, roles: RoleDefaults) -> str:
     Ollama has no authentication) or every interface for vLLM."""
     return dep.options.bind_address or (roles.ollama_host if dep.engine == "ollama"
                                         else "0.0.0.0")
+
+
+def _on_loopback(dep: Deployment, roles: RoleDefaults) -> bool:
+    bind = _bind(dep, roles)
+    try:
+        return bind == "localhost" or ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return False
+
+
+def _open(dep: Deployment, loaded: LoadedFleet, roles: RoleDefaults) -> bool:
+    """Whether `dep` serves beyond loopback without an API key; PlanError unless the
+    operator chose that (options.open): closed by default."""
+    # Ollama has no authentication: an api_key_var there protects nothing.
+    if _on_loopback(dep, roles) or (dep.api_key_var and dep.engine == "vllm"):
+        return False
+    if dep.options.open:
+        return True
+    index = next(i for i, d in enumerate(loaded.fleet.deployments) if d is dep)
+    fixes = ("give it api_key_var (a key in the Vault-encrypted secrets file, made with "
+             "`openssl rand -hex 32`) or " if dep.engine == "vllm" else
+             "bind it to loopback (Ollama has no API key: the default) or ")
+    raise PlanError(f"{loaded.locate(('deployments', index))}: deployment '{dep.name}' "
+                    f"listens on {_bind(dep, roles)} with no API key, open to anyone who "
+                    f"reaches the host: {fixes}set options.open: true to serve it open "
+                    "on purpose")
 
 
 def _ollama_vars(host: ResolvedHost, deployments: list[Deployment],
@@ -1008,7 +1038,8 @@ def _plan_host(host: ResolvedHost, src: Source, deployments: list[Deployment],
                           api_key_var=d.api_key_var,
                           tool_calling=bool(d.options.tool_calling),
                           tool_call_judged=d.model in knowledge.catalog.models,
-                          loopback_only=_bind(d, roles) in ("127.0.0.1", "::1", "localhost"))
+                          loopback_only=_on_loopback(d, roles),
+                          open=_open(d, loaded, roles))
               for d in served]
     return HostPlan(name=host.name, group=group, profile=host.profile,
                     connection=host.connection(), vars=variables, probes=probes, reasons=reasons)

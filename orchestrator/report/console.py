@@ -19,6 +19,9 @@ from orchestrator.verify.bench import BenchReport
 from orchestrator.verify.httpprobe import ProbeReport, ProbeResult
 from orchestrator.verify.liveness import DeploymentStatus
 
+# A deployment served beyond loopback without an API key (options.open).
+OPEN_MARK = "[bold red]OPEN[/bold red]"
+
 
 def plan_table(plan: Plan, console: Console, facts: Mapping[str, str] | None = None) -> None:
     """The plan, a row per host; `facts`: per host, where its facts came from."""
@@ -37,14 +40,16 @@ def plan_table(plan: Plan, console: Console, facts: Mapping[str, str] | None = N
         lines += [f"{t.deployment}: ollama {t.served_model_name} on "
                   f"{host.vars.get('ollama_host')}:{host.vars.get('ollama_port')}"
                   for t in host.probes if t.engine == "ollama"]
-        deployments = "\n".join(lines) or "-"
+        deployments = "\n".join(escape(line) for line in lines) or "-"
+        deployments += "".join(f"\n{OPEN_MARK} {escape(t.deployment)}: no API key, "
+                               "listens beyond loopback" for t in host.probes if t.open)
         conn = host.connection
         # Reasons quote what the hosts reported (GPU names, errors): text, never markup.
-        cells = [host.name, host.profile,
-                 f"{conn['ansible_user']}@{conn['ansible_host']}:{conn['ansible_port']}",
-                 deployments, "\n".join(host.reasons),
-                 *([facts.get(host.name, "-")] if facts is not None else [])]
-        table.add_row(*(escape(c) for c in cells))
+        cells = [escape(c) for c in [
+            host.name, host.profile,
+            f"{conn['ansible_user']}@{conn['ansible_host']}:{conn['ansible_port']}"]]
+        table.add_row(*cells, deployments, escape("\n".join(host.reasons)),
+                      *([escape(facts.get(host.name, "-"))] if facts is not None else []))
     console.print(table)
 
 
@@ -164,14 +169,15 @@ class LiveProgress:
             table.add_column(column)
         for host, s in self.state.items():
             failed = f"[red]{s.failed}[/red]" if s.failed else "0"
-            table.add_row(host, s.play, s.task, str(s.ok), str(s.changed), failed)
+            table.add_row(escape(host), escape(s.play), escape(s.task), str(s.ok),
+                          str(s.changed), failed)
         return table
 
     def __call__(self, event: Progress) -> None:
         if event.kind == "play":
             self.play = event.play
             if not self.live:
-                self.console.print(f"[bold]PLAY[/bold] {event.play}")
+                self.console.print(f"[bold]PLAY[/bold] {escape(event.play)}", highlight=False)
         elif event.host in self.state:
             s = self.state[event.host]
             s.play, s.task = event.play, event.task
@@ -182,8 +188,8 @@ class LiveProgress:
             if event.kind == "failed":
                 s.failed += 1
             if event.kind in ("failed", "unreachable") and not self.live:
-                self.console.print(f"  [red]{event.kind.upper()}[/red] {event.host}: "
-                                   f"{event.task}")
+                self.console.print(f"  [red]{event.kind.upper()}[/red] {escape(event.host)}: "
+                                   f"{escape(event.task)}", highlight=False)
         if self.live:
             self.live.update(self._table())
 
@@ -193,20 +199,21 @@ def run_summary(result: RunResult, console: Console, run_dir: str) -> None:
     for column in ("host", "ok", "changed", "failed", "unreachable", "skipped"):
         table.add_column(column)
     for host, s in sorted(result.stats.items()):
-        table.add_row(host, str(s.ok), str(s.changed),
+        table.add_row(escape(host), str(s.ok), str(s.changed),
                       f"[red]{s.failed}[/red]" if s.failed else "0",
                       f"[red]{s.unreachable}[/red]" if s.unreachable else "0", str(s.skipped))
     console.print(table)
     for failure in result.failures:
         what = "UNREACHABLE" if failure.unreachable else "FAILED"
-        console.print(f"[red]{what}[/red] [bold]{failure.host}[/bold] "
-                      f"({failure.play} / {failure.task}):")
+        console.print(f"[red]{what}[/red] [bold]{escape(failure.host)}[/bold] "
+                      f"({escape(failure.play)} / {escape(failure.task)}):", highlight=False)
         console.print(f"    {failure.message}".replace("\n", "\n    "), markup=False,
                       highlight=False)
     if result.rc != 0 and not result.failures:
         console.print(f"[red]ansible-playbook exited with {result.rc}[/red] ({result.status}) "
-                      f"without a failed task; its output is in {run_dir}/artifacts/ansible/stdout")
-    console.print(f"changed={result.changed_total}  run directory: {run_dir}")
+                      f"without a failed task; its output is in "
+                      f"{escape(run_dir)}/artifacts/ansible/stdout")
+    console.print(f"changed={result.changed_total}  run directory: {escape(run_dir)}")
 
 
 # On every row a stand-in engine answered: its results are the stand-in's, not a model's.
@@ -214,20 +221,22 @@ STANDIN_MARK = "[bold yellow]STAND-IN[/bold yellow]"
 
 
 def probe_table(report: ProbeReport, console: Console) -> None:
-    table = Table(title=f"Probes for '{report.group}'")
+    table = Table(title=escape(f"Probes for '{report.group}'"))
     for column in ("host", "deployment", "probe", "result", "evidence"):
         table.add_column(column, overflow="fold")
     for r in report.results:
         verdict = {"pass": "[green]pass[/green]", "skip": "[yellow]skip[/yellow]",
                    "fail": "[red]FAIL[/red]"}[r.status]
+        # Evidence quotes what the models answered ("[/INST]"): text, never markup.
         evidence = r.evidence if r.passed else f"{r.evidence}\nnext: {r.next_step}"
-        table.add_row(r.host, r.deployment + (f" {STANDIN_MARK}" if r.standin else ""),
-                      r.probe, verdict, evidence)
+        table.add_row(escape(r.host),
+                      escape(r.deployment) + (f" {STANDIN_MARK}" if r.standin else ""),
+                      escape(r.probe), verdict, escape(evidence))
     console.print(table)
     if report.results:
         failed = report.failed_hosts()
         console.print("[green]all probes passed[/green]" if not failed
-                      else f"[red]probes failed on: {', '.join(failed)}[/red]")
+                      else f"[red]probes failed on: {escape(', '.join(failed))}[/red]")
     else:
         console.print("no deployments to probe")
 
@@ -261,8 +270,8 @@ def _ms(value: float | None, digits: int = 1) -> str:
 
 def bench_table(bench: BenchReport, console: Console) -> None:
     w = bench.workload
-    table = Table(title=f"Benchmark of '{bench.group}': {w.requests} requests per level, "
-                        f"{w.input_tokens} words in, {w.output_tokens} tokens out")
+    table = Table(title=escape(f"Benchmark of '{bench.group}': {w.requests} requests per "
+                               f"level, {w.input_tokens} words in, {w.output_tokens} tokens out"))
     for column in ("host", "deployment", "conc.", "req/s", "out tok/s", "TTFT p50/p95/p99 ms",
                    "ITL p50/p95/p99 ms", "errors"):
         table.add_column(column, overflow="fold")
@@ -270,13 +279,13 @@ def bench_table(bench: BenchReport, console: Console) -> None:
         name = escape(f"{d.deployment} ({d.engine})") + (f" {STANDIN_MARK}" if d.standin
                                                          else "")
         if d.skipped:
-            table.add_row(d.host, name, "-", "-", "-", "-", "-",
+            table.add_row(escape(d.host), name, "-", "-", "-", "-", "-",
                           f"[red]skipped[/red]: {escape(d.skipped)}")
         for lv in d.levels:
             t, i = lv.ttft_ms, lv.itl_ms
             errors = (f"[red]{lv.errors}/{lv.requests}[/red] {escape(lv.error_messages[0])}"
                       if lv.errors else f"0/{lv.requests}")
-            table.add_row(d.host, name, str(lv.concurrency),
+            table.add_row(escape(d.host), name, str(lv.concurrency),
                           f"{lv.requests_per_s:.2f}",
                           f"{lv.output_tokens_per_s:.1f} ({lv.tokens_from})",
                           f"{_ms(t.p50)}/{_ms(t.p95)}/{_ms(t.p99)}",
@@ -290,14 +299,15 @@ def bench_table(bench: BenchReport, console: Console) -> None:
 
 
 def mirror_table(staged: list[Staged], directory: str, console: Console) -> None:
-    table = Table(title=f"Mirror {directory}")
+    table = Table(title=escape(f"Mirror {directory}"))
     for column in ("model", "origin", "deployments", "files", "size", "from origin now"):
         table.add_column(column, overflow="fold")
     for s in staged:
-        table.add_row(s.key, escape(s.origin), ", ".join(s.deployments), str(s.files),
+        table.add_row(escape(s.key), escape(s.origin), escape(", ".join(s.deployments)),
+                      str(s.files),
                       f"{s.total_bytes} B ({s.total_bytes / 2**30:.2f} GiB)",
                       f"{s.origin_bytes} B" + (" (already staged)" if s.already_staged else "")
-                      + (f" (fetched again, damaged: {', '.join(s.repaired)})"
+                      + escape(f" (fetched again, damaged: {', '.join(s.repaired)})"
                          if s.repaired else ""))
     console.print(table)
     console.print(f"bytes taken from the origin by this run: "
@@ -308,21 +318,21 @@ def mirror_packages(stacks: list[WheelStack], archives: list[OllamaArchive], dir
                     console: Console) -> None:
     """The wheels and Ollama archives `orchestrate mirror` staged beside the weights."""
     if stacks:
-        table = Table(title=f"Wheels {directory}/{WHEELS}")
+        table = Table(title=escape(f"Wheels {directory}/{WHEELS}"))
         for column in ("python", "requirements", "torch index", "hosts", "this run"):
             table.add_column(column, overflow="fold")
         for s in stacks:
             table.add_row(s.python_version, escape(", ".join(s.requirements)),
-                          escape(s.index or "PyPI"), ", ".join(s.hosts),
+                          escape(s.index or "PyPI"), escape(", ".join(s.hosts)),
                           "already staged, nothing downloaded" if s.already_staged
                           else "downloaded")
         console.print(table)
     if archives:
-        table = Table(title=f"Ollama {directory}/{OLLAMA}")
+        table = Table(title=escape(f"Ollama {directory}/{OLLAMA}"))
         for column in ("archive", "sha256", "hosts", "from origin now"):
             table.add_column(column, overflow="fold")
         for a in archives:
-            table.add_row(escape(a.path), a.sha256, ", ".join(a.hosts),
+            table.add_row(escape(a.path), escape(a.sha256), escape(", ".join(a.hosts)),
                           f"{a.origin_bytes} B" + (" (already staged)" if a.already_staged
                                                    else f" from {escape(a.url)}"))
         console.print(table)

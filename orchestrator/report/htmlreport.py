@@ -164,6 +164,8 @@ def render_report(*, command: str, run_id: str, plan: Plan, probes: ProbeReport 
                        f"{conn.get('ansible_port', '?')}",
             "deployments": [(d["name"], command_line(d["args"]))
                             for d in host.vars.get("vllm_deployments", [])],
+            # Served beyond loopback without an API key by the operator's choice.
+            "open": [t.deployment for t in host.probes if t.open],
             "probes": [r for r in probes.results if r.host == host.name] if probes else [],
             "bench": [(d, deployment_charts(d),
                        sorted({server for level in d.levels for server in level.servers}))

@@ -155,7 +155,7 @@ def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = No
             # Not Ollama's loopback default: a published port reaches the container on
             # its network interface, not on its loopback. Only 127.0.0.1 of the control
             # machine publishes it, so nothing outside this machine reaches it.
-            "options": {"bind_address": "0.0.0.0"},
+            "options": {"bind_address": "0.0.0.0", "open": True},
         }]
     fleet = Fleet.model_validate({
         "groups": {GROUP: {
@@ -177,7 +177,10 @@ def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = No
             "engine": "vllm",
             "hosts": GROUP,
             "port": VLLM_PORT,
-            "options": {"max_model_len": 1024, "kv_cache_space_gib": 1, "tool_calling": True},
+            # Without a secrets file open on purpose, as the Ollama deployment: only the
+            # control machine's 127.0.0.1 publishes the containers' ports.
+            "options": {"max_model_len": 1024, "kv_cache_space_gib": 1, "tool_calling": True,
+                        **({} if secrets_file else {"open": True})},
             **({"api_key_var": API_KEY_VAR} if secrets_file else {}),
         }, *ollama_deployments],
         **({"secrets": str(secrets_file)} if secrets_file else {}),

@@ -41,5 +41,7 @@ def init(options: InitOptions) -> InitResult:
                          "carries; reinstall with `pip install <checkout>`")
     path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
     return InitResult(path=str(path), overwrote=existed,
-                      next="edit the hosts and deployments, then "
-                           "`orchestrate plan --hosts gpu-cluster`")
+                      next="create the API key's Vault-encrypted secrets file next to it "
+                           "(`ansible-vault create secrets.vault.yml`, one line "
+                           "`vault_qwen7b_api_key: <openssl rand -hex 32>`), edit the hosts "
+                           "and deployments, then `orchestrate plan --hosts gpu-cluster`")

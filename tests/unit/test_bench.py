@@ -482,7 +482,7 @@ groups:
       h1: {{address: 127.0.0.1}}
 deployments:
   - {{name: tiny, model: Qwen/Qwen2.5-0.5B-Instruct, served_model_name: m, engine: vllm,
-     hosts: g, port: {port}}}
+     hosts: g, port: {port}, options: {{open: true}}}}
 """)
     return path
 

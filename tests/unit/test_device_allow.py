@@ -181,6 +181,7 @@ deployments:
     hosts: big
     port: 8000
     nodes: 2
+    options: {open: true}
     ray: {auth_token_var: vault_ray_token, network_interface: ens5}
 """
 

@@ -112,7 +112,7 @@ def write_fleet(path: Path, hosts: dict[str, dict[str, Any]], *,
         "groups": {"g": {"profile": "gpu", **(group or {}), "hosts": hosts}},
         "deployments": [{"name": "chat", "model": "Qwen/Qwen2.5-0.5B-Instruct",
                          "engine": "vllm", "hosts": "g", "port": 8000,
-                         "options": {"max_model_len": 4096}}]}))
+                         "options": {"max_model_len": 4096, "open": True}}]}))
     return path
 
 

@@ -637,7 +637,7 @@ def test_orchestrate_probe_deep_on_a_group_without_gpu_hosts(tmp_path: Path) -> 
     (tmp_path / "fleet.yml").write_text(
         "groups:\n  g:\n    profile: cpu\n    hosts: {h: {address: 127.0.0.1}}\n"
         "deployments:\n  - name: chat\n    model: Qwen/Qwen2.5-0.5B-Instruct\n"
-        "    engine: vllm\n    hosts: g\n    port: 9\n")
+        "    engine: vllm\n    hosts: g\n    port: 9\n    options: {open: true}\n")
     proc = subprocess.run([str(Path(sys.executable).parent / "orchestrate"), "probe",
                            "--hosts", "g", "--no-ssh", "--deep", "--json"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, check=False)

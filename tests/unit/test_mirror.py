@@ -90,10 +90,12 @@ def orchestrate(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProces
 def fleet_yaml(path: Path, *, hub: str, mirror_url: str | None, local_dir: Path | None = None,
                ) -> Path:
     deployments: list[dict[str, Any]] = [
-        {"name": "qwen05", "model": MODEL_ID, "engine": "vllm", "hosts": "gpu", "port": 8000}]
+        {"name": "qwen05", "model": MODEL_ID, "engine": "vllm", "hosts": "gpu", "port": 8000,
+         "options": {"open": True}}]
     if local_dir is not None:
         deployments.append({"name": "local", "model": "orchestrate/local", "engine": "vllm",
-                            "hosts": "gpu", "port": 8001, "model_dir": str(local_dir)})
+                            "hosts": "gpu", "port": 8001, "model_dir": str(local_dir),
+                            "options": {"open": True}})
     fleet: dict[str, Any] = {
         "groups": {"gpu": {"profile": "cpu", "hosts": {
             "host-a": {"address": "127.0.0.1"}, "host-b": {"address": "127.0.0.1"}}}},
@@ -617,7 +619,7 @@ def test_up_stages_only_when_its_run_changes_hosts_weights(write: Any) -> None:
                        "modelscope_endpoint": "http://127.0.0.1:9", **extra},
             "groups": {"gpu": {"profile": "cpu", "hosts": {"h": {"address": "10.0.0.1"}}}},
             "deployments": [{"name": "q", "model": MODEL_ID, "engine": "vllm",
-                             "hosts": "gpu", "port": 8000}]})))
+                             "hosts": "gpu", "port": 8000, "options": {"open": True}}]})))
         return loaded, make_plan(loaded, "gpu", load_knowledge(), load_cuda_compat(), stages)
 
     def stage(loaded: Any, plan: Any, check: bool) -> list[Any]:

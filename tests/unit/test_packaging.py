@@ -73,7 +73,7 @@ def test_the_sandbox_and_the_mirrors_downloads_name_their_extra(tmp_path: Path) 
     (tmp_path / "mirror-fleet.yml").write_text(yaml.safe_dump({
         "groups": {"g": {"profile": "cpu", "hosts": {"h": {"address": "10.0.0.1"}}}},
         "deployments": [{"name": "q", "model": "Qwen/Qwen2.5-0.5B-Instruct", "engine": "vllm",
-                         "hosts": "g", "port": 8000}]}))
+                         "hosts": "g", "port": 8000, "options": {"open": True}}]}))
     sandbox, mirror, plan = without_extras(
         tmp_path, ["up", "--hosts", "sandbox"],
         ["mirror", "--hosts", "g", "-f", "mirror-fleet.yml", "--no-wheels", "--no-ollama"],

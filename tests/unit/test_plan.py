@@ -99,8 +99,10 @@ groups:
     gpu: {name: NVIDIA H100 80GB HBM3, count: 1}
     hosts: {h100-02: {address: 10.0.0.22}}
 deployments:
-  - {name: big, model: Qwen/Qwen2.5-72B-Instruct, engine: vllm, hosts: big, port: 8000}
-  - {name: small, model: Qwen/Qwen2.5-72B-Instruct, engine: vllm, hosts: small, port: 8000}
+  - {name: big, model: Qwen/Qwen2.5-72B-Instruct, engine: vllm, hosts: big, port: 8000,
+     options: {open: true}}
+  - {name: small, model: Qwen/Qwen2.5-72B-Instruct, engine: vllm, hosts: small, port: 8000,
+     options: {open: true}}
 """
 
 
@@ -120,8 +122,9 @@ def test_a_model_that_does_not_fit_stops_the_plan_with_what_would(write) -> None
 
 
 def test_the_operators_flags_win_over_the_fit(write) -> None:
-    text = FLEET_72B.replace("hosts: big, port: 8000}",
-                             "hosts: big, port: 8000, options: {max_model_len: 4096}}")
+    text = FLEET_72B.replace("hosts: big, port: 8000,\n     options: {open: true}}",
+                             "hosts: big, port: 8000, options: {max_model_len: 4096, "
+                             "open: true}}")
     host = make_plan(load_fleet(write("fleet.yml", text)), "big", load_knowledge(),
                      load_cuda_compat()).hosts[0]
     args = host.vars["vllm_deployments"][0]["args"]
@@ -147,8 +150,10 @@ groups:
     python: {per_deployment: true}
     hosts: {h: {address: 10.0.0.5}}
 deployments:
-  - {name: chat, model: Qwen/Qwen2.5-7B-Instruct, engine: vllm, hosts: g, port: 8000}
-  - {name: coder, model: Qwen/Qwen2.5-Coder-7B-Instruct, engine: vllm, hosts: g, port: 8001}
+  - {name: chat, model: Qwen/Qwen2.5-7B-Instruct, engine: vllm, hosts: g, port: 8000,
+     options: {open: true}}
+  - {name: coder, model: Qwen/Qwen2.5-Coder-7B-Instruct, engine: vllm, hosts: g, port: 8001,
+     api_key_var: k}
 """)
     host = make_plan(load_fleet(fleet), "g", load_knowledge(), load_cuda_compat()).hosts[0]
     envs = ["/opt/qwen-serve/envs/chat", "/opt/qwen-serve/envs/coder"]
@@ -208,8 +213,10 @@ groups:
     gpu: {name: NVIDIA H100 80GB HBM3, count: 1}
     hosts: {h: {address: 10.0.0.5}}
 deployments:
-  - {name: chat, model: Qwen/Qwen2.5-7B-Instruct, engine: vllm, hosts: g, port: 8000}
-  - {name: coder, model: Qwen/Qwen2.5-Coder-7B-Instruct, engine: vllm, hosts: g, port: 8001}
+  - {name: chat, model: Qwen/Qwen2.5-7B-Instruct, engine: vllm, hosts: g, port: 8000,
+     options: {open: true}}
+  - {name: coder, model: Qwen/Qwen2.5-Coder-7B-Instruct, engine: vllm, hosts: g, port: 8001,
+     api_key_var: k}
 """
 
 
@@ -271,7 +278,8 @@ deployments:
     engine: ollama
     hosts: g
     port: 11434
-    options: {{gguf_file: qwen2.5-0.5b-instruct-q4_k_m.gguf, bind_address: 0.0.0.0}}
+    options: {{gguf_file: qwen2.5-0.5b-instruct-q4_k_m.gguf, bind_address: 0.0.0.0,
+              open: true}}
 """)
     host = make_plan(load_fleet(fleet), "g", load_knowledge(), load_cuda_compat()).hosts[0]
     assert host.vars["ollama_models"] == [{

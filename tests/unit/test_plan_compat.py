@@ -28,7 +28,7 @@ deployments:
     engine: vllm
     hosts: g
     port: 8000
-    options: {{max_model_len: 8192}}
+    options: {{max_model_len: 8192, open: true}}
 """
 
 
@@ -120,6 +120,7 @@ OPTIONS = """\
       enforce_eager: true
       tool_calling: true
       prefix_caching: {caching}
+      open: true
 """
 
 
@@ -128,7 +129,7 @@ def test_every_flag_the_plan_emits_exists_in_every_release_it_may_choose(write,
                                                                         caching: str) -> None:
     # Every option set, so that each flag _vllm_args can emit is on the command line.
     text = FLEET.format(gpu="NVIDIA H100 80GB HBM3", driver='"580.95.05"').replace(
-        "    options: {max_model_len: 8192}\n", OPTIONS.format(caching=caching))
+        "    options: {max_model_len: 8192, open: true}\n", OPTIONS.format(caching=caching))
     args = _host(write("fleet.yml", text)).vars["vllm_deployments"][0]["args"]
     flags = {a for a in args if a.startswith("--")}
     assert {"--enable-auto-tool-choice", "--enforce-eager", "--quantization"} <= flags

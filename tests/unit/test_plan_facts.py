@@ -69,7 +69,7 @@ deployments:
     engine: vllm
     hosts: g
     port: 8000
-    options: {max_model_len: 8192}
+    options: {max_model_len: 8192, open: true}
 """
 
 L4 = ("NVIDIA L4", 23034)
@@ -279,6 +279,7 @@ deployments:
     hosts: big
     port: 8000
     nodes: 2
+    options: {open: true}
 """
 
 

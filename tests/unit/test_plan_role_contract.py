@@ -99,7 +99,7 @@ groups:
     hosts: {c1: {address: 10.0.0.9}}
 deployments:
   - {name: chat, model: Qwen/Qwen2.5-0.5B-Instruct, engine: vllm, hosts: c, port: 8000,
-     options: {env: {VLLM_LOGGING_LEVEL: DEBUG}}}
+     options: {env: {VLLM_LOGGING_LEVEL: DEBUG}, open: true}}
   - {name: local, model: qwen-local, engine: ollama, hosts: c, port: 11434,
      model_dir: /srv/gguf, options: {gguf_file: qwen2.5-0.5b-instruct-q4_k_m.gguf}}
 """

@@ -66,7 +66,7 @@ groups:
     hosts: {gpu-a: {address: 10.0.0.21}, gpu-b: {address: 10.0.0.22}}
 deployments:
   - {name: qwen72b, model: Qwen/Qwen2.5-72B-Instruct, engine: vllm, hosts: big, port: 8000,
-     nodes: 2, ray: {auth_token_var: vault_ray_token}}
+     nodes: 2, ray: {auth_token_var: vault_ray_token}, options: {open: true}}
 """)
     plan = make_plan(load_fleet(fleet), "big", load_knowledge(), load_cuda_compat())
     run = render(plan, tmp_path, "r4")

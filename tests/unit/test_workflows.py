@@ -128,12 +128,12 @@ def write_fleet(path: Path, port: int, ollama_port: int | None = None,
     `ollama_port` where given (bound to every address, so probed over HTTP too)."""
     deployments: list[dict[str, Any]] = [{
         "name": "chat", "model": "Qwen/Qwen2.5-0.5B-Instruct", "engine": "vllm", "hosts": "g",
-        "port": port, "served_model_name": SERVED,
+        "port": port, "served_model_name": SERVED, "options": {"open": True},
         **({"model_dir": str(model_dir)} if model_dir else {})}]
     if ollama_port is not None:
         deployments.append({"name": "chat-ollama", "model": "Qwen/Qwen2.5-0.5B-Instruct",
                             "engine": "ollama", "hosts": "g", "port": ollama_port,
-                            "options": {"bind_address": "0.0.0.0"}})
+                            "options": {"bind_address": "0.0.0.0", "open": True}})
     path.write_text(yaml.safe_dump({
         "groups": {"g": {"profile": "cpu", "hosts": {"h": {"address": "127.0.0.1",
                                                           "ssh_port": CLOSED_PORT}}}},
