@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from orchestrator.facts.hostfacts import HostFacts
-from orchestrator.run.render import ROOT
+from orchestrator.run.render import ROOT, ansible_yaml
 from orchestrator.run.runner import EventInterpreter, Progress, failure_message, run_ansible
 
 PLAYBOOK = "playbooks/facts.yml"
@@ -99,12 +98,12 @@ def gather_facts(hosts: list[GatherHost], run_path: Path, *,
     """Each host's facts, by host name, every host asked for included."""
     run_path = run_path.resolve()
     inventory = run_path / "inventory" / "hosts.yml"
-    inventory.parent.mkdir(parents=True, exist_ok=True)
-    (run_path / "artifacts").mkdir(exist_ok=True)
-    # Plain YAML of plain values, as render.py writes the stages' inventory.
-    inventory.write_text(yaml.safe_dump(_inventory(hosts), sort_keys=False,
-                                        default_flow_style=False, width=100),
-                         encoding="utf-8")
+    # The operator's alone: the inventory names hosts, users and keys.
+    run_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    inventory.parent.mkdir(mode=0o700, exist_ok=True)
+    (run_path / "artifacts").mkdir(mode=0o700, exist_ok=True)
+    # The fleet's values as data (!unsafe), as render.py writes the stages' inventory.
+    inventory.write_text(ansible_yaml(_inventory(hosts)), encoding="utf-8")
     # The operator's inventory first, so that its group_vars apply and ours win.
     inventories = ([str(operator_inventory.resolve())] if operator_inventory else []) \
         + [str(inventory)]
@@ -117,7 +116,7 @@ def gather_facts(hosts: list[GatherHost], run_path: Path, *,
 
     collector = _Collector(on_progress)
     status, rc = run_ansible(run_path, PLAYBOOK, inventories, collector,
-                             cmdline=shlex.join(args), forks=forks,
+                             args=args, forks=forks,
                              env={"ANSIBLE_TIMEOUT": str(CONNECT_TIMEOUT_S)})
     now = dt.datetime.now(dt.UTC)
     result: dict[str, HostFacts] = {}

@@ -8,12 +8,20 @@
       command.txt                   the same run as a plain ansible-playbook command
       artifacts/                    ansible-runner's events and stdout (filled by the run)
 
-No secret is ever written here: keys are referenced by path, never copied.
+No secret is ever written here: keys are referenced by path, never copied. The directory is
+the operator's alone (0700, files 0600): host_vars and the plan name hosts, users and keys.
+
+Every string of the plan reaches Ansible as data, tagged `!unsafe`: a fleet value such as
+"{{ lookup('pipe', ...) }}" is never templated. The only templates written are the planned
+references (_REFERENCES): exact shapes the planner writes on purpose, which read a
+variable or a fact and can run nothing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +85,74 @@ class RunDir:
         return args
 
 
-def _yaml(data: object) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
+# The planned references, each a whole string: a variable by name where the plan puts a
+# secret of the fleet's Vault file (api_key, ray_cluster_auth_token: only the plan writes
+# there, from names the fleet validates as identifiers); elsewhere a ray_cluster variable
+# (with its role default; a path below it), a host's address fact, alone or as ADDRESS:PORT, or the
+# controller's Python.
+_SECRET_KEYS = frozenset({"api_key", "ray_cluster_auth_token"})
+_SECRET_REFERENCE = re.compile(r"\{\{ [A-Za-z_][A-Za-z0-9_]* \}\}")
+_ROLE_VARIABLE = r"\{\{ ray_cluster_[a-z_]+(?: \| default\((?:[0-9]+|'[A-Za-z0-9_./-]*')\))? \}\}"
+_ADDRESS_FACT = (r"\{\{ ansible_facts\[ray_cluster_network_interface \| replace\('-', '_'\)\]"
+                 r"\['ipv4'\]\['address'\] \}\}")
+_DEFAULT_ROUTE = r"\{\{ ansible_facts\['default_ipv4'\]\['interface'\] \| default\(''\) \}\}"
+_NAME = re.compile(r"[A-Za-z0-9_.@:/+-]+")
+# The controller's own Python, the usual interpreter of a local connection.
+_CONTROLLER_PYTHON = r"\{\{ ansible_playbook_python \}\}"
+_REFERENCES = re.compile(f"{_ROLE_VARIABLE}(?:/[A-Za-z0-9_.-]+)*|{_DEFAULT_ROUTE}"
+                         f"|{_CONTROLLER_PYTHON}|{_ADDRESS_FACT}(?::{_ROLE_VARIABLE})?")
+
+
+class _Unsafe(str):
+    """A string Ansible must take as data: written with the !unsafe tag."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Unsafe, lambda dumper, value: dumper.represent_scalar(
+    "!unsafe", str(value)))
+
+
+def _planned_reference(key: str | None, value: str) -> bool:
+    return bool(_REFERENCES.fullmatch(value)
+                or (key in _SECRET_KEYS and _SECRET_REFERENCE.fullmatch(value)))
+
+
+def as_data(value: object, key: str | None = None) -> object:
+    """`value` with every string tagged !unsafe, but for the planned references; mapping
+    keys too unless they are plain names (kept readable: a name templates to itself)."""
+    if isinstance(value, str):
+        return value if _planned_reference(key, value) else _Unsafe(value)
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) and _NAME.fullmatch(k) else as_data(k):
+                as_data(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_data(item, key) for item in value]
+    return value
+
+
+def ansible_yaml(data: object) -> str:
+    """YAML for Ansible's inventory: every string data (as_data)."""
+    return yaml.dump(as_data(data), Dumper=_Dumper, sort_keys=False,
+                     default_flow_style=False, width=100)
+
+
+def comment(text: str) -> str:
+    """`text` as the body of one YAML comment line: a line break in it would end the
+    comment and start YAML of its own."""
+    return " ".join(str(text).splitlines())
+
+
+_jinja.filters["comment"] = comment
+
+
+def _write(path: Path, text: str) -> None:
+    """A new file of the run directory, readable by its owner only from the start."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w",
+                   encoding="utf-8") as out:
+        out.write(text)
 
 
 def new_run_id(now: dt.datetime, command: str) -> str:
@@ -90,8 +164,9 @@ def make_run_dir(plan: Plan, runs_root: Path, run_id: str) -> Path:
     a playbook or without: probe, bench) keeps what it did."""
     # Absolute: ansible-runner runs ansible-playbook from the project directory.
     path = (runs_root / run_id).resolve()
-    path.mkdir(parents=True)
-    (path / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    runs_root.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700)
+    _write(path / "plan.json", plan.model_dump_json(indent=2) + "\n")
     return path
 
 
@@ -101,8 +176,9 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
     """Write the run directory for `plan`; stage selection becomes tags on site.yml."""
     path = make_run_dir(plan, runs_root, run_id)
     inventory = path / "inventory"
-    (inventory / "host_vars").mkdir(parents=True)
-    (path / "artifacts").mkdir()
+    inventory.mkdir(mode=0o700)
+    (inventory / "host_vars").mkdir(mode=0o700)
+    (path / "artifacts").mkdir(mode=0o700)
     hosts = {h.name: h.connection for h in plan.hosts}
     children: dict[str, object] = {plan.group: {"hosts": hosts}}
     if plan.ray_cluster is not None:
@@ -110,19 +186,16 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
         ray = plan.ray_cluster
         children["ray_cluster_members"] = {"hosts": {name: {} for name in ray.members}}
         children["ray_head"] = {"hosts": {ray.head: {}}}
-    (inventory / "hosts.yml").write_text(
-        _jinja.get_template("inventory.yml.j2").render(
-            group=plan.group, run_id=run_id, ray_cluster=plan.ray_cluster,
-            hosts_yaml=_yaml({"all": {"children": children}})),
-        encoding="utf-8")
+    _write(inventory / "hosts.yml", _jinja.get_template("inventory.yml.j2").render(
+        group=plan.group, run_id=run_id, ray_cluster=plan.ray_cluster,
+        hosts_yaml=ansible_yaml({"all": {"children": children}})))
     for host in plan.hosts:
-        (inventory / "host_vars" / f"{host.name}.yml").write_text(
-            _jinja.get_template("host_vars.yml.j2").render(
-                host=host, run_id=run_id, vars_yaml=_yaml(host.vars)),
-            encoding="utf-8")
+        _write(inventory / "host_vars" / f"{host.name}.yml",
+               _jinja.get_template("host_vars.yml.j2").render(
+                   host=host, run_id=run_id, vars_yaml=ansible_yaml(host.vars)))
 
     limit_file = path / "limit.txt"
-    limit_file.write_text("".join(f"{h.name}\n" for h in plan.hosts), encoding="utf-8")
+    _write(limit_file, "".join(f"{h.name}\n" for h in plan.hosts))
 
     everything = tuple(plan.stages) == STAGES
     run = RunDir(path=path, run_id=run_id, inventory=inventory, playbook=PLAYBOOK,
@@ -137,7 +210,6 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
     replay = ["ansible-playbook", *[arg for source in run.inventories()
                                     for arg in ("-i", source)],
               str(ROOT / PLAYBOOK), *run.ansible_args()]
-    (path / "command.txt").write_text(
-        f"# Same run by hand, from {ROOT}:\nANSIBLE_CONFIG={ROOT / 'ansible.cfg'} "
-        f"{shlex.join(replay)}\n", encoding="utf-8")
+    _write(path / "command.txt", f"# Same run by hand, from {ROOT}:\nANSIBLE_CONFIG="
+           f"{shlex.quote(str(ROOT / 'ansible.cfg'))} {shlex.join(replay)}\n")
     return run

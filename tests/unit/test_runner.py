@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from pathlib import Path
 
 from orchestrator.plan.planner import STAGES, HostPlan, Plan
@@ -15,7 +16,8 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 def local_plan() -> Plan:
     host = HostPlan(name="local-1", group="test", profile="cpu",
                     connection={"ansible_host": "127.0.0.1", "ansible_connection": "local",
-                                "ansible_python_interpreter": "{{ ansible_playbook_python }}"},
+                                # A path: inventory values are data, never templates.
+                                "ansible_python_interpreter": sys.executable},
                     vars={}, probes=[], reasons=[])
     return Plan(group="test", stages=list(STAGES), hosts=[host])
 
