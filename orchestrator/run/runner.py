@@ -258,12 +258,14 @@ def run_ansible(path: Path, playbook: str, inventories: list[str],
             # what runner adds, so that nothing else is ever written, even if killed.
             runner.config.env = _without_inherited(runner.config.env, environment(env))
             runner.run()
+            pressed = cancelled()
     except ansible_runner.exceptions.AnsibleRunnerException as exc:
         raise OrchestrateError(f"ansible-runner could not start the run in {path}: "
                                f"{exc}") from None
     finally:
         _drop_saved_environment(command)
-    if runner.canceled:
+    # Pressed while the run was ending: runner may not have asked, the operator still did.
+    if runner.canceled or pressed:
         raise Interrupted(f"interrupted (Ctrl-C): Ansible was stopped; what it did is in "
                           f"{path / 'artifacts'}")
     return runner.status, runner.rc

@@ -16,7 +16,13 @@ from orchestrator.mirror import weights as weights_mirror
 from orchestrator.mirror.weights import Staged, Traffic
 from orchestrator.plan.planner import Plan, select_stages
 from orchestrator.run.render import RunDir, new_run_id, render
-from orchestrator.run.runner import HostStats, RunResult, TaskFailure, run_playbook
+from orchestrator.run.runner import (
+    HostStats,
+    Interrupted,
+    RunResult,
+    TaskFailure,
+    run_playbook,
+)
 from orchestrator.verify.hostprobe import probe_all
 from orchestrator.workflows.common import (
     GATHER,
@@ -184,7 +190,15 @@ def _run_stages(plan: Plan, options: UpOptions, events: Events) -> tuple[RunDir,
 
 def up(options: UpOptions, events: Events) -> UpResult:
     """Gather the facts, plan, stage the weights (with a mirror), provision the hosts stage
-    by stage, then probe."""
+    by stage, then probe. Ctrl-C stops it where it is (Ansible cancelled, no probe after
+    it) and raises Interrupted: exit 130."""
+    try:
+        return _up(options, events)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted (Ctrl-C)") from None
+
+
+def _up(options: UpOptions, events: Events) -> UpResult:
     target = options.target
     loaded = load(target)
     stages = select_stages(list(options.only), list(options.skip))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,37 @@ def test_ctrl_c_during_a_run_stops_ansible_and_nothing_after_it_runs(tmp_path: P
 
     assert caught.value.exit_code == 130
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_during_up_skips_the_probes_and_exits_130(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import contextmanager
+
+    from orchestrator.config.fleet import load_fleet
+    from orchestrator.run.runner import Interrupted
+    from orchestrator.workflows import up as up_module
+    from orchestrator.workflows.common import Events, Target
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text(yaml.safe_dump({
+        "groups": {"g": {"profile": "cpu", "hosts": {"h": {"address": "127.0.0.1",
+                                                          "ssh_port": 9}}}},
+        "deployments": [{"name": "chat", "model": "Qwen/Qwen2.5-0.5B-Instruct",
+                         "engine": "vllm", "hosts": "g", "port": 8000,
+                         "options": {"open": True}}]}))
+    probed: list[object] = []
+    monkeypatch.setattr(up_module, "probe_all", lambda *a, **k: probed.append(a))
+
+    @contextmanager
+    def progress(hosts: list[str]) -> Iterator[Callable[[Progress], None]]:
+        def press_ctrl_c(event: Progress) -> None:
+            if event.kind == "play":
+                os.kill(os.getpid(), signal.SIGINT)
+        yield press_ctrl_c
+
+    with pytest.raises(Interrupted) as caught:
+        up_module.up(up_module.UpOptions(
+            Target("g", builtin=load_fleet(fleet), state_dir=tmp_path / "state"),
+            only=("preflight", "verify")), Events(progress=progress))
+
+    assert caught.value.exit_code == 130
+    assert probed == []
