@@ -108,7 +108,8 @@ def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client,
     if target.api_key_var:
         if api_key is None:
             out.append(result("api_key", False,
-                              f"no secret '{target.api_key_var}' in the fleet's secrets file",
+                              f"no secret '{target.api_key_var}' in the fleet's secrets file"
+                              + _keyless(client, f"{url}/v1/models"),
                               f"add {target.api_key_var} to the secrets file (ansible-vault "
                               "edit FILE) and give --vault-password-file"))
             return out
@@ -142,14 +143,19 @@ def _vllm_probes(host: str, target: ProbeTarget, client: httpx.Client,
         out.append(result("models", False, f"GET {url}/v1/models: {exc}",
                           f"the API did not return a model list; {logs}"))
         return out
-    out.append(result("models", target.served_model_name in ids,
-                      f"GET {url}/v1/models -> {models.status_code} {ids}",
+    served = target.served_model_name in ids
+    # Probed, so reachable beyond the host's loopback: without a key, open to anyone.
+    keyless = not target.api_key_var and models.status_code == 200
+    out.append(result("models", served and (target.open or not keyless),
+                      f"GET {url}/v1/models -> {models.status_code} {ids}"
+                      + (_OPEN_EVIDENCE.format(url=url, why=_why(target)) if keyless else ""),
                       f"expected '{target.served_model_name}' to be served; check "
-                      f"--served-model-name in `systemctl cat {unit}` on {host}"))
-    if quick:
-        return out
+                      f"--served-model-name in `systemctl cat {unit}` on {host}" if not served
+                      else _OPEN_FIX))
     if target.api_key_var:
         out.append(_api_key_probe(url, client, result, unit, host))
+    if quick:
+        return out
 
     body = {"model": target.served_model_name, "temperature": 0, "max_tokens": 16,
             "messages": [{"role": "user", "content": CHAT_PROMPT}]}
@@ -215,6 +221,27 @@ def _tool_probe(url: str, target: ProbeTarget, client: httpx.Client,
                   evidence,
                   "tool calling is not served as planned: check --enable-auto-tool-choice "
                   f"and --tool-call-parser in the unit's command line; {logs}")
+
+
+_OPEN_EVIDENCE = "; answered with no API key: OPEN to anyone who reaches {url} ({why})"
+_OPEN_FIX = ("give the deployment an api_key_var or bind it to loopback, or set options.open: "
+             "true if it is meant to be open")
+
+
+def _why(target: ProbeTarget) -> str:
+    return "options.open" if target.open else "not planned open"
+
+
+def _keyless(client: httpx.Client, url: str) -> str:
+    """What `url` answers without a key: evidence when the key could not be sent."""
+    request = client.build_request("GET", url)
+    request.headers.pop("Authorization", None)
+    try:
+        status = client.send(request).status_code
+    except httpx.HTTPError as exc:
+        return f"; GET {url} without a key: {type(exc).__name__}"
+    return f"; GET {url} without a key -> {status}" + (": the API is OPEN" if status == 200
+                                                       else "")
 
 
 def _api_key_probe(url: str, client: httpx.Client, result: _Results,
@@ -292,9 +319,15 @@ def _ollama_probes(host: str, target: ProbeTarget, client: httpx.Client,
                           f"Ollama does not answer; {logs}"))
         return out
     listed = model in names or f"{model}:latest" in names
-    out.append(result("tags", listed, f"GET {url}/api/tags -> {tags.status_code} {names}",
+    # Ollama has no authentication: answering here, off loopback, it is open to anyone.
+    keyless = tags.status_code == 200
+    out.append(result("tags", listed and (target.open or not keyless),
+                      f"GET {url}/api/tags -> {tags.status_code} {names}"
+                      + (_OPEN_EVIDENCE.format(url=url, why=_why(target)) if keyless else ""),
                       f"'{model}' is not in Ollama's models: rerun the services stage, or "
-                      f"`ollama pull {model}` on {host}"))
+                      f"`ollama pull {model}` on {host}" if not listed
+                      else "bind Ollama to loopback (its default), or set options.open: true "
+                           "if it is meant to be open"))
     if quick or not listed:
         return out
     options = {"temperature": 0, "num_predict": 16}

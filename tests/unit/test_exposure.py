@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from rich.console import Console
 
 from orchestrator.config.fleet import load_fleet
@@ -113,3 +114,13 @@ def test_model_answers_and_fleet_text_are_printed_as_text_not_markup(write) -> N
     plan = _plan(write, FLEET + "    api_key_var: k\n"
                  "    options: {extra_args: ['--chat-template-content-format=[/x]']}\n")
     assert "--chat-template-content-format=[/x]" in _text(lambda c: plan_table(plan, c))
+
+
+def test_pip_conf_which_may_hold_index_credentials_is_root_only() -> None:
+    """Checked on a host by molecule/python_env (verify.yml); here the task as written."""
+    tasks = yaml.safe_load((REPO / "roles" / "python_env" / "tasks" / "main.yml")
+                           .read_text(encoding="utf-8"))
+    [task] = [t for t in tasks if t.get("ansible.builtin.template", {}).get("src")
+              == "pip.conf.j2"]
+    assert task["ansible.builtin.template"]["mode"] == "0600"
+    assert task["ansible.builtin.template"]["owner"] == "root"

@@ -6,22 +6,27 @@ real server is probed in the sandbox end-to-end test.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 
 import httpx
+from rich.console import Console
 
 from orchestrator.plan.planner import HostPlan, Plan, ProbeTarget
+from orchestrator.report.console import probe_table
 from orchestrator.verify.httpprobe import probe_plan
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
-def plan_with(*hosts: str) -> Plan:
+def plan_with(*hosts: str, open: bool = True) -> Plan:
+    """vLLM `d` on each host, without an API key: open on purpose unless `open` is False."""
     return Plan(group="g", stages=["verify"], hosts=[
         HostPlan(name=h, group="g", profile="cpu", connection={}, vars={}, reasons=[],
                  probes=[ProbeTarget(deployment="d", engine="vllm", served_model_name="m",
-                                     base_url=f"http://{h}:8000")]) for h in hosts])
+                                     base_url=f"http://{h}:8000", open=open)])
+        for h in hosts])
 
 
 def stand_in_vllm(*, healthy: bool = True, served: str = "m", content: str = "hello there",
@@ -43,9 +48,9 @@ def stand_in_vllm(*, healthy: bool = True, served: str = "m", content: str = "he
     return handle
 
 
-def run(handler: Handler, *hosts: str):
-    return probe_plan(plan_with(*hosts), client_factory=lambda: httpx.Client(
-        transport=httpx.MockTransport(handler)))
+def run(handler: Handler, *hosts: str, open: bool = True, quick: bool = False):
+    return probe_plan(plan_with(*hosts, open=open), quick=quick,
+                      client_factory=lambda: httpx.Client(transport=httpx.MockTransport(handler)))
 
 
 def test_healthy_server_passes_every_probe() -> None:
@@ -206,12 +211,12 @@ def test_tool_calling_without_the_flag_fails_with_the_servers_words() -> None:
         tool.evidence
 
 
-def ollama_plan(loopback: bool = False) -> Plan:
+def ollama_plan(loopback: bool = False, open: bool = True) -> Plan:
     return Plan(group="g", stages=["verify"], hosts=[
         HostPlan(name="h", group="g", profile="cpu", connection={}, vars={}, reasons=[],
                  probes=[ProbeTarget(deployment="o", engine="ollama",
                                      served_model_name="qwen2.5:7b", base_url="http://h:11434",
-                                     loopback_only=loopback)])])
+                                     loopback_only=loopback, open=open)])])
 
 
 def stand_in_ollama(*, models: tuple[str, ...] = ("qwen2.5:7b",)) -> Handler:
@@ -253,3 +258,54 @@ def test_a_loopback_only_ollama_is_not_probed_over_the_network() -> None:
     report = probe_plan(ollama_plan(loopback=True), client_factory=lambda: httpx.Client(
         transport=httpx.MockTransport(stand_in_ollama())))
     assert report.results == []
+
+
+# --- exposure: an endpoint that answers without a key is flagged ------------------------
+
+
+def test_an_open_endpoint_answering_without_a_key_is_flagged_in_its_evidence() -> None:
+    models = run(stand_in_vllm(), "h1").results[1]
+    assert models.passed and "OPEN to anyone who reaches http://h1:8000 (options.open)" in \
+        models.evidence
+
+
+def test_an_endpoint_beyond_loopback_answering_without_a_key_not_planned_open_fails() -> None:
+    for quick in (False, True):
+        models = run(stand_in_vllm(), "h1", open=False, quick=quick).results[1]
+        assert (models.probe, models.passed) == ("models", False)
+        assert "answered with no API key: OPEN" in models.evidence
+        assert models.next_step and "api_key_var" in models.next_step
+
+
+def test_a_planned_key_not_enforced_fails_quick_probes_too() -> None:
+    report = probe_plan(keyed_plan(), secrets={"vault_key": "s3cret"}, quick=True,
+                        client_factory=lambda: httpx.Client(transport=httpx.MockTransport(
+                            keyed(stand_in_vllm(), "s3cret", enforce=False))))
+    key = next(r for r in report.results if r.probe == "api_key")
+    assert not key.passed and "no key -> 200" in key.evidence
+
+
+def test_a_missing_secret_still_shows_whether_the_api_answers_without_a_key() -> None:
+    for enforce, said in ((False, "without a key -> 200: the API is OPEN"),
+                          (True, "without a key -> 401")):
+        [result] = run_keyed(keyed(stand_in_vllm(), "s3cret", enforce=enforce), {}).results
+        assert result.probe == "api_key" and not result.passed
+        assert result.evidence.endswith(said)
+
+
+def test_an_ollama_answering_beyond_loopback_is_flagged_and_fails_unless_open() -> None:
+    def tags(open: bool):
+        report = probe_plan(ollama_plan(open=open), client_factory=lambda: httpx.Client(
+            transport=httpx.MockTransport(stand_in_ollama())))
+        return next(r for r in report.results if r.probe == "tags")
+    assert tags(True).passed and "OPEN to anyone" in tags(True).evidence
+    assert not tags(False).passed and "not planned open" in tags(False).evidence
+
+
+def test_probe_evidence_with_markup_is_printed_as_text() -> None:
+    """A chat template's `[/INST]` in an answer made rich raise MarkupError."""
+    report = run(stand_in_vllm(content="[/INST] [bold]hi"), "h1")
+    assert any("[/INST]" in r.evidence for r in report.results)
+    out = io.StringIO()
+    probe_table(report, Console(file=out, width=300))
+    assert "[/INST]" in out.getvalue()
