@@ -3,6 +3,7 @@ systemd specifier or variable; runs keep no environment and stop cleanly on Ctrl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import yaml
 
 from orchestrator.plan.planner import STAGES, HostPlan, Plan
 from orchestrator.run.render import render
-from orchestrator.run.runner import Progress, failure_message, run_playbook
+from orchestrator.run.runner import Progress, RunResult, failure_message, run_playbook
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = {"ansible_host": "127.0.0.1", "ansible_connection": "local",
@@ -241,3 +242,55 @@ def test_ctrl_c_during_up_skips_the_probes_and_exits_130(
 
     assert caught.value.exit_code == 130
     assert probed == []
+
+
+def test_an_unknown_host_key_fails_that_host_at_once_with_the_fix(tmp_path: Path) -> None:
+    """Against a STAND-IN sshd (paramiko's server side on loopback, a host key nobody knows):
+    ssh must not wait for a yes/no nobody types; the host fails, with how to fix it."""
+    import socket
+    import threading
+
+    import paramiko
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    host_key = paramiko.ECDSAKey.generate()
+    transports: list[paramiko.Transport] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            transport = paramiko.Transport(sock)
+            transport.add_server_key(host_key)
+            transports.append(transport)
+            # The client gives up during the key exchange: that ends this connection.
+            with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
+                transport.start_server(server=paramiko.ServerInterface())
+
+    threading.Thread(target=serve, daemon=True).start()
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    host = HostPlan(name="new-host", group="test", profile="cpu", connection={
+        "ansible_host": "127.0.0.1", "ansible_port": port, "ansible_user": "root",
+        "ansible_ssh_common_args": f"-o UserKnownHostsFile={known_hosts} "
+                                   "-o GlobalKnownHostsFile=/dev/null"},
+        vars={}, probes=[], reasons=[])
+    run = render(Plan(group="test", stages=list(STAGES), hosts=[host]), tmp_path / "runs", "hk")
+    run = run.__class__(**{**vars(run), "playbook": playbook(tmp_path, [
+        {"name": "Anything", "ansible.builtin.ping": {}}])})
+    outcome: list[RunResult] = []
+    worker = threading.Thread(target=lambda: outcome.append(run_playbook(run, lambda _: None)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    listener.close()
+    for transport in transports:
+        transport.close()
+
+    assert outcome, "ssh waited for an answer"
+    [failure] = outcome[0].failures
+    assert failure.host == "new-host" and failure.unreachable
+    assert "ssh-keyscan" in failure.message and "known_hosts" in failure.message
