@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import io
 import json
 import os
 import posixpath
@@ -56,6 +57,9 @@ MARGIN_BYTES = 1 << 30
 # client then walks the tree, but one listing is all this module reads to check files.
 LISTING_LIMIT = 3000
 _CHUNK = 1 << 20
+# The one directory the server lists (orchestrator.mirror.packages.WHEELS, which imports
+# this module): pip's find-links.
+_LISTED = "wheels"
 _REPORTED = 5  # failing files named in one error
 
 
@@ -93,12 +97,13 @@ def modelscope_endpoint(settings: MirrorSettings | None) -> str:
 
 def parse_listen(text: str | None, settings: MirrorSettings | None, *,
                  key: str = "--listen") -> tuple[str, int]:
-    """`[HOST:]PORT` to serve on; default every address, on mirror.url's port."""
+    """`[HOST:]PORT` to serve on; default loopback, on mirror.url's port: serving the
+    hosts is the operator's choice of an address they reach (mirror.listen, --listen)."""
     if text is None:
         port = urlsplit(settings.url).port if settings else None
-        return "0.0.0.0", port or DEFAULT_PORT
+        return "127.0.0.1", port or DEFAULT_PORT
     host, _, port_text = text.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]") or "127.0.0.1"
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"'{text}': expected [HOST:]PORT, e.g. 0.0.0.0:{DEFAULT_PORT}",
                           key=key)
@@ -479,10 +484,10 @@ def serving(directory: Path, address: tuple[str, int], log: Callable[[str], None
 
 
 class MirrorServer:
-    """The mirror directory over HTTP, read-only, for the hosts (mirror.url). Directory
-    listings stay on: pip reads a wheels/ directory's listing as find-links."""
+    """The mirror directory over HTTP, read-only (GET and HEAD), for the hosts (mirror.url).
+    Only wheels/ is listed: pip reads its listing as find-links."""
 
-    def __init__(self, directory: Path, host: str = "0.0.0.0", port: int = DEFAULT_PORT, *,
+    def __init__(self, directory: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
                  on_request: Callable[[Request], None] | None = None) -> None:
         if not directory.is_dir():
             raise MirrorError(f"{directory}: no mirror there; `orchestrate mirror` makes it")
@@ -558,11 +563,19 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._answer(super().do_HEAD)
 
+    def list_directory(self, path: str | os.PathLike[str]) -> io.BytesIO | None:
+        # pip reads wheels/ as find-links; no other directory shows what the mirror holds.
+        if Path(path).resolve() == (Path(self.directory) / _LISTED).resolve():
+            return super().list_directory(path)
+        self.send_error(404)
+        return None
+
     def _answer(self, method: Callable[[], None]) -> None:
         self._status, self._sent = 0, 0
-        top = unquote(urlsplit(self.path).path).lstrip("/").split("/", 1)[0]
-        if top.startswith("."):
-            # The client's state (.state/) and anything hidden at the top is not served.
+        # Judged on the path as decoded, before any normalisation: /models/../.state/x
+        # (or %2e%2e, %2f) would otherwise reach the client's state (.state/, 0600).
+        parts = unquote(urlsplit(self.path).path).replace("\\", "/").split("/")
+        if any(part.startswith(".") for part in parts):
             self.send_error(404)
         else:
             method()

@@ -10,6 +10,7 @@ inventory hosts with their own model directories, running the model_weights role
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import pwd
@@ -291,6 +292,55 @@ def test_the_mirror_server_hides_the_clients_state(fan_out: FanOut) -> None:
         assert httpx.get(f"{base}/models/{KEY}/manifest.json").status_code == 200
 
 
+def _raw(port: int, method: str, path: str) -> tuple[int, bytes]:
+    """A request sent as written: httpx would resolve `..` before sending it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path)
+        answer = conn.getresponse()
+        return answer.status, answer.read()
+    finally:
+        conn.close()
+
+
+def test_the_mirror_server_keeps_dot_dot_and_encoded_paths_out_of_the_state(
+        fan_out: FanOut) -> None:
+    state = fan_out.tmp / "mirror" / ".state"
+    secret = next(p for p in state.rglob("*") if p.is_file())
+    inside = secret.relative_to(state).as_posix()
+    with MirrorServer(fan_out.tmp / "mirror", "127.0.0.1", 0) as server:
+        port = server.address[1]
+        for path in (f"/models/../.state/{inside}", f"/models/%2e%2e/.state/{inside}",
+                     f"/models/%2E%2E/%2Estate/{inside}", f"/models%2f..%2f.state/{inside}",
+                     f"/models/{KEY}/..%2f..%2f.state/{inside}",
+                     f"/models/./../.state/{inside}"):
+            assert _raw(port, "GET", path)[0] == 404, path
+
+
+def test_the_mirror_server_lists_no_directory_but_wheels(fan_out: FanOut) -> None:
+    (fan_out.tmp / "mirror" / "wheels").mkdir(exist_ok=True)
+    with MirrorServer(fan_out.tmp / "mirror", "127.0.0.1", 0) as server:
+        port = server.address[1]
+        for path in ("/", "/models/", f"/models/{KEY}/", "/wheels/../"):
+            assert _raw(port, "GET", path)[0] == 404, path
+        assert _raw(port, "GET", "/wheels/")[0] == 200
+
+
+def test_the_mirror_server_is_read_only(fan_out: FanOut) -> None:
+    before = sorted(p.as_posix() for p in (fan_out.tmp / "mirror").rglob("*"))
+    with MirrorServer(fan_out.tmp / "mirror", "127.0.0.1", 0) as server:
+        port = server.address[1]
+        for method in ("PUT", "POST", "DELETE", "PATCH"):
+            assert _raw(port, method, "/models/new.bin")[0] == 501, method
+        assert _raw(port, "HEAD", f"/models/{KEY}/manifest.json")[0] == 200
+    assert sorted(p.as_posix() for p in (fan_out.tmp / "mirror").rglob("*")) == before
+
+
+def test_the_mirror_server_listens_on_loopback_by_default(fan_out: FanOut) -> None:
+    with MirrorServer(fan_out.tmp / "mirror", port=0) as server:
+        assert server.address[0] == "127.0.0.1"
+
+
 @pytest.fixture
 def hub(repo_dir: Path) -> Iterator[StandInHub]:
     with StandInHub() as stand_in:
@@ -433,8 +483,11 @@ def test_mirror_dir_is_relative_to_the_fleet_file(write: Any, tmp_path: Path) ->
 
 def test_listen_address(write: Any) -> None:
     settings = load_fleet(write("fleet.yml", "mirror: {url: 'http://ctl:9001/'}\n")).fleet.mirror
-    assert parse_listen(None, settings) == ("0.0.0.0", 9001)
-    assert parse_listen(None, None) == ("0.0.0.0", 8090)
+    # Loopback unless the operator names an address the hosts reach.
+    assert parse_listen(None, settings) == ("127.0.0.1", 9001)
+    assert parse_listen(None, None) == ("127.0.0.1", 8090)
+    assert parse_listen(":8123", settings) == ("127.0.0.1", 8123)
+    assert parse_listen("0.0.0.0:8123", settings) == ("0.0.0.0", 8123)
     assert parse_listen("127.0.0.1:8123", settings) == ("127.0.0.1", 8123)
     assert parse_listen("[::1]:8123", settings) == ("::1", 8123)
     with pytest.raises(ConfigError, match="--listen: 'ctl:http': expected"):
