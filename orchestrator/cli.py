@@ -453,8 +453,9 @@ def mirror(
     serve: Annotated[bool, typer.Option("--serve", help="Then serve the mirror to the hosts "
                                         "over HTTP until interrupted.")] = False,
     listen: Annotated[str | None, typer.Option(
-        "--listen", help="[HOST:]PORT to serve on (default: mirror.listen, else every "
-                         "address on the port of the fleet's mirror.url).")] = None,
+        "--listen", help="[HOST:]PORT to serve on (default: mirror.listen, else loopback "
+                         "on the port of the fleet's mirror.url; name an address for the "
+                         "hosts to reach it).")] = None,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Re-hash every staged file against its manifest and fetch a "
                          "damaged one again from the origin (staged models are otherwise "

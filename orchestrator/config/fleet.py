@@ -225,8 +225,8 @@ class EngineOptions(Strict):
     tool_call_parser: str = "hermes"
     # vLLM's own default applies when unset.
     prefix_caching: bool | None = None
-    # Where the server listens. Default: vLLM on every address (it has an API key and the
-    # control machine's probes must reach it); Ollama, which has no authentication, on
+    # Where the server listens. Default: vLLM on every address, which the plan allows only
+    # with an API key (api_key_var) or open: true; Ollama, which has no authentication, on
     # loopback only (its HTTP probes are then skipped; the services stage checks it).
     bind_address: BindAddress | None = None
     # Ollama: the GGUF file inside model_dir to import (air-gapped), instead of a pull.
