@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from orchestrator.facts.hostfacts import HostFacts
-from orchestrator.run.render import ROOT, ansible_yaml
+from orchestrator.run.render import ROOT, ansible_yaml, write_private
 from orchestrator.run.runner import EventInterpreter, Progress, failure_message, run_ansible
 
 PLAYBOOK = "playbooks/facts.yml"
@@ -103,16 +103,17 @@ def gather_facts(hosts: list[GatherHost], run_path: Path, *,
     inventory.parent.mkdir(mode=0o700, exist_ok=True)
     (run_path / "artifacts").mkdir(mode=0o700, exist_ok=True)
     # The fleet's values as data (!unsafe), as render.py writes the stages' inventory.
-    inventory.write_text(ansible_yaml(_inventory(hosts)), encoding="utf-8")
+    write_private(inventory, ansible_yaml(_inventory(hosts)))
     # The operator's inventory first, so that its group_vars apply and ours win.
     inventories = ([str(operator_inventory.resolve())] if operator_inventory else []) \
         + [str(inventory)]
     args = ["--limit", GROUP]
     replay = ["ansible-playbook", *[arg for source in inventories for arg in ("-i", source)],
               str(ROOT / PLAYBOOK), *args]
-    (run_path / "command.txt").write_text(
-        f"# Same run by hand, from {ROOT}:\nANSIBLE_CONFIG={ROOT / 'ansible.cfg'} "
-        f"ANSIBLE_TIMEOUT={CONNECT_TIMEOUT_S} {shlex.join(replay)}\n", encoding="utf-8")
+    write_private(run_path / "command.txt",
+                  f"# Same run by hand, from {ROOT}:\nANSIBLE_CONFIG="
+                  f"{shlex.quote(str(ROOT / 'ansible.cfg'))} "
+                  f"ANSIBLE_TIMEOUT={CONNECT_TIMEOUT_S} {shlex.join(replay)}\n")
 
     collector = _Collector(on_progress)
     status, rc = run_ansible(run_path, PLAYBOOK, inventories, collector,

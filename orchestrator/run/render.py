@@ -148,10 +148,11 @@ def comment(text: str) -> str:
 _jinja.filters["comment"] = comment
 
 
-def _write(path: Path, text: str) -> None:
-    """A new file of the run directory, readable by its owner only from the start."""
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w",
-                   encoding="utf-8") as out:
+def write_private(path: Path, text: str) -> None:
+    """A file of a run directory, readable by its owner only from the start."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(text)
 
 
@@ -166,7 +167,7 @@ def make_run_dir(plan: Plan, runs_root: Path, run_id: str) -> Path:
     path = (runs_root / run_id).resolve()
     runs_root.mkdir(parents=True, exist_ok=True)
     path.mkdir(mode=0o700)
-    _write(path / "plan.json", plan.model_dump_json(indent=2) + "\n")
+    write_private(path / "plan.json", plan.model_dump_json(indent=2) + "\n")
     return path
 
 
@@ -186,16 +187,16 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
         ray = plan.ray_cluster
         children["ray_cluster_members"] = {"hosts": {name: {} for name in ray.members}}
         children["ray_head"] = {"hosts": {ray.head: {}}}
-    _write(inventory / "hosts.yml", _jinja.get_template("inventory.yml.j2").render(
+    write_private(inventory / "hosts.yml", _jinja.get_template("inventory.yml.j2").render(
         group=plan.group, run_id=run_id, ray_cluster=plan.ray_cluster,
         hosts_yaml=ansible_yaml({"all": {"children": children}})))
     for host in plan.hosts:
-        _write(inventory / "host_vars" / f"{host.name}.yml",
+        write_private(inventory / "host_vars" / f"{host.name}.yml",
                _jinja.get_template("host_vars.yml.j2").render(
                    host=host, run_id=run_id, vars_yaml=ansible_yaml(host.vars)))
 
     limit_file = path / "limit.txt"
-    _write(limit_file, "".join(f"{h.name}\n" for h in plan.hosts))
+    write_private(limit_file, "".join(f"{h.name}\n" for h in plan.hosts))
 
     everything = tuple(plan.stages) == STAGES
     run = RunDir(path=path, run_id=run_id, inventory=inventory, playbook=PLAYBOOK,
@@ -210,6 +211,6 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
     replay = ["ansible-playbook", *[arg for source in run.inventories()
                                     for arg in ("-i", source)],
               str(ROOT / PLAYBOOK), *run.ansible_args()]
-    _write(path / "command.txt", f"# Same run by hand, from {ROOT}:\nANSIBLE_CONFIG="
+    write_private(path / "command.txt", f"# Same run by hand, from {ROOT}:\nANSIBLE_CONFIG="
            f"{shlex.quote(str(ROOT / 'ansible.cfg'))} {shlex.join(replay)}\n")
     return run

@@ -264,6 +264,7 @@ def run_ansible(path: Path, playbook: str, inventories: list[str],
                                f"{exc}") from None
     finally:
         _drop_saved_environment(command)
+        _owner_only(path / "artifacts")
     # Pressed while the run was ending: runner may not have asked, the operator still did.
     if runner.canceled or pressed:
         raise Interrupted(f"interrupted (Ctrl-C): Ansible was stopped; what it did is in "
@@ -275,6 +276,14 @@ def _without_inherited(started: Mapping[str, str], ours: Mapping[str, str]) -> d
     """`started` less what came from os.environ unchanged and is not in `ours`."""
     return {k: v for k, v in started.items()
             if k in ours or os.environ.get(k) != v}
+
+
+def _owner_only(artifacts: Path) -> None:
+    """runner writes some artifacts (stderr, status, rc) group- and world-readable: they
+    hold what the hosts answered; the run directory is the operator's alone."""
+    for item in [artifacts, *artifacts.rglob("*")]:
+        if not item.is_symlink():
+            item.chmod(item.stat().st_mode & 0o700)
 
 
 def _drop_saved_environment(command_file: Path) -> None:

@@ -79,6 +79,9 @@ def test_gathers_this_machine_and_reports_an_unreachable_host(tmp_path: Path) ->
     assert hosts["gone"]["ansible_become"] is False
     assert "playbooks/facts.yml" in (tmp_path / "run" / "command.txt").read_text()
     assert (tmp_path / "run" / "artifacts" / "ansible" / "stdout").is_file()
+    # The operator's alone: the inventory names hosts, users and keys.
+    for path in [tmp_path / "run", *(tmp_path / "run").rglob("*")]:
+        assert path.stat().st_mode & 0o077 == 0, path
 
 
 def test_per_host_nvidia_smi_and_the_operators_inventory(tmp_path: Path) -> None:
