@@ -107,7 +107,7 @@ class _Unsafe(str):
     """A string Ansible must take as data: written with the !unsafe tag."""
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
     pass
 
 
