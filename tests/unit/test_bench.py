@@ -651,7 +651,10 @@ def named(url: str, deployment: str, engine: str, model: str = "m") -> ProbeTarg
 def test_standin_is_marked_in_the_table_the_json_and_the_report(standin: str,
                                                                 endpoint: str) -> None:
     real = named(endpoint, "tiny", "vllm")
-    fake = named(standin, "qwen-ollama", "ollama", STANDIN_MODEL)
+    # Planned open, as the sandbox plans it: Ollama has no key, and this one answers the
+    # control machine (the probes fail an Ollama reachable so unless it is planned open).
+    fake = named(standin, "qwen-ollama", "ollama", STANDIN_MODEL).model_copy(
+        update={"open": True})
     plan = host_with(real, fake)
     # The probes of the stand-in say what it is; the trivial endpoint has no /health,
     # so the real one is benchmarked without probe results here.
