@@ -574,8 +574,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self._status, self._sent = 0, 0
         # Judged on the path as decoded, before any normalisation: /models/../.state/x
         # (or %2e%2e, %2f) would otherwise reach the client's state (.state/, 0600).
+        # Models may hold dot files of their own (.modelgen.json); only . and .. and the
+        # state directory are kept out.
         parts = unquote(urlsplit(self.path).path).replace("\\", "/").split("/")
-        if any(part.startswith(".") for part in parts):
+        if any(part in (".", "..", STATE) for part in parts):
             self.send_error(404)
         else:
             method()
