@@ -12,6 +12,7 @@ ansible_* variables, ansible.cfg, ~/.ssh/config, ProxyJump bastions and known_ho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shlex
 import tempfile
@@ -47,6 +48,9 @@ SSH_TIMEOUT = 30.0
 # connection's own timeout and the task's timeout may add up past it.
 SSH_GRACE = 10.0
 PLAYBOOK = "playbooks/probe.yml"
+# The probed host's group in the run's inventory: the run is limited to it, so that the
+# rest of an operator's inventory is left alone.
+GROUP = "orchestrate_probe"
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
 # nvml.h nvmlClocksEventReason* bits, by the names nvidia-smi's XML uses.
 _NVML_REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap",
@@ -187,13 +191,16 @@ class _Answer:
 
 def _inventory(host: HostPlan, program: Path, timeout: float) -> dict[str, Any]:
     # The host's ansible_* variables, as the facts run writes them (run/gather.py): the
-    # same connection as every other run; read-only, so never sudo.
+    # same connection as every other run; read-only, so never sudo. An interpreter only
+    # where the plan names one: else the operator's inventory (group_vars) may.
+    interpreter = ({"ansible_python_interpreter": _python(host)}
+                   if "ansible_python_interpreter" in host.vars else {})
     entry = {**host.connection,
              **{k: v for k, v in host.vars.items() if k.startswith("ansible_")},
-             "ansible_python_interpreter": _python(host), "ansible_become": False,
+             **interpreter, "ansible_become": False,
              "orchestrate_collector_program": str(program),
              "orchestrate_collector_timeout": max(1, int(timeout))}
-    return {"all": {"hosts": {host.name: entry}}}
+    return {"all": {"children": {GROUP: {"hosts": {host.name: entry}}}}}
 
 
 def _connection_failure(host: HostPlan, where: str, message: str, reach: str) -> CollectError:
@@ -219,9 +226,11 @@ def _connection_failure(host: HostPlan, where: str, message: str, reach: str) ->
 
 
 def run_collector(host: HostPlan, timeout: float = SSH_TIMEOUT, *,
-                  configure: Configure = collector_config) -> dict[str, Any]:
+                  configure: Configure = collector_config,
+                  operator_inventory: Path | None = None) -> dict[str, Any]:
     """Run the collector on `host` through Ansible's own connection (one ansible-runner run
-    of playbooks/probe.yml), within `timeout` seconds."""
+    of playbooks/probe.yml, reading the operator's inventory first as the stages do),
+    within `timeout` seconds."""
     conn = host.connection
     address, port = str(conn.get("ansible_host", host.name)), int(conn.get("ansible_port", 22))
     user = conn.get("ansible_user")
@@ -241,8 +250,12 @@ def run_collector(host: HostPlan, timeout: float = SSH_TIMEOUT, *,
         inventory.write_text(yaml.safe_dump(_inventory(host, program, timeout), sort_keys=False),
                              encoding="utf-8")
         answer = _Answer()
-        run_ansible(run_path, PLAYBOOK, [str(inventory)], answer, forks=1,
-                    env={"ANSIBLE_TIMEOUT": str(max(1, int(started)))})
+        # The operator's inventory first, so that its group_vars apply and ours win; the
+        # run is limited to this host.
+        inventories = ([str(operator_inventory.resolve())] if operator_inventory else []) \
+            + [str(inventory)]
+        run_ansible(run_path, PLAYBOOK, inventories, answer, args=["--limit", GROUP],
+                    forks=1, env={"ANSIBLE_TIMEOUT": str(max(1, int(started)))})
     res = answer.res
     if not answer.event or "Timed out after" in str(res.get("msg") or ""):
         raise CollectError(f"ssh {where}: no complete answer within {timeout:.0f} s",
@@ -743,9 +756,13 @@ def probe_hosts(plan: Plan, *, timeout: float = SSH_TIMEOUT, workers: int = 16,
 
 def probe_all(plan: Plan, *, ssh_timeout: float = SSH_TIMEOUT, http_timeout: float = 60.0,
               workers: int = 16, secrets: Mapping[str, str] | None = None,
-              collect: Collector = run_collector) -> ProbeReport:
+              collect: Collector | None = None,
+              operator_inventory: Path | None = None) -> ProbeReport:
     """SSH probes and HTTP probes of every host, at the same time; results per host, SSH
-    probes first."""
+    probes first. The SSH probes read `operator_inventory` (the operator's `-i`) as the
+    stages do, unless `collect` replaces them."""
+    if collect is None:
+        collect = functools.partial(run_collector, operator_inventory=operator_inventory)
     with ThreadPoolExecutor(max_workers=1) as side:
         http = side.submit(probe_plan, plan, timeout=http_timeout, workers=workers,
                            secrets=secrets)

@@ -44,8 +44,8 @@ def probe(options: ProbeOptions, events: Events) -> ProbeRun:
     target = options.target
     plan = plan_for(target, facts=CACHED, events=events).plan
     secrets = open_secrets(plan.secrets_file, target.vault_password_file)
-    report = (probe_all(plan, secrets=secrets) if options.ssh
-              else probe_plan(plan, secrets=secrets))
+    report = (probe_all(plan, secrets=secrets, operator_inventory=target.inventory)
+              if options.ssh else probe_plan(plan, secrets=secrets))
     if options.deep:
         events.log("GPU smoke test (playbooks/gpu_smoke.yml) on the GPU hosts")
         smoke = deepprobe.run_smoke(plan, target.runs_root,

@@ -250,7 +250,7 @@ def _up(options: UpOptions, events: Events) -> UpResult:
     run_dir = runs[-1][0]
     probes = None
     if not options.check and "verify" in stages:
-        probes = probe_all(plan, secrets=secrets)
+        probes = probe_all(plan, secrets=secrets, operator_inventory=target.inventory)
     report = save_results(run_dir.path, command="up", plan=plan, probes=probes)
     mirrored = None if settings is None else UpMirror(
         dir=str(mirror_path(settings, target.state_dir)), url=settings.url, models=staged,
