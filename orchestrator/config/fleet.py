@@ -311,6 +311,11 @@ class MirrorSettings(Strict):
     # mirror is served by something else (`orchestrate mirror --serve` under systemd, nginx).
     listen: Annotated[str | None,
                       Field(pattern=r"^((\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):)?[0-9]{1,5}$")] = None
+    # Name of the variable in the fleet's Vault-encrypted secrets file holding the mirror's
+    # token (like api_key_var: only the name is written here). Set: the mirror server
+    # answers 401 without it, and the hosts send it (weights: Authorization: Bearer; pip:
+    # the find-links URL's password, in the environment's 0600 pip.conf).
+    token_var: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
 
 
 class Fleet(Strict):
