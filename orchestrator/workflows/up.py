@@ -12,9 +12,11 @@ from typing import Any
 
 from pydantic import Field
 
+from orchestrator.errors import PlanError
 from orchestrator.mirror import weights as weights_mirror
 from orchestrator.mirror.weights import Staged, Traffic
 from orchestrator.plan.planner import Plan, select_stages
+from orchestrator.run.lock import group_lock
 from orchestrator.run.render import RunDir, new_run_id, render
 from orchestrator.run.runner import (
     HostStats,
@@ -39,8 +41,9 @@ from orchestrator.workflows.common import (
     mirror_path,
     open_secrets,
 )
+from orchestrator.workflows.history import RetrySelection
 from orchestrator.workflows.mirror import stage_for_up
-from orchestrator.workflows.runs import save_results
+from orchestrator.workflows.runs import fleet_file_of, save_results, start_record
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,10 @@ class UpOptions:
     # Called with the group's host names before their facts are gathered (the CLI starts
     # the sandbox's hosts here).
     before_facts: Callable[[list[str]], None] | None = None
+    # --retry-failed: only the hosts that failed in an earlier run (history.retry_selection).
+    retry: RetrySelection | None = None
+    # --break-lock: take the group's lock over whoever holds it.
+    break_lock: bool = False
 
 
 class AnsibleOutcome(Result):
@@ -177,6 +184,26 @@ def _without(plan: Plan, failed: set[str], log: Callable[[str], None]) -> Plan:
                                    "ray_cluster": ray})
 
 
+def _retried(plan: Plan, retry: RetrySelection | None, log: Callable[[str], None]) -> Plan:
+    """`plan` on the hosts to retry only; a Ray cluster keeps all its members or none (it is
+    set up with all of them at once)."""
+    if retry is None:
+        return plan
+    keep = set(retry.hosts)
+    ray = plan.ray_cluster
+    if ray is not None and keep & set(ray.members):
+        keep |= set(ray.members)
+    elif ray is not None:
+        ray = None
+    hosts = [h for h in plan.hosts if h.name in keep]
+    if not hosts:
+        raise PlanError(f"the hosts that failed in run {retry.run_id} "
+                        f"({', '.join(sorted(retry.hosts))}) are no longer in "
+                        f"'{plan.group}': nothing to retry")
+    log(f"retrying run {retry.run_id}'s failed hosts: {', '.join(h.name for h in hosts)}")
+    return plan.model_copy(update={"hosts": hosts, "ray_cluster": ray})
+
+
 def _run_stages(plan: Plan, options: UpOptions, events: Events) -> tuple[RunDir, RunResult]:
     target = options.target
     run_dir = render(plan, target.runs_root, new_run_id(dt.datetime.now(), "up"),
@@ -191,11 +218,28 @@ def _run_stages(plan: Plan, options: UpOptions, events: Events) -> tuple[RunDir,
 def up(options: UpOptions, events: Events) -> UpResult:
     """Gather the facts, plan, stage the weights (with a mirror), provision the hosts stage
     by stage, then probe. Ctrl-C stops it where it is (Ansible cancelled, no probe after
-    it) and raises Interrupted: exit 130."""
-    try:
-        return _up(options, events)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted (Ctrl-C)") from None
+    it) and raises Interrupted: exit 130. One run at a time per group (group_lock: another
+    one holding it is LockHeld, exit 2); the run is recorded in a run directory of its own
+    (run.json, history)."""
+    target = options.target
+    stages = select_stages(list(options.only), list(options.skip))
+    run_id = new_run_id(dt.datetime.now(), "up")
+    with group_lock(target.state_dir, target.hosts, run_id, "up",
+                    break_lock=options.break_lock, log=events.log):
+        record = start_record(target.runs_root, run_id, command="up", group=target.hosts,
+                              fleet_file=fleet_file_of(target), check=options.check,
+                              stages=stages,
+                              retry_of=options.retry.run_id if options.retry else None)
+        events.log(f"recording this run in {record.path}")
+        with record.recording():
+            try:
+                result = _up(options, events)
+            except KeyboardInterrupt:
+                raise Interrupted("interrupted (Ctrl-C)") from None
+            record.finish(passed=result.passed, run_dirs=result.run_dirs,
+                          stats=dict(result.ansible.hosts),
+                          failures=list(result.ansible.failures), probes=result.probes)
+            return result
 
 
 def _up(options: UpOptions, events: Events) -> UpResult:
@@ -212,7 +256,7 @@ def _up(options: UpOptions, events: Events) -> UpResult:
     known = find_facts(target, hosts, options.facts, events).hosts
     log_unreached(known, events.log)
     planned = make_planned(loaded, target.hosts, stages, known)
-    plan = planned.plan
+    plan = _retried(planned.plan, options.retry, events.log)
     # Before any host is changed: a bad file from the origin stops the run here.
     staged = stage_for_up(loaded, target.hosts, plan, check=options.check,
                           state_dir=target.state_dir, log=events.log)
@@ -242,7 +286,7 @@ def _up(options: UpOptions, events: Events) -> UpResult:
             log_unreached(fresh.hosts, events.log)
             planned = make_planned(loaded, target.hosts, stages[cut:],
                                    {**known, **fresh.hosts})
-            plan = planned.plan
+            plan = _retried(planned.plan, options.retry, events.log)
             rest = _without(plan, failed, events.log)
             if rest.hosts:
                 runs.append(_run_stages(rest, options, events))
