@@ -498,23 +498,25 @@ def mirror(
 @app.command()
 def status(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
            as_json: JsonOpt = False, vault_password_file: VaultOpt = None) -> None:
-    """A quick, read-only look: per deployment its systemd unit (state, restarts) over SSH
-    and /health and /v1/models over HTTP, and the group's last run; exit 1 if a deployment
-    is down."""
+    """A quick, read-only look: per deployment its systemd unit (state, restarts), the
+    weights' revision and the vLLM, torch and driver versions (one Ansible run over every
+    host), /health and /v1/models over HTTP, and the group's last run; exit 1 if a
+    deployment is down or hosts run different versions (skew)."""
     with _errors():
         result = status_flow.status(status_flow.StatusOptions(
             _target(hosts, fleet, inventory, vault_password_file)))
     if as_json:
         _emit(result)
     else:
-        report.status_table(result.group, result.deployments, result.unreachable, console)
+        report.status_table(result.group, result.deployments, result.unreachable,
+                            result.skew, console)
         last = result.last_run
         console.print("last run: none in .orchestrate/runs" if last is None else
                       f"last run: {escape(last.run_id)} ({escape(last.command)}, "
                       f"{last.started:%Y-%m-%d %H:%M:%S}): "
                       + {True: "[green]passed[/green]", False: "[red]failed[/red]",
                          None: "no result"}[last.passed], highlight=False)
-    if not result.up:
+    if not result.ok:
         raise typer.Exit(1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from orchestrator.plan.planner import Plan, command_line
 from orchestrator.run.runner import Progress, RunResult
 from orchestrator.verify.bench import BenchReport
 from orchestrator.verify.httpprobe import ProbeReport, ProbeResult
-from orchestrator.verify.liveness import DeploymentStatus
+from orchestrator.verify.liveness import DeploymentStatus, Skew
 
 # A deployment served beyond loopback without an API key (options.open).
 OPEN_MARK = "[bold red]OPEN[/bold red]"
@@ -241,11 +242,32 @@ def probe_table(report: ProbeReport, console: Console) -> None:
         console.print("no deployments to probe")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_OR_NEWLINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def shown(text: str, *, one_line: bool = False) -> str:
+    """Text from a host or a service, safe to print through rich: its markup escaped and
+    its control characters (ANSI escapes, carriage returns; line breaks too when
+    `one_line`, so that no line can pass for another host's) shown as \\xNN, never obeyed."""
+    control = _CONTROL_OR_NEWLINE if one_line else _CONTROL
+    return escape(control.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+
+
+def _release(d: DeploymentStatus) -> str:
+    engine = f"{d.engine} {d.engine_version or '?'}"
+    parts = [engine] + ([f"torch {d.torch_version}"] if d.torch_version else []) + (
+        [f"driver {d.driver_version}"] if d.driver_version else [])
+    return ", ".join(parts)
+
+
 def status_table(group: str, deployments: list[DeploymentStatus],
-                 unreachable: list[ProbeResult], console: Console) -> None:
-    """`orchestrate status`: one row per deployment, its unit and its HTTP answer."""
+                 unreachable: list[ProbeResult], skew: list[Skew], console: Console) -> None:
+    """`orchestrate status`: one row per deployment, its unit, its HTTP answer and the
+    release it runs; then what differs between hosts."""
     table = Table(title=f"Status of '{escape(group)}'")
-    for column in ("host", "deployment", "unit", "state", "restarts", "checks", "up"):
+    for column in ("host", "deployment", "unit", "state", "restarts", "checks", "up",
+                   "model", "release"):
         table.add_column(column, overflow="fold")
     for d in deployments:
         state = "/".join(s for s in (d.active_state, d.sub_state) if s) or "unknown"
@@ -253,13 +275,19 @@ def status_table(group: str, deployments: list[DeploymentStatus],
         checks = "\n".join(f"{r.probe}: {r.evidence}" + (f"\nnext: {r.next_step}"
                                                          if r.next_step else "")
                            for r in failed) or ", ".join(r.probe for r in d.checks) or "-"
+        weights = f"{d.model_id}@{d.revision or '?'}" if d.model_id else None
+        model = "\n".join(x for x in (d.served_model or "not listed", weights) if x)
         table.add_row(escape(d.host), escape(d.deployment), escape(d.unit or "-"),
-                      escape(state), "-" if d.restarts is None else str(d.restarts),
-                      escape(checks), "[green]up[/green]" if d.up else "[red]DOWN[/red]")
+                      shown(state + (f" since {d.since}" if d.since else "")),
+                      "-" if d.restarts is None else str(d.restarts),
+                      shown(checks), "[green]up[/green]" if d.up else "[red]DOWN[/red]",
+                      shown(model), shown(_release(d)))
     console.print(table)
     for r in unreachable:
         console.print(f"[yellow]{escape(r.host)}: SSH did not answer, its units are "
-                      f"unknown[/yellow]: {escape(r.evidence)}", highlight=False)
+                      f"unknown[/yellow]: {shown(r.evidence)}", highlight=False)
+    for found in skew:
+        console.print(f"[red]skew[/red]: {shown(found.line(), one_line=True)}", highlight=False)
     if not deployments:
         console.print("no deployments on these hosts")
 

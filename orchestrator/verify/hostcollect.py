@@ -4,13 +4,15 @@ orchestrator/verify/hostprobe.py sends this file over SSH to the host's `python3
 `main(<config>)` line appended, so it uses the standard library only and runs on
 Python 3.9 (RHEL 9's python3). It judges nothing: it prints one JSON object of raw
 outputs (nvidia-smi or NVML, torch-check, the weights' marker and file sizes,
-`systemctl show`, listening sockets) and the control machine decides pass or fail.
+`systemctl show`, listening sockets; for `status` the weights' identity, the envs'
+package versions and the driver's) and the control machine decides pass or fail.
 It changes nothing on the host and needs no root: model directories are world-readable,
 and `systemctl show` and /proc/net/tcp need no privileges.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib
 import ipaddress
 import json
@@ -225,6 +227,51 @@ def model(entry: dict[str, Any], marker: str) -> dict[str, Any]:
     return out
 
 
+def identity(entry: dict[str, Any], marker: str) -> dict[str, Any]:
+    """The identity (source, model id, revision) the models stage wrote in the weights'
+    completion marker; the file list is left out: `status` sizes nothing."""
+    found = _read_json(os.path.join(str(entry["dest"]), marker))
+    content = found.pop("content", None)
+    if isinstance(content, dict) and isinstance(content.get("identity"), dict):
+        found["identity"] = content["identity"]
+    return {"name": entry["name"], **found}
+
+
+def _metadata_version(path: str) -> str | None:
+    """The Version header of a dist-info METADATA file (the headers end at a blank line)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not line.strip():
+                    break
+                if line.startswith("Version:"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        return None
+    return None
+
+
+def distributions(env: str, names: list[str]) -> dict[str, Any]:
+    """The versions of `names` installed in the environment, from their METADATA: no
+    import of torch (seconds), only a few files read. Two versions mean a leftover
+    dist-info, which is reported as found."""
+    found: dict[str, list[str]] = {}
+    for name in names:
+        pattern = os.path.join(glob.escape(env), "lib", "python3*", "site-packages",
+                               f"{name}-*.dist-info", "METADATA")
+        found[name] = [v for v in map(_metadata_version, sorted(glob.glob(pattern))) if v]
+    return {"path": env, "exists": os.path.isdir(env), "versions": found}
+
+
+def driver(path: str) -> dict[str, Any]:
+    """The loaded NVIDIA kernel module's version line (no nvidia-smi run, no GPU touched)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            return {"path": path, "present": True, "line": handle.readline().strip()}
+    except OSError as exc:
+        return {"path": path, "present": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
 # ---------------------------------------------------------------- services, sockets
 
 def unit(name: str, clock: Clock, limit: float) -> dict[str, Any]:
@@ -273,6 +320,11 @@ def collect(config: dict[str, Any]) -> dict[str, Any]:
         "models": [model(m, config["marker"]) for m in config["models"]],
         "units": [unit(u, clock, limit) for u in config["units"]],
     }
+    # `status` only (liveness.units_config): the full probe reads these its own way.
+    out["identities"] = [identity(m, config["marker"]) for m in config.get("identities", [])]
+    out["distributions"] = [distributions(p, list(config.get("distribution_names", [])))
+                            for p in config.get("distribution_envs", [])]
+    out["driver"] = driver(config["driver_file"]) if config.get("driver_file") else None
     out["gpu"] = gpu(config, clock) if config["gpu"] else None
     out["envs"] = [environment(p, clock, float(config["torch_timeout_s"]))
                    for p in config["envs"]]

@@ -83,9 +83,11 @@ COMMANDS = {c.name: c for c in [
     Command("fit", FitAnswer | FitRefusal, "whether the model fits, how, or what would",
             "0 fits; 2 does not fit, or the question is refused (`refused`); the JSON is "
             "printed in both cases"),
-    Command("status", StatusResult, "each deployment's unit and HTTP answer now, and the "
-                                    "group's last run",
-            "0 every deployment is up; 1 one is down; 2 bad input"),
+    Command("status", StatusResult, "each deployment's unit, HTTP answer and release (weights' "
+                                    "revision, vLLM, torch, driver) now, where hosts differ, "
+                                    "and the group's last run",
+            "0 every deployment is up and no skew; 1 one is down or hosts differ (skew); "
+            "2 bad input"),
     Command("down", DownResult, "the sandbox hosts removed",
             "0; 2 a group other than the sandbox"),
 ]}
