@@ -28,6 +28,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import subprocess
 import sys
@@ -206,8 +207,7 @@ class _Fetch:
 
     def _listing(self, model_id: str, revision: str, ref: str) -> dict[str, dict[str, Any]]:
         """The hub's file list (what the client downloads and checks) as a manifest."""
-        headers = ({"Authorization": f"Bearer {self.token}",
-                    "Cookie": f"m_session_id={self.token}"} if self.token else {})
+        headers = _hub_headers(self.token)
         try:
             answer = httpx.get(f"{self.endpoint}/api/v1/models/{model_id}/repo/files",
                                params={"Revision": revision, "Recursive": "True"},
@@ -272,6 +272,96 @@ class _Fetch:
             if problems:
                 raise MirrorError(_summary(problems))
         return files, sum(int(f["size"]) for f in files.values())
+
+
+def _hub_headers(token: str | None) -> dict[str, str]:
+    # As the modelscope client sends its token: a bearer header and the session cookie.
+    return ({"Authorization": f"Bearer {token}", "Cookie": f"m_session_id={token}"}
+            if token else {})
+
+
+# A revision that names one commit already: git's 40 hex digits (64 in SHA-256 repositories).
+COMMIT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+class HubUnreachable(MirrorError):
+    """The hub did not answer at all (as opposed to answering no)."""
+
+
+def resolve_revision(endpoint: str, model_id: str, revision: str, *, token: str | None,
+                     client: httpx.Client | None = None) -> str | None:
+    """The commit that a moving revision (a branch) of `model_id` names at the hub now; None
+    when `revision` names one commit already (a commit id, or a tag).
+
+    The hub's branches and tags: GET /api/v1/models/{id}/revisions, answering
+    {"Data": {"RevisionMap": {"Branches": [{"Revision", "CreatedAt", ...}], "Tags": [...]}}}
+    (modelscope-hub 0.5.1, _legacy_api.list_revisions_detail, which HubApi's
+    get_model_branches_and_tags_details calls). The commit: the branch entry's "CommitId"
+    where the hub gives one, else the commit its file list at the branch was taken at, which
+    every entry of GET /api/v1/models/{id}/repo/files?Revision=<branch> carries as "Revision"
+    (the listing _listing reads). The client accepts a commit id as --revision."""
+    if COMMIT_ID.fullmatch(revision):
+        return None
+    ref = f"{model_id}@{revision}"
+    http = client or httpx.Client(timeout=60)
+    try:
+        answer = _hub_get(http, f"{endpoint}/api/v1/models/{model_id}/revisions", {},
+                          token, ref, endpoint)
+        found = ((answer.json().get("Data") or {}).get("RevisionMap")
+                 if answer.status_code == 200 and _json_object(answer) else None)
+        if isinstance(found, dict):
+            branches = {str(b.get("Revision")): b for b in found.get("Branches") or []
+                        if isinstance(b, dict)}
+            tags = {str(t.get("Revision")) for t in found.get("Tags") or []
+                    if isinstance(t, dict)}
+            if revision in tags and revision not in branches:
+                return None
+            if revision not in branches:
+                raise MirrorError(
+                    f"{endpoint}: {model_id} has no revision '{revision}' (branches: "
+                    f"{', '.join(sorted(branches)) or 'none'}; tags: "
+                    f"{', '.join(sorted(tags)) or 'none'}); check the deployment's revision")
+            commit = str(branches[revision].get("CommitId") or "")
+            if commit:
+                return commit
+        elif answer.status_code in (401, 403):
+            raise MirrorError(f"{endpoint} answered HTTP {answer.status_code} for {ref}; a "
+                              "private repository needs MODELSCOPE_API_TOKEN in the environment")
+        # A hub without the revisions API (or no commit in it): the file list's.
+        listing = _hub_get(http, f"{endpoint}/api/v1/models/{model_id}/repo/files",
+                           {"Revision": revision, "Recursive": "True"}, token, ref, endpoint)
+    finally:
+        if client is None:
+            http.close()
+    body = listing.json() if _json_object(listing) else {}
+    entries = (body.get("Data") or {}).get("Files") if listing.status_code == 200 else None
+    if not isinstance(entries, list):
+        said = body.get("Message")
+        raise MirrorError(f"{endpoint} answered HTTP {listing.status_code} for {ref}"
+                          f"{': ' + str(said) if said else ''}; check the deployment's model "
+                          "and revision")
+    commits = {str(e.get("Revision")) for e in entries
+               if isinstance(e, dict) and COMMIT_ID.fullmatch(str(e.get("Revision") or ""))}
+    if len(commits) != 1:
+        raise MirrorError(f"{endpoint} names no single commit for {ref} (its file list "
+                          f"gives {len(commits)}); give the deployment a commit id as "
+                          "revision")
+    return commits.pop()
+
+
+def _hub_get(http: httpx.Client, url: str, params: dict[str, str], token: str | None,
+             ref: str, endpoint: str) -> httpx.Response:
+    try:
+        return http.get(url, params=params, headers=_hub_headers(token))
+    except httpx.HTTPError as exc:
+        raise HubUnreachable(f"cannot reach {endpoint} for {ref}: {exc}") from None
+
+
+def _json_object(answer: httpx.Response) -> bool:
+    try:
+        return isinstance(answer.json(), dict)
+    except ValueError:
+        return False
 
 
 def _identity(origin: WeightsOrigin) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from orchestrator.config.fleet import LoadedFleet
 from orchestrator.knowledge.catalog import load_knowledge
 from orchestrator.knowledge.compat import load_cuda_compat
 from orchestrator.knowledge.roles import load_role_defaults
-from orchestrator.mirror import packages
+from orchestrator.mirror import packages, pins
 from orchestrator.mirror import weights as weights_mirror
 from orchestrator.mirror.packages import OllamaArchive, WheelStack
 from orchestrator.mirror.weights import Staged
@@ -23,6 +23,20 @@ from orchestrator.workflows.common import Events, Result, Target, load, mirror_p
 
 def _token() -> str | None:
     return os.environ.get("MODELSCOPE_API_TOKEN") or None
+
+
+def pin_for_up(loaded: LoadedFleet, target: Target, *, update: bool, check: bool,
+               log: Callable[[str], None]) -> pins.Pinned:
+    """The fleet `up` plans from: each moving revision of the group's hub models pinned to
+    the hub's commit (resolved and recorded when it has no pin, or with `update`); --check
+    reads the pins and records none."""
+    if check:
+        return pins.apply(loaded, target.hosts, pins.read_pins(target.state_dir))
+    endpoint = weights_mirror.modelscope_endpoint(loaded.fleet.mirror)
+    return pins.pin_revisions(
+        loaded, target.hosts, target.state_dir, endpoint=endpoint, update=update, log=log,
+        resolve=lambda model, revision: weights_mirror.resolve_revision(
+            endpoint, model, revision, token=_token()))
 
 
 def stage_for_up(loaded: LoadedFleet, hosts: str, plan: Plan, *, check: bool,
@@ -84,7 +98,8 @@ class MirrorResult(Result):
 def mirror(options: MirrorOptions, events: Events) -> MirrorResult:
     """Stage the weights, wheels and Ollama archives the group's hosts need, checked."""
     target = options.target
-    loaded = load(target)
+    # The commits `up` pinned (moving revisions not pinned yet are staged as declared).
+    loaded = pins.apply(load(target), target.hosts, pins.read_pins(target.state_dir)).loaded
     knowledge, gpu_table = load_knowledge(), load_cuda_compat()
     # Refuses what `orchestrate plan` refuses, before anything is downloaded.
     plan = make_plan(loaded, target.hosts, knowledge, gpu_table, roles=load_role_defaults())

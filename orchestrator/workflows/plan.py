@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from orchestrator.plan.planner import Plan
+from orchestrator.mirror import pins
+from orchestrator.plan.planner import Plan, select_stages
 from orchestrator.workflows.common import (
     CACHED,
     GATHER,
@@ -14,7 +15,10 @@ from orchestrator.workflows.common import (
     FactsOrigin,
     FactsPolicy,
     Target,
-    plan_for,
+    find_facts,
+    load,
+    log_unreached,
+    make_planned,
 )
 
 
@@ -42,6 +46,12 @@ def plan(options: PlanOptions, events: Events) -> PlanResult:
                    "last `up` cached; hosts without any are planned from the sandbox "
                    "fleet's declarations")
         policy = CACHED
-    planned = plan_for(options.target, list(options.only), list(options.skip), facts=policy,
-                       events=events)
-    return PlanResult.model_validate({**dict(planned.plan), "facts": planned.origins()})
+    target = options.target
+    # The commits `up` pinned the moving revisions to; plan reads them, asks no hub.
+    pinned = pins.apply(load(target), target.hosts, pins.read_pins(target.state_dir))
+    found = find_facts(target, pinned.loaded.hosts_of(target.hosts), policy, events)
+    log_unreached(found.hosts, events.log)
+    planned = make_planned(pinned.loaded, target.hosts,
+                           select_stages(list(options.only), list(options.skip)), found.hosts)
+    plan = pins.annotate(planned.plan, pinned)
+    return PlanResult.model_validate({**dict(plan), "facts": planned.origins()})

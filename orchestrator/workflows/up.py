@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from orchestrator.errors import PlanError
+from orchestrator.mirror import pins
 from orchestrator.mirror import weights as weights_mirror
 from orchestrator.mirror.weights import Staged, Traffic
 from orchestrator.plan.planner import Plan, select_stages
@@ -42,7 +43,7 @@ from orchestrator.workflows.common import (
     open_secrets,
 )
 from orchestrator.workflows.history import RetrySelection
-from orchestrator.workflows.mirror import stage_for_up
+from orchestrator.workflows.mirror import pin_for_up, stage_for_up
 from orchestrator.workflows.runs import fleet_file_of, save_results, start_record
 
 
@@ -60,6 +61,8 @@ class UpOptions:
     retry: RetrySelection | None = None
     # --break-lock: take the group's lock over whoever holds it.
     break_lock: bool = False
+    # Pin every moving model revision to the hub's commit again (orchestrator.mirror.pins).
+    update_revisions: bool = False
 
 
 class AnsibleOutcome(Result):
@@ -244,7 +247,9 @@ def up(options: UpOptions, events: Events) -> UpResult:
 
 def _up(options: UpOptions, events: Events) -> UpResult:
     target = options.target
-    loaded = load(target)
+    pinned = pin_for_up(load(target), target, update=options.update_revisions,
+                        check=options.check, log=events.log)
+    loaded = pinned.loaded
     stages = select_stages(list(options.only), list(options.skip))
     hosts = loaded.hosts_of(target.hosts)
     secrets = open_secrets(loaded.fleet.secrets, target.vault_password_file)
@@ -256,7 +261,7 @@ def _up(options: UpOptions, events: Events) -> UpResult:
     known = find_facts(target, hosts, options.facts, events).hosts
     log_unreached(known, events.log)
     planned = make_planned(loaded, target.hosts, stages, known)
-    plan = _retried(planned.plan, options.retry, events.log)
+    plan = _retried(pins.annotate(planned.plan, pinned), options.retry, events.log)
     # Before any host is changed: a bad file from the origin stops the run here.
     staged = stage_for_up(loaded, target.hosts, plan, check=options.check,
                           state_dir=target.state_dir, log=events.log)
@@ -286,7 +291,7 @@ def _up(options: UpOptions, events: Events) -> UpResult:
             log_unreached(fresh.hosts, events.log)
             planned = make_planned(loaded, target.hosts, stages[cut:],
                                    {**known, **fresh.hosts})
-            plan = _retried(planned.plan, options.retry, events.log)
+            plan = _retried(pins.annotate(planned.plan, pinned), options.retry, events.log)
             rest = _without(plan, failed, events.log)
             if rest.hosts:
                 runs.append(_run_stages(rest, options, events))

@@ -627,7 +627,9 @@ def test_up_stages_first_and_a_bad_file_from_the_origin_stops_it_before_any_host
                        MODELSCOPE_DOWNLOAD_MAX_RETRIES="0")
     assert proc.returncode == 1
     message = " ".join(proc.stderr.split())
-    assert f"{tmp_path}/mirror/models/{KEY}/files/{WEIGHTS}: missing" in message
+    # `up` pinned master to the stand-in's commit first (orchestrator.mirror.pins).
+    key = KEY.replace("/master", f"/{hub.commit(MODEL_ID)}")
+    assert f"{tmp_path}/mirror/models/{key}/files/{WEIGHTS}: missing" in message
     assert "Hash mismatch" in message and "Traceback" not in message
     # No run directory: no playbook ran, no host was touched.
     assert not (tmp_path / ".orchestrate" / "runs").exists()
