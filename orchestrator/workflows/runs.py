@@ -41,7 +41,7 @@ from orchestrator.run.render import make_run_dir, new_run_id, write_private
 from orchestrator.run.runner import HostStats, Interrupted, TaskFailure
 from orchestrator.verify.bench import BenchReport
 from orchestrator.verify.httpprobe import ProbeReport
-from orchestrator.workflows.common import Result
+from orchestrator.workflows.common import DEFAULT_FLEET, Result, Target
 
 PROBES = "probes.json"
 BENCH = "bench.json"
@@ -347,10 +347,12 @@ class Recorder:
                           duration_s=round((now - self.record.started).total_seconds(), 3),
                           **update)
 
-    def finish(self, *, passed: bool, plans: list[Plan], stats: dict[str, HostStats],
-               failures: list[TaskFailure], probes: ProbeReport | None,
-               run_dirs: list[str]) -> RunRecord:
-        """The run ended: its outcome per host, the release, its playbook runs."""
+    def finish(self, *, passed: bool, run_dirs: list[str], stats: dict[str, HostStats],
+               failures: list[TaskFailure], probes: ProbeReport | None) -> RunRecord:
+        """The run ended: its outcome per host and release (from the plans of its playbook
+        runs, `run_dirs`), and what its playbooks and probes found."""
+        plans = [Plan.model_validate_json((Path(d) / "plan.json").read_text(encoding="utf-8"))
+                 for d in run_dirs]
         return self.end("passed" if passed else "failed",
                         hosts=host_records(plans, stats, failures, probes),
                         changed=sum(s.changed for s in stats.values()),
@@ -371,6 +373,16 @@ class Recorder:
                 self.end("interrupted" if stopped else "error",
                          error=one_line(str(exc)) or type(exc).__name__)
             raise
+
+
+def fleet_file_of(target: Target) -> Path | None:
+    """The fleet file `target` reads (as common.load finds it); None for a built-in fleet or
+    an inventory alone."""
+    if target.builtin is not None:
+        return None
+    if target.fleet is not None:
+        return target.fleet
+    return DEFAULT_FLEET if DEFAULT_FLEET.is_file() else None
 
 
 def start_record(runs_root: Path, run_id: str, *, command: str, group: str,
