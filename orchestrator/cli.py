@@ -246,7 +246,7 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
         target = _target(hosts, fleet, inventory, vault_password_file)
         result = up_flow.up(up_flow.UpOptions(
             target, check=check, only=tuple(only or ()), skip=tuple(skip or ()),
-            facts=policy,
+            facts=policy, update_revisions=update_revisions,
             before_facts=_start_sandbox if target.builtin is not None else None),
             _events(out))
     if result.mirror is not None and result.mirror.models:
