@@ -234,7 +234,11 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
                                            "show changes, make none.")] = False,
        only: OnlyOpt = None, skip: SkipOpt = None, as_json: JsonOpt = False,
        vault_password_file: VaultOpt = None, refresh_facts: RefreshOpt = False,
-       facts_max_age: MaxAgeOpt = "1h", no_gather: NoGatherOpt = False) -> None:
+       facts_max_age: MaxAgeOpt = "1h", no_gather: NoGatherOpt = False,
+       update_revisions: Annotated[bool, typer.Option(
+           "--update-revisions", help="Pin each moving model revision (a branch such as "
+           "master) to the hub's current commit again; by default every run keeps the "
+           "commit the first one pinned (.orchestrate/pins.json).")] = False) -> None:
     """Gather the hosts' facts and plan from them, provision the hosts (stage by stage),
     then probe every deployment. Hosts whose driver the drivers stage installs are gathered
     again after it. With `mirror:` in the fleet, the weights are staged there first
