@@ -525,20 +525,84 @@ def status(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = No
 
 
 @app.command()
-def down(hosts: HostsOpt, as_json: JsonOpt = False) -> None:
-    """Remove the sandbox fleet: its hosts and their state."""
-    def remove() -> list[str]:
-        from orchestrator.sandbox import hosts as sandbox
+def down(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
+         check: Annotated[bool, typer.Option(
+             "--check", help="Show what would be removed on each host; remove nothing.")] = False,
+         yes: Annotated[bool, typer.Option(
+             "--yes", help="Remove without asking (scripts; required without a terminal).")
+         ] = False,
+         purge_env: Annotated[bool, typer.Option(
+             "--purge-env", help="Also remove the Python environment (vLLM, torch, Ray).")
+         ] = False,
+         purge_weights: Annotated[bool, typer.Option(
+             "--purge-weights", help="Also remove the weights and Ollama's models.")] = False,
+         no_gather: NoGatherOpt = False, vault_password_file: VaultOpt = None,
+         as_json: JsonOpt = False) -> None:
+    """Tear down a group (playbooks/teardown.yml): stop and remove the vLLM instances, Ollama
+    and the Ray units `up` installed, their users, state and environment files; the NVIDIA
+    driver, the Python environment and the weights stay unless purged. Shows what it will
+    remove on each host and asks first. `--hosts sandbox` (no fleet file) removes the
+    built-in sandbox's containers."""
+    out = err if as_json else console
+    if _uses_sandbox(hosts, fleet, inventory):
+        def remove() -> list[str]:
+            from orchestrator.sandbox import hosts as sandbox
 
-        return sandbox.down(STATE_DIR / "sandbox", _log)
+            return sandbox.down(STATE_DIR / "sandbox", _log)
+
+        with _errors():
+            given = [name for name, on in (("--check", check), ("--purge-env", purge_env),
+                                            ("--purge-weights", purge_weights)) if on]
+            if given:
+                raise ConfigError(f"the built-in sandbox is removed whole: {given[0]} applies "
+                                  "to a fleet's hosts", key=given[0])
+            result = down_flow.down(down_flow.DownOptions(hosts, remove_sandbox=remove))
+        if as_json:
+            _emit(result)
+        else:
+            console.print(f"removed {escape(', '.join(result.removed))}" if result.removed
+                          else "no sandbox hosts were running")
+        return
+
+    def confirm(found: dict[str, down_flow.HostTeardown]) -> bool:
+        _teardown_lines(found, out, "would remove")
+        return yes or typer.confirm(f"Remove these from {len(found)} host(s) of '{hosts}'?",
+                                    default=False, err=True)
 
     with _errors():
-        result = down_flow.down(down_flow.DownOptions(hosts, SANDBOX, remove))
+        if not (yes or check or sys.stdin.isatty()):
+            raise ConfigError("`down` asks before it removes anything, and there is no "
+                              "terminal to ask on: pass --yes to remove without asking, or "
+                              "--check to only see what would be removed", key="--yes")
+        result = down_flow.down(down_flow.DownOptions(
+            hosts, target=_target(hosts, fleet, inventory, vault_password_file), check=check,
+            purge_env=purge_env, purge_weights=purge_weights, no_gather=no_gather,
+            confirm=confirm), _events(out))
+    if check:
+        _teardown_lines({n: h for n, h in result.hosts.items() if not h.empty}, out,
+                        "would remove")
+    elif result.removed:
+        _teardown_lines({n: result.hosts[n] for n in result.removed}, out, "removed")
+    for failure in result.failures:
+        out.print(f"[red]{escape(failure.host)}[/red]: {escape(failure.task)}: "
+                  f"{escape(failure.message)}", highlight=False, soft_wrap=True)
+    if result.passed and not any(not h.empty for h in result.hosts.values()):
+        out.print(f"nothing to remove on the hosts of '{escape(hosts)}'", highlight=False)
+    out.print(f"run: {escape(result.run_dir or '')}", highlight=False)
     if as_json:
         _emit(result)
-    else:
-        console.print(f"removed {escape(', '.join(result.removed))}" if result.removed
-                      else "no sandbox hosts were running")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def _teardown_lines(found: dict[str, down_flow.HostTeardown], out: Console, verb: str) -> None:
+    """Per host, what the teardown removes (or would)."""
+    for name, host in found.items():
+        out.print(f"[bold]{escape(name)}[/bold] {verb}:", highlight=False)
+        for label, items in (("units", host.units), ("users", host.users),
+                             ("files", host.files)):
+            if items:
+                out.print(f"  {label}: {escape(', '.join(items))}", highlight=False)
 
 
 @app.command()

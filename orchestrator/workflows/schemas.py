@@ -88,8 +88,11 @@ COMMANDS = {c.name: c for c in [
                                     "and the group's last run",
             "0 every deployment is up and no skew; 1 one is down or hosts differ (skew); "
             "2 bad input"),
-    Command("down", DownResult, "the sandbox hosts removed",
-            "0; 2 a group other than the sandbox"),
+    Command("down", DownResult, "per host the units, users and files removed (with "
+                                "--check: what would be); the sandbox: its hosts removed",
+            "0 torn down, shown (--check) or nothing left; 1 a host failed or was not "
+            "reached (nothing removed when the check run failed), or the answer was no; "
+            "2 bad input, or no terminal to ask on and no --yes"),
 ]}
 
 
