@@ -58,9 +58,13 @@ def test_init_then_plan_json(tmp_path: Path) -> None:
     assert '"vllm_requirement": "vllm==0.32.0"' in proc.stdout
 
 
-def test_down_refuses_real_groups(tmp_path: Path) -> None:
-    proc = run(tmp_path, "down", "--hosts", "gpu-cluster")
-    assert proc.returncode == 2 and "sandbox only" in proc.stderr
+def test_down_of_real_hosts_asks_first_and_needs_their_fleet(tmp_path: Path) -> None:
+    # No terminal to ask on: refused before anything runs.
+    proc = subprocess.run([ORCHESTRATE, "down", "--hosts", "gpu-cluster"], cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "pass --yes" in proc.stderr
+    proc = run(tmp_path, "down", "--hosts", "gpu-cluster", "--yes")
+    assert proc.returncode == 2 and "no fleet file here" in proc.stderr
 
 
 FIXTURES = REPO / "tests" / "data" / "nvidia-smi"

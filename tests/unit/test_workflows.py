@@ -270,7 +270,8 @@ def test_down_json_and_its_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     jsonschema.validate(document, schemas.command("down").schema())
-    assert document == {"group": "sandbox", "removed": ["orchestrate-sandbox-1"]}
+    assert document["group"] == "sandbox" and document["sandbox"] is True
+    assert document["removed"] == ["orchestrate-sandbox-1"] and document["hosts"] == {}
     refused = CliRunner().invoke(cli.app, ["down", "--hosts", "g", "--json"])
     assert refused.exit_code == 2 and refused.stdout == ""
 
