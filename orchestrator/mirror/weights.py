@@ -21,8 +21,10 @@ manifest_url from mirror.url); `orchestrate up` serves it for the run when mirro
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
+import hmac
 import http.server
 import io
 import json
@@ -563,11 +565,11 @@ class Traffic:
 
 
 @contextmanager
-def serving(directory: Path, address: tuple[str, int], log: Callable[[str], None]
-            ) -> Iterator[Traffic]:
+def serving(directory: Path, address: tuple[str, int], log: Callable[[str], None], *,
+            token: str | None = None) -> Iterator[Traffic]:
     """Serve the mirror at `address` while the block runs (`up` with mirror.listen)."""
     traffic = Traffic()
-    with MirrorServer(directory, *address, on_request=traffic.add) as server:
+    with MirrorServer(directory, *address, on_request=traffic.add, token=token) as server:
         traffic.address = server.address
         log(f"serving the mirror {directory} on {address[0]}:{server.address[1]} for this run")
         yield traffic
@@ -575,15 +577,18 @@ def serving(directory: Path, address: tuple[str, int], log: Callable[[str], None
 
 class MirrorServer:
     """The mirror directory over HTTP, read-only (GET and HEAD), for the hosts (mirror.url).
-    Only wheels/ is listed: pip reads its listing as find-links."""
+    Only wheels/ is listed: pip reads its listing as find-links. With a `token` (mirror.
+    token_var), every request without it is answered 401: the hosts' downloads send it as
+    `Authorization: Bearer`, pip as the password of the find-links URL (Basic)."""
 
     def __init__(self, directory: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
-                 on_request: Callable[[Request], None] | None = None) -> None:
+                 on_request: Callable[[Request], None] | None = None,
+                 token: str | None = None) -> None:
         if not directory.is_dir():
             raise MirrorError(f"{directory}: no mirror there; `orchestrate mirror` makes it")
         handler = functools.partial(_Handler, directory=str(directory))
         try:
-            self._server = _Server((host, port), handler, on_request)
+            self._server = _Server((host, port), handler, on_request, token)
         except OSError as exc:
             raise MirrorError(f"cannot serve the mirror on {host}:{port}: {exc}") from None
         self._thread: threading.Thread | None = None
@@ -625,9 +630,10 @@ class _Server(http.server.ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], handler: Callable[..., _Handler],
-                 on_request: Callable[[Request], None] | None) -> None:
+                 on_request: Callable[[Request], None] | None, token: str | None) -> None:
         super().__init__(address, handler)
         self.on_request = on_request
+        self.token = token.encode() if token else None
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -660,6 +666,23 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.send_error(404)
         return None
 
+    def _authorized(self) -> bool:
+        """No token, or the token as a bearer or as the password of Basic auth (pip sends a
+        find-links URL's credentials so), compared in constant time."""
+        token = self.server.token
+        if token is None:
+            return True
+        scheme, _, value = (self.headers.get("Authorization") or "").strip().partition(" ")
+        given = value.strip().encode()
+        if scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(given, validate=True).partition(b":")[2]
+            except ValueError:
+                return False
+        elif scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given, token)
+
     def _answer(self, method: Callable[[], None]) -> None:
         self._status, self._sent = 0, 0
         # Judged on the path as decoded, before any normalisation: /models/../.state/x
@@ -667,7 +690,12 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         # Models may hold dot files of their own (.modelgen.json); only . and .. and the
         # state directory are kept out.
         parts = unquote(urlsplit(self.path).path).replace("\\", "/").split("/")
-        if any(part in (".", "..", STATE) for part in parts):
+        if not self._authorized():
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="mirror", Basic realm="mirror"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif any(part in (".", "..", STATE) for part in parts):
             self.send_error(404)
         else:
             method()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
 
 from orchestrator.config.fleet import LoadedFleet
+from orchestrator.errors import ConfigError
 from orchestrator.knowledge.catalog import load_knowledge
 from orchestrator.knowledge.compat import load_cuda_compat
 from orchestrator.knowledge.roles import load_role_defaults
@@ -18,7 +19,14 @@ from orchestrator.mirror import weights as weights_mirror
 from orchestrator.mirror.packages import OllamaArchive, WheelStack
 from orchestrator.mirror.weights import Staged
 from orchestrator.plan.planner import Plan, make_plan, weights_origins
-from orchestrator.workflows.common import Events, Result, Target, load, mirror_path
+from orchestrator.workflows.common import (
+    Events,
+    Result,
+    Target,
+    load,
+    mirror_path,
+    open_secrets,
+)
 
 
 def _token() -> str | None:
@@ -130,10 +138,38 @@ def mirror(options: MirrorOptions, events: Events) -> MirrorResult:
         serve=Listen(host=address[0], port=address[1]) if address else None)
 
 
-def serve_mirror(directory: Path, listen: Listen, log: Callable[[str], None]) -> None:
-    """Serve the mirror to the hosts until interrupted (Ctrl-C), one log line per request."""
+def mirror_token(loaded: LoadedFleet, secrets: Mapping[str, str]) -> str | None:
+    """The mirror's token (mirror.token_var) from the fleet's opened secrets; None when the
+    fleet sets none. Errors name the file and key, never a value."""
+    settings = loaded.fleet.mirror
+    if settings is None or settings.token_var is None:
+        return None
+    token = secrets.get(settings.token_var)
+    if not token:
+        raise ConfigError(
+            f"no secret '{settings.token_var}' in the fleet's secrets file (add it with "
+            "`ansible-vault edit`; `openssl rand -hex 32` makes one)" if loaded.fleet.secrets
+            else "needs the fleet's Vault-encrypted secrets file (`secrets:`) holding "
+                 f"'{settings.token_var}'",
+            file=loaded.fleet.secrets or loaded.source, key="mirror.token_var")
+    return str(token)
+
+
+def serve_token(target: Target) -> str | None:
+    """The token `mirror --serve` asks of the hosts: opened before anything is staged, so a
+    wrong vault password fails first."""
+    loaded = load(target)
+    if loaded.fleet.mirror is None or loaded.fleet.mirror.token_var is None:
+        return None
+    return mirror_token(loaded, open_secrets(loaded.fleet.secrets, target.vault_password_file))
+
+
+def serve_mirror(directory: Path, listen: Listen, log: Callable[[str], None], *,
+                 token: str | None = None) -> None:
+    """Serve the mirror to the hosts until interrupted (Ctrl-C), one log line per request;
+    with a token, requests without it are answered 401."""
     server = weights_mirror.MirrorServer(
-        directory, listen.host, listen.port,
+        directory, listen.host, listen.port, token=token,
         on_request=lambda r: log(f"{r.client} {r.status} {r.bytes} B {r.path}"))
     log(f"serving {directory} on {listen.host}:{server.address[1]} (Ctrl-C stops)")
     try:

@@ -43,7 +43,7 @@ from orchestrator.workflows.common import (
     open_secrets,
 )
 from orchestrator.workflows.history import RetrySelection
-from orchestrator.workflows.mirror import pin_for_up, stage_for_up
+from orchestrator.workflows.mirror import mirror_token, pin_for_up, stage_for_up
 from orchestrator.workflows.runs import fleet_file_of, save_results, start_record
 
 
@@ -256,6 +256,7 @@ def _up(options: UpOptions, events: Events) -> UpResult:
     settings = loaded.fleet.mirror
     listen = (weights_mirror.parse_listen(settings.listen, settings, key="mirror.listen")
               if settings is not None and settings.listen else None)
+    token = mirror_token(loaded, secrets) if listen is not None else None
     if options.before_facts is not None:
         options.before_facts([h.name for h in hosts])
     known = find_facts(target, hosts, options.facts, events).hosts
@@ -274,7 +275,7 @@ def _up(options: UpOptions, events: Events) -> UpResult:
     with ExitStack() as serving:
         if listen is not None and settings is not None:
             traffic = serving.enter_context(weights_mirror.serving(
-                mirror_path(settings, target.state_dir), listen, events.log))
+                mirror_path(settings, target.state_dir), listen, events.log, token=token))
         if not split:
             runs.append(_run_stages(plan, options, events))
         else:
