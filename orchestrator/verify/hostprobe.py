@@ -191,13 +191,11 @@ class _Answer:
 
 def _inventory(host: HostPlan, program: Path, timeout: float) -> dict[str, Any]:
     # The host's ansible_* variables, as the facts run writes them (run/gather.py): the
-    # same connection as every other run; read-only, so never sudo. An interpreter only
-    # where the plan names one: else the operator's inventory (group_vars) may.
-    interpreter = ({"ansible_python_interpreter": _python(host)}
-                   if "ansible_python_interpreter" in host.vars else {})
+    # same connection as every other run; read-only, so never sudo. The interpreter is
+    # named, so that Ansible does not spend a round trip discovering it.
     entry = {**host.connection,
              **{k: v for k, v in host.vars.items() if k.startswith("ansible_")},
-             **interpreter, "ansible_become": False,
+             "ansible_python_interpreter": _python(host), "ansible_become": False,
              "orchestrate_collector_program": str(program),
              "orchestrate_collector_timeout": max(1, int(timeout))}
     return {"all": {"children": {GROUP: {"hosts": {host.name: entry}}}}}

@@ -1108,3 +1108,32 @@ def test_probe_all_merges_ssh_and_http_probes_per_host() -> None:
     health = [r for r in report.results if r.probe == "health"]
     assert all(not r.passed and "ConnectError" in r.evidence for r in health)
     assert report.failed_hosts() == ["sandbox-1", "sandbox-2"]
+
+
+def test_the_probe_reads_the_operators_inventory_first(ssh_host: tuple[HostPlan, StandInSshd],
+                                                       tmp_path: Path) -> None:
+    # The way in (an ssh_config routing through a bastion's stand-in proxy) is only in the
+    # operator's group_vars, beside the `-i` inventory, as the stages read it; the
+    # inventory's other host is left alone (it has no address at all).
+    live, sshd = ssh_host
+    proxy, mark = tmp_path / "proxy.py", tmp_path / "proxied"
+    proxy.write_text(PROXY)
+    config = tmp_path / "ssh_config"
+    config.write_text("Host behind-the-bastion\n  HostName 127.0.0.1\n"
+                      f"  ProxyCommand {sys.executable} {proxy} %h %p {mark}\n")
+    operator = tmp_path / "operator"
+    (operator / "group_vars").mkdir(parents=True)
+    (operator / "hosts.yml").write_text(yaml.safe_dump({"all": {"hosts": {
+        live.name: {"ansible_host": "behind-the-bastion"},
+        "bystander": {"ansible_host": "no-such-host.invalid"}}}}))
+    (operator / "group_vars" / "all.yml").write_text(yaml.safe_dump({
+        "ansible_ssh_common_args": f"-F {config} -o StrictHostKeyChecking=no "
+                                   "-o UserKnownHostsFile=/dev/null"}))
+    behind = live.model_copy(update={
+        "connection": {**live.connection, "ansible_host": "behind-the-bastion"},
+        "vars": {k: v for k, v in live.vars.items() if k != "ansible_ssh_common_args"}})
+    with pytest.raises(CollectError):
+        run_collector(behind, timeout=20)
+    assert "listening" in run_collector(behind, timeout=20,
+                                        operator_inventory=operator / "hosts.yml")
+    assert mark.read_text() == f"127.0.0.1:{sshd.port}"
