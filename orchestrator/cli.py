@@ -473,7 +473,7 @@ def mirror(
                                      "Ollama host into <dir>/ollama (default: of the hosts "
                                      "whose ollama_archive_base_url is under mirror.url).")
     ] = None,
-    as_json: JsonOpt = False,
+    as_json: JsonOpt = False, vault_password_file: VaultOpt = None,
 ) -> None:
     """Fetch the weights the group's hosts need once onto this machine (ModelScope with the
     real client, token from MODELSCOPE_API_TOKEN, or model_dir), checked by size and sha256,
@@ -481,8 +481,11 @@ def mirror(
     mirror.url in the fleet, hosts take them from here."""
     out = err if as_json else console
     with _errors():
+        target = _target(hosts, fleet, inventory, vault_password_file)
+        # With mirror.token_var, --serve asks the hosts for it (opened before any download).
+        token = mirror_flow.serve_token(target) if serve else None
         result = mirror_flow.mirror(mirror_flow.MirrorOptions(
-            _target(hosts, fleet, inventory), directory=directory, verify=verify,
+            target, directory=directory, verify=verify,
             wheels=wheels, ollama=ollama, serve=serve, listen=listen), _events(out))
     if as_json:
         _emit(result)
@@ -496,7 +499,7 @@ def mirror(
                   "(docs/airgapped.md)", highlight=False)
     if result.serve is not None:
         with _errors():
-            mirror_flow.serve_mirror(Path(result.dir), result.serve, _log)
+            mirror_flow.serve_mirror(Path(result.dir), result.serve, _log, token=token)
 
 
 @app.command()
