@@ -199,6 +199,39 @@ class HostSettings(Strict):
         default=None, description="extra Ansible variables, passed through unchanged")
 
 
+# A number of hosts (2) or a share of a group's hosts ("25%", rounded down, at least one).
+_HOST_SHARE = re.compile(r"([1-9][0-9]?|100)%")
+
+
+class RolloutSettings(Strict):
+    """How the services stage rolls a change across hosts (`defaults`, a group or a
+    deployment; the most specific wins, key by key): batch after batch, each behind a
+    health gate, the first failed batch stopping the rollout (README, Rolling changes)."""
+
+    # Hosts changed at once. Default: one host at a time in a group of two or more.
+    batch: int | str | None = None
+    # The most hosts out of service at once: batches are made no larger. Default: the batch.
+    max_unavailable: int | str | None = None
+    # After each batch its deployments must answer /health, /v1/models and a chat (vLLM),
+    # /api/version and /api/tags (Ollama) before the next starts (roles/health_gate).
+    health_gate: bool | None = None
+    # Seconds a host's gate waits for its deployments to answer.
+    health_gate_timeout: Annotated[int, Field(ge=10, le=86400)] | None = None
+
+    @field_validator("batch", "max_unavailable", mode="before")
+    @classmethod
+    def _host_count(cls, value: Any) -> Any:
+        if value is None or (type(value) is int and value >= 1) or (
+                isinstance(value, str) and _HOST_SHARE.fullmatch(value)):
+            return value
+        raise ValueError('expected a number of hosts (1 or more) or a share of them as a '
+                         'percentage from 1% to 100% ("25%")')
+
+
+class Defaults(HostSettings):
+    rollout: RolloutSettings | None = None
+
+
 class Host(HostSettings):
     address: Address
     port_map: dict[Port, Port] | None = Field(
@@ -208,6 +241,7 @@ class Host(HostSettings):
 
 class Group(HostSettings):
     hosts: dict[HostName, Host] = Field(min_length=1)
+    rollout: RolloutSettings | None = None
 
 
 class EngineOptions(Strict):
@@ -285,6 +319,7 @@ class Deployment(Strict):
     nodes: Annotated[int, Field(ge=1, le=64)] = 1
     ray: RaySettings | None = None
     options: EngineOptions = Field(default_factory=EngineOptions)
+    rollout: RolloutSettings | None = None
 
 
 class MirrorSettings(Strict):
@@ -323,7 +358,7 @@ class Fleet(Strict):
     # given to every run as extra variables; opened with --vault-password-file.
     secrets: str | None = None
     mirror: MirrorSettings | None = None
-    defaults: HostSettings = Field(default_factory=HostSettings)
+    defaults: Defaults = Field(default_factory=Defaults)
     groups: dict[GroupName, Group] = Field(default_factory=dict)
     deployments: list[Deployment] = Field(default_factory=list)
 

@@ -64,6 +64,7 @@ from orchestrator.plan.rolevars import (
     WeightsEntry,
     merge,
 )
+from orchestrator.plan.rollout import RolloutPlan, gate_vars, plan_rollout
 
 STAGES = ("preflight", "drivers", "python_env", "models", "services", "verify")
 
@@ -122,6 +123,8 @@ class Plan(_Out):
     # The fleet's Vault-encrypted secrets file, given to Ansible as extra variables.
     secrets_file: str | None = None
     ray_cluster: RayClusterPlan | None = None
+    # The services stage's batches (fleet.yml rollout:); render hands them to Ansible.
+    rollout: RolloutPlan = RolloutPlan(batches=[], reasons=[])
 
 
 def select_stages(only: list[str] | None, skip: list[str] | None) -> list[str]:
@@ -308,6 +311,16 @@ def _model_entry(dep: Deployment, mirror: MirrorSettings | None,
                             local_dir=dep.model_dir)
     return WeightsEntry(name=dep.name, model_id=dep.model, dest=dest, source="modelscope",
                         revision=dep.revision or "master")
+
+
+def _mirror_token(mirror: MirrorSettings | None, url: str | None = None) -> str | None:
+    """The mirror's token (mirror.token_var) as a reference Ansible resolves from the
+    Vault-encrypted secrets at run time; given a find-links `url`, only when it is the
+    mirror's (another server is not sent the token)."""
+    if mirror is None or mirror.token_var is None or (
+            url is not None and not url.startswith(mirror.url.rstrip("/") + "/")):
+        return None
+    return "{{ " + mirror.token_var + " }}"
 
 
 def _ollama_model(dep: Deployment, knowledge: Knowledge, roles: RoleDefaults) -> OllamaModel:
@@ -979,7 +992,8 @@ def _plan_host(host: ResolvedHost, src: Source, deployments: list[Deployment],
     if deployments:
         split = _split_gpu_memory(host, src, served, knowledge, gpu_table, reasons)
         weights = ModelWeightsVars(model_weights_models=[
-            _model_entry(d, mirror, roles) for d in deployments if _has_weights(d)])
+            _model_entry(d, mirror, roles) for d in deployments if _has_weights(d)],
+            model_weights_mirror_token=_mirror_token(mirror))
         ollama = _ollama_vars(host, [d for d in deployments if d.engine == "ollama"],
                               knowledge, roles)
         instances = [
@@ -1012,6 +1026,8 @@ def _plan_host(host: ResolvedHost, src: Source, deployments: list[Deployment],
                       python_env_pip_extra_index_urls=list(host.pip.extra_index_urls or []),
                       python_env_pip_find_links=host.pip.find_links,
                       python_env_pip_no_index=bool(host.pip.no_index),
+                      python_env_pip_find_links_password=_mirror_token(
+                          mirror, host.pip.find_links) if host.pip.find_links else None,
                       # Triton compiles a C helper against Python.h when vLLM starts on a
                       # GPU (vllm#27890).
                       python_env_build_tools=True if gpu else None,
@@ -1028,7 +1044,8 @@ def _plan_host(host: ResolvedHost, src: Source, deployments: list[Deployment],
                  vllm_device_allow=[] if cpu else None,
                  vllm_wait_for_devices=[] if cpu else None,
                  vllm_rdma=True if ray is not None and not cpu else None),
-        ollama)
+        ollama,
+        gate_vars(loaded, group, served))
     variables.update(host.vars)
 
     probes = [ProbeTarget(deployment=d.name, engine=d.engine,
@@ -1093,8 +1110,11 @@ def make_plan(loaded: LoadedFleet, group: str, knowledge: Knowledge, gpu_table: 
         _check_same_stack(span, [p for p in plans if p.name in spanned])
     ray_cluster = (RayClusterPlan(deployment=span.dep.name, head=span.head.name,
                                   members=[h.name for h in span.members]) if span else None)
+    rollout = plan_rollout(loaded, group, [h.name for h in hosts], served,
+                           [h.name for h in span.members] if span else (),
+                           span.dep.name if span else None)
     return Plan(group=group, stages=list(stages or STAGES), hosts=plans,
-                secrets_file=loaded.fleet.secrets, ray_cluster=ray_cluster)
+                secrets_file=loaded.fleet.secrets, ray_cluster=ray_cluster, rollout=rollout)
 
 
 def command_line(args: list[str]) -> str:

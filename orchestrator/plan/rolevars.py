@@ -76,6 +76,9 @@ class PythonEnvVars(RoleVars):
     python_env_pip_find_links: str | None
     python_env_pip_no_index: bool
     python_env_build_tools: bool | None = None
+    # A reference to the fleet's secrets ("{{ var }}"): the mirror's token, for a find-links
+    # under mirror.url (mirror.token_var).
+    python_env_pip_find_links_password: str | None = None
     python_env_conda_installer_url: str | None = None
 
 
@@ -103,6 +106,8 @@ class WeightsEntry(EmittedVars):
 class ModelWeightsVars(RoleVars):
     role = "model_weights"
     model_weights_models: list[WeightsEntry]
+    # A reference to the fleet's secrets ("{{ var }}"): the mirror's token (mirror.token_var).
+    model_weights_mirror_token: str | None = None
 
 
 class RayClusterVars(RoleVars):
@@ -164,10 +169,21 @@ class OllamaVars(RoleVars):
     ollama_wait_for_devices: list[str] | None = None
 
 
+class HealthGateVars(RoleVars):
+    """The gate after each batch of the services stage (fleet.yml rollout:)."""
+
+    role = "health_gate"
+    # vLLM deployments whose rollout turns the gate off.
+    health_gate_skip: list[str] | None = None
+    # False where every Ollama deployment of the host turns it off.
+    health_gate_ollama: bool | None = None
+    health_gate_timeout: int | None = None
+
+
 # Every model a plan emits, in the order host_vars lists them (the stages' order).
 EMITTED: tuple[type[EmittedVars], ...] = (
     PlaybookVars, PreflightVars, NvidiaDriverVars, GpuCheckVars, PythonEnvVars, PytorchVars,
-    ModelWeightsVars, RayClusterVars, VllmVars, OllamaVars)
+    ModelWeightsVars, RayClusterVars, VllmVars, OllamaVars, HealthGateVars)
 
 
 def merge(*parts: EmittedVars | None) -> dict[str, Any]:

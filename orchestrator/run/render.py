@@ -5,6 +5,7 @@
       inventory/hosts.yml           the hosts and how to reach them
       inventory/host_vars/<h>.yml   every planned variable of that host
       limit.txt                     the plan's hosts: the run is limited to them
+      rollout.yml                   the services stage's batches (extra variables)
       command.txt                   the same run as a plain ansible-playbook command
       artifacts/                    ansible-runner's events and stdout (filled by the run)
 
@@ -58,6 +59,9 @@ class RunDir:
     # The file naming the plan's hosts, one per line: the run is limited to them, so that
     # the other hosts of an operator's inventory (-i) are never touched by `hosts: all`.
     limit_file: Path | None = None
+    # The services stage's batches and their order (orchestrate_serial and
+    # orchestrate_rollout_hosts, read by playbooks/services.yml), as extra variables.
+    rollout_file: Path | None = None
 
     def inventories(self) -> list[str]:
         own = [str(self.operator_inventory)] if self.operator_inventory else []
@@ -78,6 +82,8 @@ class RunDir:
             args += ["--skip-tags", ",".join(self.skip_tags)]
         if self.check:
             args += ["--check", "--diff"]
+        if self.rollout_file:
+            args += ["--extra-vars", f"@{self.rollout_file}"]
         if self.secrets_file:
             args += ["--extra-vars", f"@{self.secrets_file}"]
         if self.vault_password_file:
@@ -90,7 +96,8 @@ class RunDir:
 # there, from names the fleet validates as identifiers); elsewhere a ray_cluster variable
 # (with its role default; a path below it), a host's address fact, alone or as ADDRESS:PORT, or the
 # controller's Python.
-_SECRET_KEYS = frozenset({"api_key", "ray_cluster_auth_token"})
+_SECRET_KEYS = frozenset({"api_key", "ray_cluster_auth_token", "model_weights_mirror_token",
+                          "python_env_pip_find_links_password"})
 _SECRET_REFERENCE = re.compile(r"\{\{ [A-Za-z_][A-Za-z0-9_]* \}\}")
 _ROLE_VARIABLE = r"\{\{ ray_cluster_[a-z_]+(?: \| default\((?:[0-9]+|'[A-Za-z0-9_./-]*')\))? \}\}"
 _ADDRESS_FACT = (r"\{\{ ansible_facts\[ray_cluster_network_interface \| replace\('-', '_'\)\]"
@@ -171,6 +178,23 @@ def make_run_dir(plan: Plan, runs_root: Path, run_id: str) -> Path:
     return path
 
 
+def rollout_vars(plan: Plan) -> dict[str, object]:
+    """The plan's batches as playbooks/services.yml reads them: `serial` as a list of batch
+    sizes over the hosts in batch order. Hosts left out of the plan since it was made (a
+    failed first part of `up`) are left out of their batch; a batch left empty is dropped."""
+    names = {h.name for h in plan.hosts}
+    batches = [kept for batch in plan.rollout.batches if (kept := [h for h in batch
+                                                                   if h in names])]
+    order = [h for batch in batches for h in batch]
+    # Hosts a plan made without batches still run, after them, all at once.
+    rest = [h.name for h in plan.hosts if h.name not in order]
+    if rest:
+        batches.append(rest)
+    return {"orchestrate_serial": [len(b) for b in batches],
+            "orchestrate_rollout_hosts": ",".join([*order, *rest]),
+            "orchestrate_max_fail_percentage": 0}
+
+
 def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
            operator_inventory: Path | None = None,
            vault_password_file: Path | None = None) -> RunDir:
@@ -198,6 +222,10 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
     limit_file = path / "limit.txt"
     write_private(limit_file, "".join(f"{h.name}\n" for h in plan.hosts))
 
+    rollout_file = path / "rollout.yml"
+    write_private(rollout_file, "# The services stage's batches (playbooks/services.yml).\n"
+                  + ansible_yaml(rollout_vars(plan)))
+
     everything = tuple(plan.stages) == STAGES
     run = RunDir(path=path, run_id=run_id, inventory=inventory, playbook=PLAYBOOK,
                  tags=[] if everything else list(plan.stages), skip_tags=[], check=check,
@@ -207,7 +235,7 @@ def render(plan: Plan, runs_root: Path, run_id: str, *, check: bool = False,
                  if plan.secrets_file else None,
                  vault_password_file=vault_password_file.expanduser().resolve()
                  if vault_password_file else None,
-                 limit_file=limit_file)
+                 limit_file=limit_file, rollout_file=rollout_file)
     replay = ["ansible-playbook", *[arg for source in run.inventories()
                                     for arg in ("-i", source)],
               str(ROOT / PLAYBOOK), *run.ansible_args()]

@@ -56,7 +56,8 @@ def test_run_directory_layout_and_contents(tmp_path: Path) -> None:
     assert "# Why:" in (run.inventory / "host_vars" / "sandbox-1.yml").read_text()
     assert (run.path / "plan.json").exists()
     # Only the plan's hosts: an operator's inventory (-i) may hold others.
-    assert run.ansible_args() == ["--limit", f"@{run.path / 'limit.txt'}"] and run.tags == []
+    assert run.ansible_args() == ["--limit", f"@{run.path / 'limit.txt'}", "--extra-vars",
+                                  f"@{run.path / 'rollout.yml'}"] and run.tags == []
     assert (run.path / "limit.txt").read_text().split() == ["sandbox-1", "sandbox-2"]
 
 
