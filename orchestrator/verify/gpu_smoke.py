@@ -9,7 +9,8 @@ Checks, each pass/fail/skip with its evidence and, on failure, the next step:
 
   devices       /dev/nvidia* nodes vs /proc/devices vs the vLLM unit's DeviceAllow
   torch         a matmul on every GPU, checked against the CPU, inside systemd-run with
-                the vLLM unit's own hardening (user, DevicePolicy, DeviceAllow, Protect*)
+                the vLLM unit's own hardening (user, DevicePolicy, DeviceAllow, Protect*,
+                and its sandbox: capabilities, system call filter, address families, ...)
   triton        Triton compiles its C helper and a kernel (vllm#27890 "Python.h")
   nccl          an NCCL all-reduce across the host's GPUs, one process per GPU
   torch_driver  the env's torch CUDA build against the CUDA the driver supports
@@ -59,10 +60,27 @@ REPO_DEFAULTS = Path(__file__).resolve().parents[2] / "roles" / "vllm" / "defaul
 # systemd-run takes the same names as -p properties.
 HARDENING = ("User", "Group", "DevicePolicy", "DeviceAllow", "ProtectSystem", "ProtectHome",
              "PrivateTmp", "NoNewPrivileges")
+# The rest of the unit's sandbox (the vllm role's vllm_hardening and its overrides): every
+# security and sandboxing directive of systemd.exec(5) and systemd.resource-control(5)'s
+# IP filter, read from `systemctl cat` as written (drop-ins included, in the order systemd
+# applies them), since `systemctl show` prints some resolved (a system call list) or not
+# at all when empty (CapabilityBoundingSet=, no capabilities).
+SANDBOXING = ("CapabilityBoundingSet", "AmbientCapabilities", "SecureBits",
+              "SupplementaryGroups", "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths",
+              "ExecPaths", "NoExecPaths", "TemporaryFileSystem", "BindPaths",
+              "BindReadOnlyPaths", "PrivateDevices", "PrivateNetwork", "PrivateIPC",
+              "PrivateUsers", "PrivateMounts", "ProtectHostname", "ProtectClock",
+              "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+              "ProtectControlGroups", "ProtectProc", "ProcSubset", "RestrictAddressFamilies",
+              "RestrictFileSystems", "RestrictNamespaces", "LockPersonality",
+              "MemoryDenyWriteExecute", "RestrictRealtime", "RestrictSUIDSGID", "RemoveIPC",
+              "KeyringMode", "SystemCallFilter", "SystemCallErrorNumber",
+              "SystemCallArchitectures", "SystemCallLog", "UMask", "IPAddressAllow",
+              "IPAddressDeny")
 # The vllm role's variables for the same settings, for a host with no vLLM unit yet.
 ROLE_VARIABLES = ("vllm_user", "vllm_group", "vllm_device_policy", "vllm_device_allow",
                   "vllm_protect_system", "vllm_protect_home", "vllm_private_tmp",
-                  "vllm_no_new_privileges")
+                  "vllm_no_new_privileges", "vllm_hardening", "vllm_hardening_overrides")
 # The nodes CUDA opens (NVIDIA's "Device Node Verification" in the CUDA installation
 # guide: nvidia0.., nvidiactl, nvidia-uvm, nvidia-uvm-tools) and the MIG capability nodes
 # under /dev/nvidia-caps; /dev/nvidia-modeset (display) and the NVSwitch/NVLink nodes
@@ -330,44 +348,86 @@ def parse_properties(text: str) -> dict[str, list[str]]:
     return out
 
 
-def unit_hardening(unit: str, properties: dict[str, list[str]]) -> Hardening:
+def unit_hardening(unit: str, properties: dict[str, list[str]],
+                   unit_text: str = "") -> Hardening:
+    """The unit's hardening: HARDENING as `systemctl show` resolves it, and the SANDBOXING
+    directives as `systemctl cat` (`unit_text`) shows them written."""
     props = []
     for name in HARDENING:
         for value in properties.get(name, []):
             # systemctl shows unset settings empty (User=) or at their defaults.
             if value and not (name == "DevicePolicy" and value == "auto"):
                 props.append(f"{name}={value}")
-    return Hardening(unit, props)
+    return Hardening(unit, props + sandboxing_directives(unit_text))
+
+
+def sandboxing_directives(unit_text: str) -> list[str]:
+    """The SANDBOXING assignments of the [Service] sections of `systemctl cat` output, in
+    order: an empty one resets a list, as in the unit, and systemd-run's properties parse
+    the same way."""
+    found: list[str] = []
+    section = ""
+    for raw in unit_text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line
+            continue
+        name, equals, value = line.partition("=")
+        if section == "[Service]" and equals and name.strip() in SANDBOXING:
+            found.append(f"{name.strip()}={value.strip()}")
+    return found
 
 
 def read_role_defaults(text: str) -> dict[str, Any]:
-    """The vllm role's hardening variables from a defaults file: top-level `key: scalar`
-    and `key:` followed by `- item` lines, the only forms that file uses for them
-    (tests/unit/test_gpu_smoke.py holds this reading against PyYAML's). Standard library
-    only: the host's python3 may have no YAML module."""
+    """The vllm role's hardening variables from a defaults file or the playbook's
+    to_nice_yaml of them: top-level `key: scalar`, `key:` with `- item` lines, and one
+    level of mapping (`  Name: value`, a value a scalar, a flow list or `- item` lines),
+    the only forms those use (tests/unit/test_gpu_smoke.py holds this reading against
+    PyYAML's). Standard library only: the host's python3 may have no YAML module."""
     out: dict[str, Any] = {}
-    current: str | None = None
+    top: str | None = None  # the ROLE_VARIABLES key being read
+    listed: list[Any] | None = None  # where `- item` lines go
     for raw in text.splitlines():
         line = raw.split(" #", 1)[0].rstrip()
         if not line or line.lstrip().startswith("#"):
             continue
+        indented = line[0] == " "
         item = re.match(r"^\s*-\s+(.*)$", line)
-        if item and current is not None:
-            out[current].append(_scalar(item.group(1)))
+        if item and listed is not None:
+            listed.append(_scalar(item.group(1)))
             continue
-        key = re.match(r"^([A-Za-z_][A-Za-z0-9_]*):\s*(.*)$", line)
-        current = None
-        if key and key.group(1) in ROLE_VARIABLES:
+        key = re.match(r"^\s*([A-Za-z_][A-Za-z0-9_]*):(?:\s+(.*))?$", line)
+        listed = None
+        if key and indented and top is not None:
+            nested = out[top] if isinstance(out[top], dict) else {}
+            out[top] = nested
+            if key.group(2):
+                nested[key.group(1)] = _scalar(key.group(2))
+            else:
+                listed = nested[key.group(1)] = []
+            continue
+        top = None
+        if key and not indented and key.group(1) in ROLE_VARIABLES:
             if key.group(2):
                 out[key.group(1)] = _scalar(key.group(2))
             else:
-                current = key.group(1)
-                out[current] = []
+                top = key.group(1)
+                # A list or a mapping: the next line tells.
+                listed = out[top] = []
     return out
 
 
 def _scalar(text: str) -> Any:
     text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return [_scalar(part) for part in re.findall(r"'[^']*'|\"[^\"]*\"|[^,\s][^,]*",
+                                                     text[1:-1])]
+    if text == "{}":
+        return {}
+    if text in ("null", "~"):
+        return None
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1]
     lowered = text.lower()
@@ -400,6 +460,13 @@ def defaults_hardening(values: dict[str, Any], source: str, system: System) -> H
     if values.get("vllm_device_policy"):
         props.append(f"DevicePolicy={values['vllm_device_policy']}")
     props += [f"DeviceAllow={entry}" for entry in values.get("vllm_device_allow") or []]
+    # The unit template's loop: the overrides merged over vllm_hardening, by name, a null
+    # removing one; a list gives one assignment per item; booleans in lower case.
+    sandbox = {**(values.get("vllm_hardening") or {}),
+               **(values.get("vllm_hardening_overrides") or {})}
+    for name, value in sorted(sandbox.items()):
+        for one in value if isinstance(value, list) else [] if value is None else [value]:
+            props.append(f"{name}={str(one).lower() if isinstance(one, bool) else one}")
     return Hardening(source, props, notes)
 
 
@@ -446,7 +513,10 @@ def find_hardening(options: Options, units: list[str], system: System) -> Harden
         if problem:
             return f"systemctl show {unit}: {problem}"
         if (props.get("LoadState") or [""])[0] == "loaded":
-            return unit_hardening(unit, props)
+            written = system.run(["systemctl", "cat", unit], COMMAND_TIMEOUT)
+            if not written.ok:
+                return f"systemctl cat {unit}: {written.said()}"
+            return unit_hardening(unit, props, written.stdout)
         missing = f"{unit}: LoadState={(props.get('LoadState') or ['?'])[0]}; "
     source = options.vllm_defaults or (str(REPO_DEFAULTS) if REPO_DEFAULTS.is_file() else None)
     text = system.read_text(source) if source else None

@@ -77,6 +77,25 @@ def show_output(allow: Sequence[str], *, model: str = MODEL) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cat_output(role_defaults: dict[str, Any]) -> str:
+    """`systemctl cat` of a vllm@ unit: roles/vllm's unit (its sandbox from the role's
+    defaults, as the template writes it) and a drop-in relaxing one directive."""
+    sandbox = [f"{name}={str(one).lower() if isinstance(one, bool) else one}"
+               for name, value in sorted(role_defaults["vllm_hardening"].items())
+               for one in (value if isinstance(value, list) else [value])]
+    return "\n".join(["# /etc/systemd/system/vllm@.service", "[Unit]",
+                      "Description=vLLM OpenAI-compatible server (%i)", "", "[Service]",
+                      "User=vllm", "ProtectSystem=strict", *sandbox, "", "[Install]",
+                      "WantedBy=multi-user.target", "",
+                      "# /etc/systemd/system/vllm@qwen.service.d/override.conf", "[Service]",
+                      "; a host that needs more address families", "RestrictAddressFamilies=",
+                      "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK AF_PACKET"]
+                     ) + "\n"
+
+
+ROLE_DEFAULTS = yaml.safe_load(gpu_smoke.REPO_DEFAULTS.read_text())
+
+
 def answer(data: dict[str, Any], noise: str = "") -> Outcome:
     """What a program in the env's python prints: maybe library noise, then its line."""
     return Outcome([], 0, f"{noise}{MARK}{json.dumps(data)}\n", "")
@@ -135,6 +154,10 @@ class RecordedHost(gpu_smoke.System):
         if argv[:2] == ["systemctl", "show"]:
             text = self.show.get(argv[-1])
             return Outcome(argv, 0, text if text is not None else "LoadState=not-found\n")
+        if argv[:2] == ["systemctl", "cat"]:
+            known = self.show.get(argv[-1]) is not None
+            return (Outcome(argv, 0, cat_output(ROLE_DEFAULTS)) if known else
+                    Outcome(argv, 1, "", f"No files found for {argv[-1]}."))
         if argv[:2] == ["systemctl", "is-active"]:
             return Outcome(argv, 0, self.vllm_state + "\n")
         if argv[0] in ("journalctl",) or argv[:2] == ["systemctl", "stop"]:
@@ -317,7 +340,9 @@ def test_the_role_defaults_reader_agrees_with_yaml() -> None:
     assert gpu_smoke.read_role_defaults(text) == wanted
     # The playbook writes the host's values with to_nice_yaml (PyYAML's block style).
     changed = {**wanted, "vllm_device_allow": ["char-nvidia rw", "/dev/nvidia-caps/x r"],
-               "vllm_protect_home": False}
+               "vllm_protect_home": False,
+               "vllm_hardening_overrides": {"SystemCallFilter": None, "UMask": "0027",
+                                            "RestrictAddressFamilies": ["AF_UNIX", "AF_INET"]}}
     assert gpu_smoke.read_role_defaults(yaml.safe_dump(changed, indent=4,
                                                        default_flow_style=False)) == changed
 
@@ -338,10 +363,40 @@ def test_programs_run_under_the_units_own_hardening() -> None:
                        "DeviceAllow=char-nvidia-caps r", "ProtectSystem=strict",
                        "ProtectHome=yes", "PrivateTmp=yes", "NoNewPrivileges=yes"):
             assert f"--property={wanted}" in properties, (wanted, argv)
+        # The unit's sandbox as written, the drop-in's reset and value after it.
+        sandbox = [p.removeprefix("--property=") for p in properties
+                   if p.removeprefix("--property=").split("=")[0] in gpu_smoke.SANDBOXING]
+        assert sandbox[:3] == ["AmbientCapabilities=", "CapabilityBoundingSet=",
+                               "LockPersonality=true"]
+        for wanted in ("SystemCallFilter=@system-service", "SystemCallFilter=~@privileged",
+                       "SystemCallErrorNumber=EPERM", "ProtectKernelTunables=true",
+                       "RestrictNamespaces=true", "UMask=0077"):
+            assert wanted in sandbox, (wanted, sandbox)
+        assert sandbox[-2:] == ["RestrictAddressFamilies=", "RestrictAddressFamilies=AF_UNIX "
+                                "AF_INET AF_INET6 AF_NETLINK AF_PACKET"]
         assert any(p.startswith("--property=RuntimeMaxSec=") for p in properties)
         assert argv[argv.index("--") + 1] == "/opt/qwen-serve/env/bin/python"
     waited = [argv for argv in runs if "--wait" in argv]
     assert len(waited) == 3 and all("--pipe" in argv for argv in waited)
+
+
+def test_a_host_without_a_unit_gets_the_role_defaults_sandbox_with_its_overrides() -> None:
+    # The playbook's settings file: this host's overrides over the role's hardening.
+    settings = {**ROLE_DEFAULTS, "vllm_hardening_overrides": {
+        "SystemCallFilter": None, "UMask": "0027", "ProtectClock": False}}
+    written = {k: settings[k] for k in gpu_smoke.ROLE_VARIABLES}
+    host = RecordedHost(**smi(T4_LIST, H100_TABLE), units=[], show={},
+                        files={"/tmp/vllm-defaults.yml": yaml.safe_dump(written, indent=4)})
+
+    gpu_smoke.run_checks(Options(env="/e", vllm_defaults="/tmp/vllm-defaults.yml"), host)
+
+    properties = [a.removeprefix("--property=") for a in systemd_runs(host)[0]
+                  if a.startswith("--property=")]
+    assert not any(p.startswith("SystemCallFilter=") for p in properties)
+    for wanted in ("UMask=0027", "ProtectClock=false", "CapabilityBoundingSet=",
+                   "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+                   "SystemCallErrorNumber=EPERM", "ProtectSystem=strict"):
+        assert wanted in properties, (wanted, properties)
 
 
 def test_a_missing_service_user_runs_as_root_and_says_so() -> None:
