@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.config.fleet import Deployment, LoadedFleet, MirrorSettings, ResolvedHost
 from orchestrator.errors import PlanError
@@ -123,8 +123,9 @@ class Plan(_Out):
     # The fleet's Vault-encrypted secrets file, given to Ansible as extra variables.
     secrets_file: str | None = None
     ray_cluster: RayClusterPlan | None = None
-    # The services stage's batches (fleet.yml rollout:); render hands them to Ansible.
-    rollout: RolloutPlan = RolloutPlan(batches=[], reasons=[])
+    rollout: RolloutPlan = Field(default=RolloutPlan(batches=[], reasons=[]),
+                                 description="the services stage's batches (fleet.yml "
+                                             "rollout:), which render hands to Ansible")
 
 
 def select_stages(only: list[str] | None, skip: list[str] | None) -> list[str]:

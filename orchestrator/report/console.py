@@ -27,10 +27,13 @@ OPEN_MARK = "[bold red]OPEN[/bold red]"
 def plan_table(plan: Plan, console: Console, facts: Mapping[str, str] | None = None) -> None:
     """The plan, a row per host; `facts`: per host, where its facts came from."""
     table = Table(title=escape(f"Plan for '{plan.group}' (stages: {', '.join(plan.stages)})"))
-    columns = ["host", "profile", "address", "deployments", "why"]
+    columns = ["host", "profile", "address", "batch", "deployments", "why"]
     for column in [*columns, *(["facts"] if facts is not None else [])]:
         table.add_column(column, overflow="fold")
     ray = plan.ray_cluster
+    # The services stage's batch of each host, 1 first (fleet.yml rollout:).
+    batch_of = {host: str(number) for number, batch in enumerate(plan.rollout.batches, 1)
+                for host in batch}
     for host in plan.hosts:
         planned = host.vars.get("vllm_deployments", [])
         lines = [f"{d['name']}: vllm {command_line(d['args'])}" for d in planned]
@@ -48,10 +51,17 @@ def plan_table(plan: Plan, console: Console, facts: Mapping[str, str] | None = N
         # Reasons quote what the hosts reported (GPU names, errors): text, never markup.
         cells = [escape(c) for c in [
             host.name, host.profile,
-            f"{conn['ansible_user']}@{conn['ansible_host']}:{conn['ansible_port']}"]]
+            f"{conn['ansible_user']}@{conn['ansible_host']}:{conn['ansible_port']}",
+            batch_of.get(host.name, "-")]]
         table.add_row(*cells, deployments, escape("\n".join(host.reasons)),
                       *([escape(facts.get(host.name, "-"))] if facts is not None else []))
     console.print(table)
+    batches = plan.rollout.batches
+    if "services" in plan.stages and batches:
+        console.print(escape(f"services stage in {len(batches)} batch(es), each behind the "
+                             "health gate, the first failed one stopping the rollout: "
+                             + "; ".join(f"{n}: {', '.join(b)}" for n, b in enumerate(batches, 1))
+                             + f" ({'; '.join(plan.rollout.reasons)})"))
 
 
 def _counted(values: list[str]) -> str:
