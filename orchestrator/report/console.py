@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -264,6 +265,14 @@ def shown(text: str, *, one_line: bool = False) -> str:
     return escape(control.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
 
 
+def log_line(host: str, unit: str, when: dt.datetime, message: str) -> str:
+    """One journal entry for `orchestrate logs`: host and unit first, the message as
+    text on the same line."""
+    return (f"[bold]{shown(host, one_line=True)}[/bold] [cyan]{shown(unit, one_line=True)}"
+            f"[/cyan] [dim]{when.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}[/dim] "
+            f"{shown(message, one_line=True)}")
+
+
 def _release(d: DeploymentStatus) -> str:
     engine = f"{d.engine} {d.engine_version or '?'}"
     parts = [engine] + ([f"torch {d.torch_version}"] if d.torch_version else []) + (
@@ -273,26 +282,30 @@ def _release(d: DeploymentStatus) -> str:
 
 def status_table(group: str, deployments: list[DeploymentStatus],
                  unreachable: list[ProbeResult], skew: list[Skew], console: Console) -> None:
-    """`orchestrate status`: one row per deployment, its unit, its HTTP answer and the
-    release it runs; then what differs between hosts."""
+    """`orchestrate status`: one row per deployment, its unit, whether it is up and the
+    release it runs; then each failed check, the hosts SSH did not reach, and what
+    differs between hosts."""
     table = Table(title=f"Status of '{escape(group)}'")
-    for column in ("host", "deployment", "unit", "state", "restarts", "checks", "up",
-                   "model", "release"):
+    for column in ("host", "deployment", "unit", "state", "restarts", "up", "model",
+                   "release"):
         table.add_column(column, overflow="fold")
     for d in deployments:
         state = "/".join(s for s in (d.active_state, d.sub_state) if s) or "unknown"
-        failed = [r for r in d.checks if not r.passed]
-        checks = "\n".join(f"{r.probe}: {r.evidence}" + (f"\nnext: {r.next_step}"
-                                                         if r.next_step else "")
-                           for r in failed) or ", ".join(r.probe for r in d.checks) or "-"
         weights = f"{d.model_id}@{d.revision or '?'}" if d.model_id else None
         model = "\n".join(x for x in (d.served_model or "not listed", weights) if x)
         table.add_row(escape(d.host), escape(d.deployment), escape(d.unit or "-"),
                       shown(state + (f" since {d.since}" if d.since else "")),
                       "-" if d.restarts is None else str(d.restarts),
-                      shown(checks), "[green]up[/green]" if d.up else "[red]DOWN[/red]",
+                      "[green]up[/green]" if d.up else "[red]DOWN[/red]",
                       shown(model), shown(_release(d)))
     console.print(table)
+    for d in deployments:
+        for r in d.checks:
+            if not r.passed:
+                console.print(f"[red]{escape(d.host)}/{escape(d.deployment)} {escape(r.probe)}"
+                              f"[/red]: {shown(r.evidence)}"
+                              + (f"\n  next: {shown(r.next_step)}" if r.next_step else ""),
+                              highlight=False)
     for r in unreachable:
         console.print(f"[yellow]{escape(r.host)}: SSH did not answer, its units are "
                       f"unknown[/yellow]: {shown(r.evidence)}", highlight=False)

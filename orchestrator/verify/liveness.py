@@ -166,13 +166,11 @@ class _Answers:
 
 def _entry(host: HostPlan, program: Path, timeout: float) -> dict[str, Any]:
     # The host's ansible_* variables as the facts run writes them: the same connection as
-    # every other run; read-only, so never sudo. An interpreter only where the plan names
-    # one: else the operator's inventory may (probe.yml falls back to python3).
-    interpreter = ({"ansible_python_interpreter": _python(host)}
-                   if "ansible_python_interpreter" in host.vars else {})
+    # every other run; read-only, so never sudo. The interpreter is named, as the host
+    # probe names it (playbooks/probe.yml runs it).
     return {**host.connection,
             **{k: v for k, v in host.vars.items() if k.startswith("ansible_")},
-            **interpreter, "ansible_become": False,
+            "ansible_python_interpreter": _python(host), "ansible_become": False,
             "orchestrate_collector_program": str(program),
             "orchestrate_collector_timeout": max(1, int(timeout))}
 

@@ -17,6 +17,7 @@ from orchestrator.workflows.down import DownResult
 from orchestrator.workflows.facts import FactsReport, FactsResult
 from orchestrator.workflows.fit import FitAnswer, FitRefusal
 from orchestrator.workflows.init import InitResult
+from orchestrator.workflows.logs import LogsResult
 from orchestrator.workflows.mirror import MirrorResult
 from orchestrator.workflows.plan import PlanResult
 from orchestrator.workflows.probe import ProbeRun
@@ -88,6 +89,11 @@ COMMANDS = {c.name: c for c in [
                                     "and the group's last run",
             "0 every deployment is up and no skew; 1 one is down or hosts differ (skew); "
             "2 bad input"),
+    Command("logs", LogsResult, "the journal entries of the deployments' units per host, "
+                                "oldest first (--follow: one LogRecord or Unreached object "
+                                "per line, as they come)",
+            "0 every host's journal was read; 1 a host's was not (`unreachable`); 2 bad "
+            "input; 130 --follow ended by Ctrl-C"),
     Command("down", DownResult, "per host the units, users and files removed (with "
                                 "--check: what would be); the sandbox: its hosts removed",
             "0 torn down, shown (--check) or nothing left; 1 a host failed or was not "
