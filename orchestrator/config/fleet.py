@@ -750,8 +750,11 @@ def _paths_relative_to(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def load_fleet(fleet_path: Path | None, inventory_path: Path | None = None) -> LoadedFleet:
-    """Load fleet.yml and/or an Ansible inventory into one validated fleet."""
+def load_fleet(fleet_path: Path | None, inventory_path: Path | None = None, *,
+               base: Path | None = None) -> LoadedFleet:
+    """Load fleet.yml and/or an Ansible inventory into one validated fleet. `base`: where
+    the fleet's relative paths lead from (default: the fleet file's directory; a copy kept
+    in a run directory means them from the original's)."""
     documents: list[YamlDocument] = []
     raw: dict[str, Any] = {}
     fleet_doc: YamlDocument | None = None
@@ -786,7 +789,7 @@ def load_fleet(fleet_path: Path | None, inventory_path: Path | None = None) -> L
                          **inv_fleet.model_dump(exclude_none=True)["groups"]}
     source = " + ".join(d.path for d in documents) or "(no fleet)"
     if fleet_path is not None:
-        raw = _paths_relative_to(raw, fleet_path.resolve().parent)
+        raw = _paths_relative_to(raw, base or fleet_path.resolve().parent)
     fleet = Fleet.model_validate(raw)
     _check_fleet(fleet, fleet_doc, source)
     return LoadedFleet(fleet=fleet, source=source, documents=tuple(documents))
