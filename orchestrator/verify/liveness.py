@@ -82,10 +82,11 @@ class DeploymentStatus(BaseModel):
                                      "lists (the plan's served name when /v1/models or "
                                      "/api/tags lists it); null otherwise")
     model_id: str | None = Field(default=None, description="the weights' model id, from "
-                                 "the completion marker the models stage wrote; null for "
-                                 "a local copy or when SSH did not answer")
+                                 "the completion marker the models stage wrote (else the "
+                                 "plan's); null without a marker or when SSH did not answer")
     revision: str | None = Field(default=None, description="the weights' revision, from "
-                                 "the same marker")
+                                 "the same marker ('manifest <sha256 prefix>' for a copy "
+                                 "fetched from a mirror)")
     engine_version: str | None = Field(default=None, description="vLLM's version installed "
                                        "in the deployment's Python env (its METADATA), or "
                                        "Ollama's from its /api/version")
@@ -271,8 +272,8 @@ class _Release:
         line = str((evidence.get("driver") or {}).get("line") or "")
         found = _DRIVER.search(line + " ")
         self.driver = found.group(1) if found else cached_driver
-        dest = {str(m["dest"]): str(m["name"])
-                for m in host.vars.get("model_weights_models") or []}
+        self.entries = {str(m["name"]): m for m in host.vars.get("model_weights_models") or []}
+        dest = {str(m["dest"]): name for name, m in self.entries.items()}
         self.vllm = {str(d["name"]): d for d in host.vars.get("vllm_deployments") or []}
         self.model_of = {name: dest.get(_arg(list(d.get("args") or []), "--model") or "")
                          for name, d in self.vllm.items()}
@@ -282,9 +283,16 @@ class _Release:
         d = self.vllm.get(deployment)
         if d is None:  # Ollama: its models come from its own library, not the weights stage
             return Release(driver_version=self.driver)
-        identity = self.identity.get(self.model_of.get(deployment) or "", {})
+        name = self.model_of.get(deployment) or ""
+        identity = self.identity.get(name, {})
+        # A mirror's copy names its manifest's digest, not a revision (model_weights role).
+        digest = identity.get("manifest_sha256")
+        revision = identity.get("revision") or (f"manifest {str(digest)[:12]}" if digest
+                                                else None)
+        model_id = (identity.get("model_id") or self.entries.get(name, {}).get("model_id")
+                    if identity else None)
         versions = self.packages.get(_env_of(self.host, d), {})
-        return Release(model_id=identity.get("model_id"), revision=identity.get("revision"),
+        return Release(model_id=model_id, revision=revision,
                        engine_version=_single(versions.get("vllm")),
                        torch_version=_single(versions.get("torch")),
                        driver_version=self.driver)

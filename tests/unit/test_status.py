@@ -274,3 +274,18 @@ def test_exit_code_needs_every_deployment_up_and_no_skew(plan: Plan) -> None:
     skewed = StatusResult.model_validate({**base, "up": True, "skew": find_skew(found)})
     assert not skewed.ok and [s.kind for s in skewed.skew] == ["torch"]
     assert not StatusResult.model_validate({**base, "up": False, "skew": []}).ok
+
+
+def test_a_mirrors_copy_is_known_by_its_manifest_digest(plan: Plan) -> None:
+    """The model_weights role marks a mirror's copy with the manifest's sha256, not a
+    revision: two hosts with different manifests are skew all the same."""
+    h1, h2 = plan.hosts
+    evidence = {}
+    for host, digest in ((h1, "0123456789abcdef" * 4), (h2, "fedcba9876543210" * 4)):
+        evidence[host.name] = host_evidence(host)
+        evidence[host.name]["identities"][0]["identity"] = {"source": "mirror",
+                                                            "manifest_sha256": digest}
+    found = look(plan, evidence)
+    assert [(d.model_id, d.revision) for d in found if d.deployment == "chat"] == [
+        (MODEL, "manifest 0123456789ab"), (MODEL, "manifest fedcba987654")]
+    assert [(s.kind, s.subject) for s in find_skew(found)] == [("revision", MODEL)]
