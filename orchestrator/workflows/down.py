@@ -19,6 +19,7 @@ from pydantic import Field
 
 from orchestrator.errors import OrchestrateError
 from orchestrator.plan.planner import Plan
+from orchestrator.run.lock import group_lock
 from orchestrator.run.render import ROOT, RunDir, new_run_id, render, write_private
 from orchestrator.run.runner import EventInterpreter, HostStats, RunResult, TaskFailure, run_ansible
 from orchestrator.workflows.common import CACHED, NO_FACTS, Events, Result, Target, plan_for
@@ -197,15 +198,19 @@ def down(options: DownOptions, events: Events | None = None) -> DownResult:
     if options.target is None:
         raise ValueError("down: neither the sandbox nor a target")
     target = options.target
-    plan = plan_for(target, facts=NO_FACTS if options.no_gather else CACHED, events=events).plan
-    shown = _teardown(plan, options, target, events, check=True)
-    # A host that failed or was not reached in check mode: nothing is removed anywhere.
-    if options.check or not shown.ran.ok:
-        return _result(options, plan, shown)
-    remaining = {name: h for name, h in shown.hosts.items() if not h.empty}
-    if not remaining:
-        events.log(f"nothing to remove on the hosts of '{plan.group}'")
-        return _result(options, plan, shown)
-    if not options.confirm(remaining):
-        raise Declined("not confirmed: nothing was removed")
-    return _result(options, plan, _teardown(plan, options, target, events, check=False))
+    # Not beside an `up` of the same group (LockHeld, exit 2).
+    with group_lock(target.state_dir, target.hosts, new_run_id(dt.datetime.now(), "down"),
+                    "down", log=events.log):
+        plan = plan_for(target, facts=NO_FACTS if options.no_gather else CACHED,
+                        events=events).plan
+        shown = _teardown(plan, options, target, events, check=True)
+        # A host that failed or was not reached in check mode: nothing is removed anywhere.
+        if options.check or not shown.ran.ok:
+            return _result(options, plan, shown)
+        remaining = {name: h for name, h in shown.hosts.items() if not h.empty}
+        if not remaining:
+            events.log(f"nothing to remove on the hosts of '{plan.group}'")
+            return _result(options, plan, shown)
+        if not options.confirm(remaining):
+            raise Declined("not confirmed: nothing was removed")
+        return _result(options, plan, _teardown(plan, options, target, events, check=False))

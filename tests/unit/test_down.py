@@ -16,6 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator import cli
+from orchestrator.run.lock import LockHeld, group_lock
 from orchestrator.workflows import down as down_flow
 from orchestrator.workflows.common import Target
 from orchestrator.workflows.down import Declined, DownOptions, HostTeardown, Removals, down
@@ -188,6 +189,20 @@ def test_a_host_failing_the_check_run_stops_before_anything_is_removed(
     assert len(ansible.calls) == 1 and not result.passed and result.removed == []
     assert result.hosts["h2"].failed and not result.hosts["h1"].failed
     assert [f.host for f in result.failures] == ["h2"]
+
+
+def test_down_waits_for_no_up_of_the_same_group(
+        target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    ansible = Ansible({"h1"})
+    monkeypatch.setattr(down_flow, "run_ansible", ansible)
+    with group_lock(target.state_dir, "g", "20260101-000000-000000-up", "up"), \
+            pytest.raises(LockHeld) as held:
+        down(DownOptions("g", target=target, no_gather=True, confirm=lambda found: True))
+    assert held.value.exit_code == 2 and ansible.calls == []
+    # Released after a down: an up may take it.
+    down(DownOptions("g", target=target, no_gather=True, confirm=lambda found: True))
+    with group_lock(target.state_dir, "g", "20260101-000001-000000-up", "up"):
+        pass
 
 
 def test_cli_without_a_terminal_and_without_yes_refuses_before_any_run(
