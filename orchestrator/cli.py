@@ -20,14 +20,14 @@ from orchestrator.errors import ConfigError, OrchestrateError
 from orchestrator.mirror.weights import DEFAULT_PORT
 from orchestrator.plan.planner import STAGES
 from orchestrator.report import console as report
-from orchestrator.run.runner import Interrupted, Progress
+from orchestrator.run.runner import Progress
 from orchestrator.workflows import bench as bench_flow
 from orchestrator.workflows import compat as compat_flow
 from orchestrator.workflows import down as down_flow
 from orchestrator.workflows import facts as facts_flow
 from orchestrator.workflows import fit as fit_flow
+from orchestrator.workflows import history as history_flow
 from orchestrator.workflows import init as init_flow
-from orchestrator.workflows import logs as logs_flow
 from orchestrator.workflows import mirror as mirror_flow
 from orchestrator.workflows import plan as plan_flow
 from orchestrator.workflows import probe as probe_flow
@@ -54,6 +54,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 # Its help is the callback's docstring: `orchestrate facts --hosts G` itself gathers.
 facts_app = typer.Typer()
 app.add_typer(facts_app, name="facts")
+history_app = typer.Typer()
+app.add_typer(history_app, name="history")
 console = Console()
 err = Console(stderr=True)
 
@@ -239,7 +241,14 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
        update_revisions: Annotated[bool, typer.Option(
            "--update-revisions", help="Pin each moving model revision (a branch such as "
            "master) to the hub's current commit again; by default every run keeps the "
-           "commit the first one pinned (.orchestrate/pins.json).")] = False) -> None:
+           "commit the first one pinned (.orchestrate/pins.json).")] = False,
+       retry_failed: Annotated[bool, typer.Option(
+           "--retry-failed", help="Only the hosts that failed or were unreachable in the "
+           "group's last up (all members of a Ray cluster with one of them).")] = False,
+       break_lock: Annotated[bool, typer.Option(
+           "--break-lock", help="Take the group's lock (.orchestrate/locks) over even if "
+           "another run, of this or another control host, seems to hold it.")] = False
+       ) -> None:
     """Gather the hosts' facts and plan from them, provision the hosts (stage by stage),
     then probe every deployment. Hosts whose driver the drivers stage installs are gathered
     again after it. With `mirror:` in the fleet, the weights are staged there first
@@ -249,9 +258,20 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
     with _errors():
         policy = _facts_policy(no_gather, refresh_facts, facts_max_age)
         target = _target(hosts, fleet, inventory, vault_password_file)
+        retry = (history_flow.retry_selection(target.runs_root, hosts) if retry_failed
+                 else None)
+        if retry is not None and not retry.hosts:
+            nothing = history_flow.NothingToRetry(
+                group=hosts, retry_of=retry.run_id,
+                message=f"nothing to retry: every host passed in run {retry.run_id}")
+            out.print(escape(nothing.message), highlight=False)
+            if as_json:
+                _emit(nothing)
+            return
         result = up_flow.up(up_flow.UpOptions(
             target, check=check, only=tuple(only or ()), skip=tuple(skip or ()),
-            facts=policy, update_revisions=update_revisions,
+            facts=policy, update_revisions=update_revisions, retry=retry,
+            break_lock=break_lock,
             before_facts=_start_sandbox if target.builtin is not None else None),
             _events(out))
     if result.mirror is not None and result.mirror.models:
@@ -529,57 +549,6 @@ def status(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = No
 
 
 @app.command()
-def logs(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
-         deployment: Annotated[str | None, typer.Option(
-             "--deployment", help="Only this deployment's units.")] = None,
-         since: Annotated[str | None, typer.Option(
-             "--since", help="Only entries of the last 90s, 30m, 1h, 2d.")] = None,
-         lines: Annotated[int, typer.Option(
-             "--lines", "-n", min=1, help="At most the last N entries per host (the first "
-                                          "read; --follow then prints every new one).")] = 200,
-         follow: Annotated[bool, typer.Option(
-             "--follow", "-F", help="Keep reading every few seconds, until Ctrl-C.")] = False,
-         as_json: JsonOpt = False) -> None:
-    """The journals of the deployments' units (vllm@, ollama, ray) on each host, through
-    the connection the stages use (playbooks/logs.yml), each line prefixed with its host and
-    unit; exit 1 if a host's journal could not be read (the others still print)."""
-    def emit(records: list[logs_flow.LogRecord], unreached: list[logs_flow.Unreached]) -> None:
-        for r in records:
-            if as_json:
-                print(r.model_dump_json(), flush=True)
-            else:
-                console.print(report.log_line(r.host, r.unit, r.time, r.message),
-                              highlight=False, soft_wrap=True)
-        for u in unreached:
-            if as_json:
-                print(u.model_dump_json(), flush=True)
-            else:
-                console.print(f"[yellow]{report.shown(u.host, one_line=True)}: its journal "
-                              f"was not read[/yellow]: {report.shown(u.reason, one_line=True)}",
-                              highlight=False, soft_wrap=True)
-
-    with _errors():
-        found = logs_flow.journals(logs_flow.LogsOptions(
-            _target(hosts, fleet, inventory, None), deployment,
-            parse_duration(since, key="--since") if since else None, lines))
-        if follow:
-            try:
-                logs_flow.follow(found, emit)
-            except (KeyboardInterrupt, Interrupted):
-                # Ctrl-C is how following ends: no error line, the shell's code for it.
-                raise typer.Exit(130) from None
-        result = logs_flow.read_once(found)
-    if as_json:
-        _emit(result)
-    else:
-        emit(result.records, result.unreachable)
-        if not result.records and not result.unreachable:
-            console.print("no journal entries", highlight=False)
-    if result.unreachable:
-        raise typer.Exit(1)
-
-
-@app.command()
 def down(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
          check: Annotated[bool, typer.Option(
              "--check", help="Show what would be removed on each host; remove nothing.")] = False,
@@ -658,6 +627,39 @@ def _teardown_lines(found: dict[str, down_flow.HostTeardown], out: Console, verb
                              ("files", host.files)):
             if items:
                 out.print(f"  {label}: {escape(', '.join(items))}", highlight=False)
+
+
+@history_app.callback(invoke_without_command=True)
+def history(ctx: typer.Context,
+            hosts: Annotated[str | None, typer.Option(
+                "--hosts", help="Only this group's runs (default: every group).")] = None,
+            limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many "
+                                               "runs.")] = 20,
+            as_json: JsonOpt = False) -> None:
+    """Past runs kept in .orchestrate/runs, newest first: command, group, outcome per host,
+    changed tasks, duration, who ran it, the fleet file's hash. `history show ID`: one run
+    in full."""
+    if ctx.invoked_subcommand is not None:
+        return
+    result = history_flow.history(history_flow.HistoryOptions(
+        STATE_DIR / "runs", group=hosts, limit=limit))
+    if as_json:
+        _emit(result)
+    else:
+        console.print(history_flow.history_table(result))
+
+
+@history_app.command("show")
+def history_show(run_id: Annotated[str, typer.Argument(
+                     metavar="ID", help="A run id, as `orchestrate history` lists them.")],
+                 as_json: JsonOpt = False) -> None:
+    """One run in full: per host its outcome, failed tasks and probes, and the release."""
+    with _errors():
+        record = history_flow.show(STATE_DIR / "runs", run_id)
+    if as_json:
+        _emit(record)
+    else:
+        console.print(history_flow.record_view(record), highlight=False)
 
 
 @app.command()

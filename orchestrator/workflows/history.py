@@ -148,6 +148,14 @@ class RetrySelection:
     hosts: frozenset[str]
 
 
+class NothingToRetry(Result):
+    """`orchestrate up --retry-failed --json` when the last run left no host to retry."""
+
+    group: str
+    retry_of: str = Field(description="the last `up` run of the group: every host passed")
+    message: str
+
+
 def retry_selection(runs_root: Path, group: str) -> RetrySelection:
     """The hosts that failed (a task or a probe) or were unreachable in the last `up` of
     `group`; ConfigError (exit 2) without a recorded one to retry."""

@@ -16,11 +16,12 @@ from orchestrator.workflows.compat import CompatResult
 from orchestrator.workflows.down import DownResult
 from orchestrator.workflows.facts import FactsReport, FactsResult
 from orchestrator.workflows.fit import FitAnswer, FitRefusal
+from orchestrator.workflows.history import HistoryResult, NothingToRetry
 from orchestrator.workflows.init import InitResult
-from orchestrator.workflows.logs import LogsResult
 from orchestrator.workflows.mirror import MirrorResult
 from orchestrator.workflows.plan import PlanResult
 from orchestrator.workflows.probe import ProbeRun
+from orchestrator.workflows.runs import RunRecord
 from orchestrator.workflows.status import StatusResult
 from orchestrator.workflows.up import UpResult
 
@@ -63,10 +64,13 @@ COMMANDS = {c.name: c for c in [
             "0 (a host not reached is planned from fleet.yml, `facts` says so); 2 bad input "
             "(fleet, group, stage, facts directory) or a host that differs from its "
             "declaration"),
-    Command("up", UpResult, "the facts used, the Ansible run(s), the mirror's work and the "
-                            "probes",
-            "0 all passed; 1 a playbook or a probe failed; 2 bad input or a host that "
-            "differs from its declaration, nothing run"),
+    Command("up", UpResult | NothingToRetry, "the facts used, the Ansible run(s), the "
+                                             "mirror's work and the probes; with "
+                                             "--retry-failed and no failed host: "
+                                             "NothingToRetry",
+            "0 all passed (or nothing to retry); 1 a playbook or a probe failed; 2 bad input "
+            "or a host that differs from its declaration, another run holds the group's "
+            "lock, or --retry-failed without a recorded up; nothing run"),
     Command("probe", ProbeRun, "every probe's result, with evidence and next step",
             "0 all passed; 1 a probe failed; 2 bad input"),
     Command("bench", BenchRun, "the probes and each deployment's measurements",
@@ -89,11 +93,13 @@ COMMANDS = {c.name: c for c in [
                                     "and the group's last run",
             "0 every deployment is up and no skew; 1 one is down or hosts differ (skew); "
             "2 bad input"),
-    Command("logs", LogsResult, "the journal entries of the deployments' units per host, "
-                                "oldest first (--follow: one LogRecord or Unreached object "
-                                "per line, as they come)",
-            "0 every host's journal was read; 1 a host's was not (`unreachable`); 2 bad "
-            "input; 130 --follow ended by Ctrl-C"),
+    Command("history", HistoryResult, "past runs of .orchestrate/runs, newest first: "
+                                      "command, group, hosts ok/failed/unreachable, changed, "
+                                      "duration, who, the fleet file's hash",
+            "0"),
+    Command("history show", RunRecord, "one run in full: per host its outcome, failed tasks "
+                                       "and probes, the release, the fleet file's copy",
+            "0; 2 no such run"),
     Command("down", DownResult, "per host the units, users and files removed (with "
                                 "--check: what would be); the sandbox: its hosts removed",
             "0 torn down, shown (--check) or nothing left; 1 a host failed or was not "

@@ -168,6 +168,7 @@ CASES: list[tuple[str, list[str], int]] = [
     ("fit", ["--model", "Qwen/Qwen2.5-7B-Instruct", "--gpu", "NVIDIA A10"], 0),
     ("fit", ["--model", "Qwen/Qwen2.5-72B-Instruct", "--gpu", "NVIDIA A10"], 2),
     ("fit", ["--model", "Qwen/Qwen2.5-4B-Instruct", "--gpu", "NVIDIA A10"], 2),
+    ("history", ["--hosts", "g"], 0),  # the runs above
     ("status", ["--hosts", "g", "-f", "{fleet}"], 0),  # SSH down, both engines answer
 ]
 
@@ -280,7 +281,8 @@ def test_every_command_has_a_schema_and_docs_json_md_is_current(tmp_path: Path) 
     typer_commands = {c.name or (c.callback.__name__ if c.callback else "")
                       for c in cli.app.registered_commands}
     facts = {"facts", *(f"facts {c.name}" for c in cli.facts_app.registered_commands)}
-    assert typer_commands | facts == {*schemas.COMMANDS, "schema"}
+    history = {"history", *(f"history {c.name}" for c in cli.history_app.registered_commands)}
+    assert typer_commands | facts | history == {*schemas.COMMANDS, "schema"}
     doc = (REPO / "docs" / "json.md").read_text(encoding="utf-8")
     assert doc == schemas.markdown(), ("docs/json.md is stale: run "
                                        "`orchestrate schema --markdown > docs/json.md`")
@@ -446,14 +448,15 @@ def test_up_runs_the_callers_hook_with_the_hosts_before_gathering_their_facts(
     seen: list[tuple[list[str], bool]] = []
 
     def before_facts(hosts: list[str]) -> None:
-        seen.append((hosts, (state / "runs").exists()))
+        seen.append((hosts, any((state / "runs").glob("*-facts"))))
 
     loaded = load_fleet(write_fleet(tmp_path / "fleet.yml", CLOSED_PORT))
     result = up(UpOptions(Target("g", builtin=loaded, state_dir=state), only=("preflight",),
                           before_facts=before_facts), Events())
     assert seen == [(["h"], False)]
+    # The run's record (run.json) first, then the facts gathered, then the playbook run.
     assert [p.name.rsplit("-", 1)[1] for p in sorted((state / "runs").iterdir())] == [
-        "facts", "up"]
+        "up", "facts", "up"]
     assert Path(result.run_dir).parent == (state / "runs").resolve()
     assert not result.passed and result.ansible.failures[0].unreachable
     assert result.stages == ["preflight"] and result.probes is None
