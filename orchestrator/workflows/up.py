@@ -5,14 +5,17 @@ again after it, and the later stages are planned from the driver then loaded."""
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from orchestrator.errors import PlanError
+from orchestrator.config.fleet import load_fleet
+from orchestrator.errors import ConfigError, PlanError
 from orchestrator.mirror import pins
 from orchestrator.mirror import weights as weights_mirror
 from orchestrator.mirror.weights import Staged, Traffic
@@ -44,7 +47,12 @@ from orchestrator.workflows.common import (
 )
 from orchestrator.workflows.history import RetrySelection
 from orchestrator.workflows.mirror import mirror_token, pin_for_up, stage_for_up
-from orchestrator.workflows.runs import fleet_file_of, save_results, start_record
+from orchestrator.workflows.runs import (
+    fleet_file_of,
+    last_successful_run,
+    save_results,
+    start_record,
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,8 @@ class UpOptions:
     break_lock: bool = False
     # Pin every moving model revision to the hub's commit again (orchestrator.mirror.pins).
     update_revisions: bool = False
+    # --rollback: the fleet of the group's last successful up, through the same rollout.
+    rollback: bool = False
 
 
 class AnsibleOutcome(Result):
@@ -119,6 +129,43 @@ class UpMirror(Result):
                                               "the run")
 
 
+class RolloutStop(Result):
+    """Where the services stage's rollout stopped: the first batch that failed (its health
+    gate, or its engines not starting). The later batches were not touched."""
+
+    batch: int = Field(description="the failed batch, 1 first")
+    batches: int = Field(description="batches planned")
+    failures: list[TaskFailure] = Field(description="per failed host of the batch: the check "
+                                                    "(task) and what it found, with the unit's "
+                                                    "journal excerpt")
+    untouched: list[str] = Field(description="hosts of the later batches: not changed, still "
+                                             "serving their old version")
+    next_steps: list[str] = Field(description="commands that resume or roll back")
+
+
+# The services stage's play (playbooks/services.yml), the one that rolls in batches.
+SERVICES_PLAY = "Serving engines"
+
+
+def rollout_stop(plan: Plan, ran: RunResult, command: list[str]) -> RolloutStop | None:
+    """The batch of `plan` at which `ran` stopped, if the services stage failed on a host;
+    `command` is the `orchestrate up` line that ran it, for the next steps."""
+    failures = [f for f in ran.failures if f.play == SERVICES_PLAY]
+    batches = plan.rollout.batches
+    failed = {f.host for f in failures}
+    at = next((i for i, batch in enumerate(batches) if failed & set(batch)), None)
+    if at is None:
+        return None
+    base = [*command, "--hosts", plan.group]
+    return RolloutStop(
+        batch=at + 1, batches=len(batches), failures=failures,
+        untouched=[h for batch in batches[at + 1:] for h in batch],
+        next_steps=[f"resume after a fix in fleet.yml: {shlex.join(base)}",
+                    f"retry the failed hosts only: {shlex.join([*base, '--retry-failed'])}",
+                    "roll back to the last successful run's fleet: "
+                    f"{shlex.join([*base, '--rollback'])}"])
+
+
 class UpResult(Result):
     """`orchestrate up --json`."""
 
@@ -140,6 +187,10 @@ class UpResult(Result):
     mirror: UpMirror | None = Field(description="null when the fleet has no mirror")
     probes: Probes | None = Field(description="null with --check or without the verify "
                                               "stage")
+    rollout_stopped: RolloutStop | None = Field(
+        default=None, description="null unless a batch of the services stage failed")
+    rolled_back_to: str | None = Field(
+        default=None, description="--rollback: the run whose fleet this one ran")
     passed: bool = Field(description="the playbooks and every probe passed (exit 0)")
 
 
@@ -229,8 +280,12 @@ def up(options: UpOptions, events: Events) -> UpResult:
     run_id = new_run_id(dt.datetime.now(), "up")
     with group_lock(target.state_dir, target.hosts, run_id, "up",
                     break_lock=options.break_lock, log=events.log):
+        fleet_file = fleet_file_of(target)
+        rolled_back_to = None
+        if options.rollback:
+            options, fleet_file, rolled_back_to = rollback_options(options, events.log)
         record = start_record(target.runs_root, run_id, command="up", group=target.hosts,
-                              fleet_file=fleet_file_of(target), check=options.check,
+                              fleet_file=fleet_file, check=options.check,
                               stages=stages,
                               retry_of=options.retry.run_id if options.retry else None)
         events.log(f"recording this run in {record.path}")
@@ -239,10 +294,32 @@ def up(options: UpOptions, events: Events) -> UpResult:
                 result = _up(options, events)
             except KeyboardInterrupt:
                 raise Interrupted("interrupted (Ctrl-C)") from None
+            result = result.model_copy(update={"rolled_back_to": rolled_back_to})
             record.finish(passed=result.passed, run_dirs=result.run_dirs,
                           stats=dict(result.ansible.hosts),
                           failures=list(result.ansible.failures), probes=result.probes)
             return result
+
+
+def rollback_options(options: UpOptions, log: Callable[[str], None]
+                     ) -> tuple[UpOptions, Path, str]:
+    """`options` with the fleet of the group's last successful up (its copy in that run's
+    directory; relative paths in it lead from the fleet file's directory as now), that copy
+    and that run's id. No such run: ConfigError (exit 2)."""
+    target = options.target
+    record = last_successful_run(target.runs_root, target.hosts)
+    if record is None or record.fleet_copy is None:
+        raise ConfigError(f"no successful `up` of '{target.hosts}' recorded with its fleet "
+                          f"file in {target.runs_root}: nothing to roll back to; run `up` "
+                          "with the earlier fleet file instead (-f FILE)", key="--rollback")
+    current = fleet_file_of(target)
+    base = (current.resolve().parent if current is not None
+            else Path(record.fleet_file).parent if record.fleet_file else None)
+    loaded = load_fleet(record.fleet_copy, target.inventory, base=base)
+    log(f"rolling back '{target.hosts}' to the fleet of run {record.run_id} "
+        f"({record.started:%Y-%m-%d %H:%M} UTC), through the same rollout")
+    return (replace(options, target=replace(target, builtin=loaded)), record.fleet_copy,
+            record.run_id)
 
 
 def _up(options: UpOptions, events: Events) -> UpResult:
@@ -298,6 +375,14 @@ def _up(options: UpOptions, events: Events) -> UpResult:
                 runs.append(_run_stages(rest, options, events))
     ran = merged([r for _, r in runs])
     run_dir = runs[-1][0]
+    stopped = rollout_stop(plan, ran, _command_of(target))
+    if stopped is not None:
+        events.log(f"rollout stopped at batch {stopped.batch} of {stopped.batches}: "
+                   f"{', '.join(sorted({f.host for f in stopped.failures}))} failed "
+                   f"({'; '.join(f'{f.host}: {f.task}' for f in stopped.failures)}); "
+                   + (f"not touched, still serving their old version: "
+                      f"{', '.join(stopped.untouched)}; " if stopped.untouched else "")
+                   + "next: " + "; ".join(stopped.next_steps))
     probes = None
     if not options.check and "verify" in stages:
         probes = probe_all(plan, secrets=secrets, operator_inventory=target.inventory)
@@ -311,4 +396,17 @@ def _up(options: UpOptions, events: Events) -> UpResult:
                     stages=stages, facts=planned.origins(), regathered=regathered,
                     ansible=AnsibleOutcome.of(ran), mirror=mirrored,
                     probes=Probes.of(probes) if probes else None,
+                    rollout_stopped=stopped,
                     passed=ran.ok and (probes is None or probes.passed))
+
+
+def _command_of(target: Target) -> list[str]:
+    """`orchestrate up` with the options that name `target`'s fleet, for a next step."""
+    command = ["orchestrate", "up"]
+    if target.fleet is not None:
+        command += ["-f", str(target.fleet)]
+    if target.inventory is not None:
+        command += ["-i", str(target.inventory)]
+    if target.vault_password_file is not None:
+        command += ["--vault-password-file", str(target.vault_password_file)]
+    return command

@@ -23,6 +23,10 @@ from orchestrator.knowledge.compat import load_cuda_compat
 from orchestrator.plan.planner import Plan, make_plan
 from orchestrator.plan.rollout import RolloutPlan, plan_rollout
 from orchestrator.run.render import render, rollout_vars
+from orchestrator.run.runner import RunResult, TaskFailure
+from orchestrator.workflows.common import Target
+from orchestrator.workflows.runs import FLEET_COPY, start_record
+from orchestrator.workflows.up import SERVICES_PLAY, UpOptions, rollback_options, rollout_stop
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -255,7 +259,7 @@ def test_services_play_rolls_in_batches_and_stops_at_the_first_failed_gate(
                           cwd=REPO)
     report = json.loads(proc.stdout)
     assert proc.returncode == 2, proc.stderr
-    plays = [p for p in report["plays"] if p["play"]["name"] == "Serving engines"]
+    plays = [p for p in report["plays"] if p["play"]["name"] == SERVICES_PLAY]
     asked = [sorted(next(t for t in p["tasks"]
                          if t["task"]["name"].endswith("Ask every deployment of the host to "
                                                        "answer"))["hosts"]) for p in plays]
@@ -274,3 +278,60 @@ def test_services_play_rolls_in_batches_and_stops_at_the_first_failed_gate(
     # The key went to the stand-in from the env file, never through Ansible's output.
     assert KEY not in json.dumps([t for p in plays for t in p["tasks"]
                                   if "Ask every" in t["task"]["name"]])
+
+
+# --- up: where a rollout stopped, and --rollback ---------------------------------------------
+
+def test_a_failed_batch_is_reported_with_the_later_batches_untouched() -> None:
+    plan = example_plan().model_copy(update={"rollout": RolloutPlan(
+        batches=[["gpu-01"], ["gpu-02"], ["gpu-03"]], reasons=[])})
+    gate = TaskFailure(host="gpu-02", play=SERVICES_PLAY,
+                       task="health_gate : Stop the rollout where a deployment did not answer",
+                       message="health gate failed on gpu-02: ...")
+    ran = RunResult(status="failed", rc=2, stats={}, failures=[gate])
+    stop = rollout_stop(plan, ran, ["orchestrate", "up", "-f", "my fleet.yml"])
+    assert stop is not None
+    assert (stop.batch, stop.batches, stop.untouched) == (2, 3, ["gpu-03"])
+    assert stop.failures == [gate]
+    assert stop.next_steps == [
+        "resume after a fix in fleet.yml: orchestrate up -f 'my fleet.yml' --hosts gpu-cluster",
+        "retry the failed hosts only: orchestrate up -f 'my fleet.yml' --hosts gpu-cluster "
+        "--retry-failed",
+        "roll back to the last successful run's fleet: orchestrate up -f 'my fleet.yml' "
+        "--hosts gpu-cluster --rollback"]
+    # A failure before the services stage stops no rollout.
+    early = TaskFailure(host="gpu-02", play="Python environment", task="t", message="m")
+    assert rollout_stop(plan, RunResult(status="failed", rc=2, stats={}, failures=[early]),
+                        ["orchestrate", "up"]) is None
+
+
+def test_rollback_without_a_successful_run_is_refused(tmp_path: Path) -> None:
+    options = UpOptions(Target("gpu-cluster", fleet=tmp_path / "fleet.yml",
+                               state_dir=tmp_path / ".orchestrate"), rollback=True)
+    with pytest.raises(ConfigError, match="no successful `up` of 'gpu-cluster'") as err:
+        rollback_options(options, lambda _: None)
+    assert err.value.exit_code == 2
+
+
+def test_rollback_runs_the_last_successful_runs_fleet_copy(tmp_path: Path) -> None:
+    """A STAND-IN run record (runs.start_record, finished passed without hosts): the copy it
+    keeps is planned, its relative paths leading from the current fleet's directory."""
+    state = tmp_path / ".orchestrate"
+    (tmp_path / "secrets.vault.yml").touch()
+    old = tmp_path / "fleet.yml"
+    old.write_text((REPO / "templates" / "fleet.yml").read_text())
+    record = start_record(state / "runs", "20260101-000000-000000-up", command="up",
+                          group="gpu-cluster", fleet_file=old, argv=["orchestrate", "up"])
+    record.end("passed")
+    old.write_text(old.read_text().replace("max_model_len: 8192", "max_model_len: 4096"))
+    logged: list[str] = []
+    options, copy, run_id = rollback_options(
+        UpOptions(Target("gpu-cluster", fleet=old, state_dir=state), rollback=True),
+        logged.append)
+    assert (copy, run_id) == (record.path / FLEET_COPY, "20260101-000000-000000-up")
+    loaded = options.target.builtin
+    assert loaded is not None
+    assert loaded.fleet.deployments[0].options.max_model_len == 8192
+    assert loaded.fleet.secrets == str(tmp_path / "secrets.vault.yml")
+    assert logged[0].startswith("rolling back 'gpu-cluster' to the fleet of run "
+                                "20260101-000000-000000-up")
