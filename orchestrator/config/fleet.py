@@ -353,11 +353,40 @@ class MirrorSettings(Strict):
     token_var: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
 
 
+def _listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]")
+                             else host)
+        valid = bool(sep) and port.isdigit() and 1 <= int(port) <= 65535 and (
+            host.startswith("[") == (":" in host))
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError("expected ADDRESS:PORT with an IP address, e.g. 127.0.0.1:9100, "
+                         "0.0.0.0:9100 or [::1]:9100")
+    return value
+
+
+class MonitoringSettings(Strict):
+    """What the monitoring stage sets up on the hosts and `orchestrate monitoring` writes
+    for Prometheus (README, Monitoring)."""
+
+    # Where node_exporter listens on every host. It has no authentication: beyond loopback
+    # a host's metrics are open to whoever reaches it, which the plan flags; on loopback
+    # only a Prometheus on the host itself can scrape it.
+    node_exporter_listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:9100"
+    scrape_interval: Annotated[str, Field(pattern=r"^[1-9][0-9]*(s|m)$")] = "15s"
+    # A host of the fleet that the prometheus role installs Prometheus and Alertmanager on.
+    prometheus_host: HostName | None = None
+
+
 class Fleet(Strict):
     # An Ansible Vault-encrypted YAML file of secrets (API keys by their api_key_var names),
     # given to every run as extra variables; opened with --vault-password-file.
     secrets: str | None = None
     mirror: MirrorSettings | None = None
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     defaults: Defaults = Field(default_factory=Defaults)
     groups: dict[GroupName, Group] = Field(default_factory=dict)
     deployments: list[Deployment] = Field(default_factory=list)
