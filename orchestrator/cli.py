@@ -247,7 +247,11 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
            "group's last up (all members of a Ray cluster with one of them).")] = False,
        break_lock: Annotated[bool, typer.Option(
            "--break-lock", help="Take the group's lock (.orchestrate/locks) over even if "
-           "another run, of this or another control host, seems to hold it.")] = False
+           "another run, of this or another control host, seems to hold it.")] = False,
+       rollback: Annotated[bool, typer.Option(
+           "--rollback", help="Run the fleet file of the group's last successful up (its "
+           "copy in that run's directory) instead of the current one, through the same "
+           "rollout: batch after batch behind the health gate.")] = False
        ) -> None:
     """Gather the hosts' facts and plan from them, provision the hosts (stage by stage),
     then probe every deployment. Hosts whose driver the drivers stage installs are gathered
@@ -258,6 +262,9 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
     with _errors():
         policy = _facts_policy(no_gather, refresh_facts, facts_max_age)
         target = _target(hosts, fleet, inventory, vault_password_file)
+        if rollback and retry_failed:
+            raise ConfigError("--rollback runs every host of the group; leave out "
+                              "--retry-failed", key="--rollback")
         retry = (history_flow.retry_selection(target.runs_root, hosts) if retry_failed
                  else None)
         if retry is not None and not retry.hosts:
@@ -271,7 +278,7 @@ def up(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
         result = up_flow.up(up_flow.UpOptions(
             target, check=check, only=tuple(only or ()), skip=tuple(skip or ()),
             facts=policy, update_revisions=update_revisions, retry=retry,
-            break_lock=break_lock,
+            break_lock=break_lock, rollback=rollback,
             before_facts=_start_sandbox if target.builtin is not None else None),
             _events(out))
     if result.mirror is not None and result.mirror.models:

@@ -335,3 +335,20 @@ def test_rollback_runs_the_last_successful_runs_fleet_copy(tmp_path: Path) -> No
     assert loaded.fleet.secrets == str(tmp_path / "secrets.vault.yml")
     assert logged[0].startswith("rolling back 'gpu-cluster' to the fleet of run "
                                 "20260101-000000-000000-up")
+
+
+def test_cli_up_rollback_without_a_successful_run_exits_2_with_the_hint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fleet.yml").write_text((REPO / "templates" / "fleet.yml").read_text())
+    runner = CliRunner()
+    both = runner.invoke(app, ["up", "--hosts", "gpu-cluster", "--rollback", "--retry-failed"])
+    assert both.exit_code == 2, both.output
+    assert "--rollback runs every host of the group" in both.output
+    none = runner.invoke(app, ["up", "--hosts", "gpu-cluster", "--rollback", "--no-gather"])
+    assert none.exit_code == 2, none.output
+    assert "no successful `up` of 'gpu-cluster'" in " ".join(none.output.split())
