@@ -20,7 +20,7 @@ from orchestrator.errors import ConfigError, OrchestrateError
 from orchestrator.mirror.weights import DEFAULT_PORT
 from orchestrator.plan.planner import STAGES
 from orchestrator.report import console as report
-from orchestrator.run.runner import Progress
+from orchestrator.run.runner import Interrupted, Progress
 from orchestrator.workflows import bench as bench_flow
 from orchestrator.workflows import compat as compat_flow
 from orchestrator.workflows import down as down_flow
@@ -28,6 +28,7 @@ from orchestrator.workflows import facts as facts_flow
 from orchestrator.workflows import fit as fit_flow
 from orchestrator.workflows import history as history_flow
 from orchestrator.workflows import init as init_flow
+from orchestrator.workflows import logs as logs_flow
 from orchestrator.workflows import mirror as mirror_flow
 from orchestrator.workflows import plan as plan_flow
 from orchestrator.workflows import probe as probe_flow
@@ -552,6 +553,57 @@ def status(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = No
                       + {True: "[green]passed[/green]", False: "[red]failed[/red]",
                          None: "no result"}[last.passed], highlight=False)
     if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def logs(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = None,
+         deployment: Annotated[str | None, typer.Option(
+             "--deployment", help="Only this deployment's units.")] = None,
+         since: Annotated[str | None, typer.Option(
+             "--since", help="Only entries of the last 90s, 30m, 1h, 2d.")] = None,
+         lines: Annotated[int, typer.Option(
+             "--lines", "-n", min=1, help="At most the last N entries per host (the first "
+                                          "read; --follow then prints every new one).")] = 200,
+         follow: Annotated[bool, typer.Option(
+             "--follow", "-F", help="Keep reading every few seconds, until Ctrl-C.")] = False,
+         as_json: JsonOpt = False) -> None:
+    """The journals of the deployments' units (vllm@, ollama, ray) on each host, through
+    the connection the stages use (playbooks/logs.yml), each line prefixed with its host and
+    unit; exit 1 if a host's journal could not be read (the others still print)."""
+    def emit(records: list[logs_flow.LogRecord], unreached: list[logs_flow.Unreached]) -> None:
+        for r in records:
+            if as_json:
+                print(r.model_dump_json(), flush=True)
+            else:
+                console.print(report.log_line(r.host, r.unit, r.time, r.message),
+                              highlight=False, soft_wrap=True)
+        for u in unreached:
+            if as_json:
+                print(u.model_dump_json(), flush=True)
+            else:
+                console.print(f"[yellow]{report.shown(u.host, one_line=True)}: its journal "
+                              f"was not read[/yellow]: {report.shown(u.reason, one_line=True)}",
+                              highlight=False, soft_wrap=True)
+
+    with _errors():
+        found = logs_flow.journals(logs_flow.LogsOptions(
+            _target(hosts, fleet, inventory, None), deployment,
+            parse_duration(since, key="--since") if since else None, lines))
+        if follow:
+            try:
+                logs_flow.follow(found, emit)
+            except (KeyboardInterrupt, Interrupted):
+                # Ctrl-C is how following ends: no error line, the shell's code for it.
+                raise typer.Exit(130) from None
+        result = logs_flow.read_once(found)
+    if as_json:
+        _emit(result)
+    else:
+        emit(result.records, result.unreachable)
+        if not result.records and not result.unreachable:
+            console.print("no journal entries", highlight=False)
+    if result.unreachable:
         raise typer.Exit(1)
 
 

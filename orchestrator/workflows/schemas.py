@@ -18,6 +18,7 @@ from orchestrator.workflows.facts import FactsReport, FactsResult
 from orchestrator.workflows.fit import FitAnswer, FitRefusal
 from orchestrator.workflows.history import HistoryResult, NothingToRetry
 from orchestrator.workflows.init import InitResult
+from orchestrator.workflows.logs import LogsResult
 from orchestrator.workflows.mirror import MirrorResult
 from orchestrator.workflows.plan import PlanResult
 from orchestrator.workflows.probe import ProbeRun
@@ -93,6 +94,11 @@ COMMANDS = {c.name: c for c in [
                                     "and the group's last run",
             "0 every deployment is up and no skew; 1 one is down or hosts differ (skew); "
             "2 bad input"),
+    Command("logs", LogsResult, "the journal entries of the deployments' units per host, "
+                                "oldest first (--follow: one LogRecord or Unreached object "
+                                "per line, as they come)",
+            "0 every host's journal was read; 1 a host's was not (`unreachable`); 2 bad "
+            "input; 130 --follow ended by Ctrl-C"),
     Command("history", HistoryResult, "past runs of .orchestrate/runs, newest first: "
                                       "command, group, hosts ok/failed/unreachable, changed, "
                                       "duration, who, the fleet file's hash",
