@@ -110,7 +110,8 @@ COMMANDS = {c.name: c for c in [
                                 "--check: what would be); the sandbox: its hosts removed",
             "0 torn down, shown (--check) or nothing left; 1 a host failed or was not "
             "reached (nothing removed when the check run failed), or the answer was no; "
-            "2 bad input, or no terminal to ask on and no --yes"),
+            "2 bad input, no terminal to ask on and no --yes, or another run holds the "
+            "group's lock"),
 ]}
 
 
