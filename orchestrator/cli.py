@@ -30,6 +30,7 @@ from orchestrator.workflows import history as history_flow
 from orchestrator.workflows import init as init_flow
 from orchestrator.workflows import logs as logs_flow
 from orchestrator.workflows import mirror as mirror_flow
+from orchestrator.workflows import monitoring as monitoring_flow
 from orchestrator.workflows import plan as plan_flow
 from orchestrator.workflows import probe as probe_flow
 from orchestrator.workflows import schemas
@@ -554,6 +555,30 @@ def status(hosts: HostsOpt, fleet: FleetOpt = None, inventory: InventoryOpt = No
                          None: "no result"}[last.passed], highlight=False)
     if not result.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def monitoring(hosts: HostsOpt, out: Annotated[Path, typer.Option(
+                   "--out", help="Folder to write prometheus.yml, targets/, rules/ and "
+                                 "dashboards/ into (made if missing; an existing "
+                                 "Prometheus's config folder works).")],
+               fleet: FleetOpt = None, inventory: InventoryOpt = None,
+               as_json: JsonOpt = False) -> None:
+    """Write what a Prometheus needs to watch the group: scrape config with file_sd targets
+    (node_exporter per host, each vLLM instance's /metrics), alert rules, and a Grafana
+    dashboard; reaches no host (`up` writes the same into its run directory)."""
+    with _errors():
+        result = monitoring_flow.monitoring(_target(hosts, fleet, inventory), out,
+                                            _events(err if as_json else console))
+    if as_json:
+        _emit(result)
+        return
+    for t in result.plan.targets:
+        console.print(f"{escape(t.job)}  {escape(t.address)}  "
+                      + " ".join(f"{escape(k)}={escape(v)}" for k, v in t.labels.items())
+                      + ("  [yellow]open[/yellow]" if t.open else ""), highlight=False)
+    console.print(f"wrote {len(result.files)} files to {escape(result.out)}: "
+                  f"{escape(', '.join(result.files))}", highlight=False)
 
 
 @app.command()

@@ -4,7 +4,8 @@
 # Python's venv module. Debian/Ubuntu only; safe to run again (apt skips what is there).
 set -euo pipefail
 
-packages=(podman runc slirp4netns debootstrap openssh-client iproute2 python3-venv make zstd)
+# prometheus: promtool checks the generated monitoring config and rules; the e2e runs its binary.
+packages=(podman runc slirp4netns debootstrap openssh-client iproute2 python3-venv make zstd prometheus)
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -20,6 +20,7 @@ from orchestrator.workflows.history import HistoryResult, NothingToRetry
 from orchestrator.workflows.init import InitResult
 from orchestrator.workflows.logs import LogsResult
 from orchestrator.workflows.mirror import MirrorResult
+from orchestrator.workflows.monitoring import MonitoringResult
 from orchestrator.workflows.plan import PlanResult
 from orchestrator.workflows.probe import ProbeRun
 from orchestrator.workflows.runs import RunRecord
@@ -99,6 +100,10 @@ COMMANDS = {c.name: c for c in [
                                 "per line, as they come)",
             "0 every host's journal was read; 1 a host's was not (`unreachable`); 2 bad "
             "input; 130 --follow ended by Ctrl-C"),
+    Command("monitoring", MonitoringResult, "the scrape targets (node_exporter per host, each "
+                                            "vLLM instance's /metrics), those not scrapeable "
+                                            "and why, and the files written",
+            "0 written; 2 bad input"),
     Command("history", HistoryResult, "past runs of .orchestrate/runs, newest first: "
                                       "command, group, hosts ok/failed/unreachable, changed, "
                                       "duration, who, the fleet file's hash",

@@ -47,6 +47,7 @@ from orchestrator.workflows.common import (
 )
 from orchestrator.workflows.history import RetrySelection
 from orchestrator.workflows.mirror import mirror_token, pin_for_up, stage_for_up
+from orchestrator.workflows.monitoring import write_for_run as write_monitoring_for_run
 from orchestrator.workflows.runs import (
     fleet_file_of,
     last_successful_run,
@@ -387,6 +388,7 @@ def _up(options: UpOptions, events: Events) -> UpResult:
     if not options.check and "verify" in stages:
         probes = probe_all(plan, secrets=secrets, operator_inventory=target.inventory)
     report = save_results(run_dir.path, command="up", plan=plan, probes=probes)
+    write_monitoring_for_run(planned, run_dir.path)
     mirrored = None if settings is None else UpMirror(
         dir=str(mirror_path(settings, target.state_dir)), url=settings.url, models=staged,
         origin_bytes=sum(s.origin_bytes for s in staged),
