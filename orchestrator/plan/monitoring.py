@@ -28,30 +28,31 @@ class _Out(BaseModel):
 
 
 class ScrapeTarget(_Out):
-    job: str
-    # host:port as Prometheus reaches it from the control machine.
-    address: str
+    job: str = Field(description="orchestrate-node (node_exporter) or orchestrate-vllm")
+    address: str = Field(description="host:port as Prometheus reaches it from the control "
+                                     "machine")
     labels: dict[str, str] = Field(description="host, group and (vLLM) deployment, model, "
                                                "engine; node: profile, weights_mount")
-    # Served beyond loopback with no authentication (node_exporter has none): flagged.
-    open: bool = False
+    open: bool = Field(default=False, description="served beyond loopback without "
+                                                  "authentication (node_exporter has none)")
 
 
 class Unscraped(_Out):
     job: str
     host: str
     deployment: str | None = None
-    reason: str
+    reason: str = Field(description="why no Prometheus off the host reaches it, and the fix")
 
 
 class MonitoringPlan(_Out):
     group: str
-    scrape_interval: str
-    node_exporter_listen: str
+    scrape_interval: str = Field(description="fleet.yml monitoring.scrape_interval")
+    node_exporter_listen: str = Field(description="fleet.yml monitoring.node_exporter_listen")
     targets: list[ScrapeTarget]
-    # Listening on a host's loopback only: no Prometheus but one on that host reaches them.
-    unscraped: list[Unscraped]
-    prometheus_host: str | None = None
+    unscraped: list[Unscraped] = Field(description="listening on a host's loopback only: no "
+                                                   "Prometheus elsewhere reaches them")
+    prometheus_host: str | None = Field(default=None, description="fleet.yml "
+                                        "monitoring.prometheus_host")
 
 
 def _split(listen: str) -> tuple[str, int]:

@@ -27,7 +27,7 @@ from orchestrator.workflows.common import (
 class MonitoringResult(Result):
     """`orchestrate monitoring --json`: what Prometheus scrapes, and the files written."""
 
-    plan: MonitoringPlan
+    plan: MonitoringPlan = Field(description="the scrape targets")
     out: str = Field(description="the folder written (prometheus.yml inside)")
     files: list[str] = Field(description="every file written, under `out`")
 
