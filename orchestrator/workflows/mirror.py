@@ -33,12 +33,12 @@ def _token() -> str | None:
     return os.environ.get("MODELSCOPE_API_TOKEN") or None
 
 
-def pin_for_up(loaded: LoadedFleet, target: Target, *, update: bool, check: bool,
+def pin_for_up(loaded: LoadedFleet, target: Target, *, update: bool, resolve: bool,
                log: Callable[[str], None]) -> pins.Pinned:
     """The fleet `up` plans from: each moving revision of the group's hub models pinned to
-    the hub's commit (resolved and recorded when it has no pin, or with `update`); --check
-    reads the pins and records none."""
-    if check:
+    the hub's commit (resolved and recorded when it has no pin, or with `update`); without
+    `resolve` (--check, a run without the models stage) the pins are read, none recorded."""
+    if not resolve:
         return pins.apply(loaded, target.hosts, pins.read_pins(target.state_dir))
     endpoint = weights_mirror.modelscope_endpoint(loaded.fleet.mirror)
     return pins.pin_revisions(

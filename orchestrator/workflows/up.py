@@ -325,12 +325,14 @@ def rollback_options(options: UpOptions, log: Callable[[str], None]
 
 def _up(options: UpOptions, events: Events) -> UpResult:
     target = options.target
-    pinned = pin_for_up(load(target), target, update=options.update_revisions,
-                        check=options.check, log=events.log)
-    loaded = pinned.loaded
+    loaded = load(target)
     stages = select_stages(list(options.only), list(options.skip))
     hosts = loaded.hosts_of(target.hosts)
     secrets = open_secrets(loaded.fleet.secrets, target.vault_password_file)
+    # Only a run that downloads weights asks the hub; the others plan from the pins.
+    pinned = pin_for_up(loaded, target, update=options.update_revisions,
+                        resolve=not options.check and "models" in stages, log=events.log)
+    loaded = pinned.loaded
     settings = loaded.fleet.mirror
     listen = (weights_mirror.parse_listen(settings.listen, settings, key="mirror.listen")
               if settings is not None and settings.listen else None)

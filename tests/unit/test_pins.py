@@ -103,7 +103,7 @@ def test_an_unknown_revision_names_the_hubs_branches_and_tags() -> None:
 
 def test_an_unreachable_hub_is_told_apart() -> None:
     client = httpx.Client(transport=httpx.MockTransport(unreachable))
-    with pytest.raises(HubUnreachable, match="cannot reach https://hub.stand-in"):
+    with pytest.raises(HubUnreachable, match=r"cannot reach https://hub\.stand-in"):
         resolve_revision(HUB, MODEL, "master", token=None, client=client)
 
 
@@ -249,9 +249,9 @@ def test_up_pins_through_the_hub_of_the_fleet(tmp_path: Path, write: Any,
             "deployments": [{"name": "q", "model": MODEL, "engine": "vllm", "hosts": "gpu",
                              "port": 8000, "options": {"open": True}}]})))
         target = Target("gpu", state_dir=tmp_path / ".orchestrate")
-        checked = pin_for_up(loaded, target, update=False, check=True, log=print)
+        checked = pin_for_up(loaded, target, update=False, resolve=False, log=print)
         assert checked.pins == {} and checked.unpinned == {"q": "master"}
-        pinned = pin_for_up(loaded, target, update=False, check=False, log=print)
+        pinned = pin_for_up(loaded, target, update=False, resolve=True, log=print)
     assert pinned.pins["q"].commit == commit
     assert pinned.loaded.fleet.deployments[0].revision == commit
 
