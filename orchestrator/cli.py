@@ -157,7 +157,8 @@ def _start_sandbox(hosts: list[str]) -> None:
     wheelhouse = sandbox_fleet.sandbox_wheelhouse(load_knowledge(), _log)
     sandbox.up(_sandbox_state(), count=len(hosts),
                ssh_base_port=sandbox_fleet.SSH_BASE_PORT,
-               service_ports=[sandbox_fleet.VLLM_PORT, sandbox_fleet.OLLAMA_PORT],
+               service_ports=[sandbox_fleet.VLLM_PORT, sandbox_fleet.OLLAMA_PORT,
+                              sandbox_fleet.NODE_EXPORTER_PORT],
                mounts={wheelhouse: sandbox_fleet.WHEELHOUSE_MOUNT}, log=_log)
 
 

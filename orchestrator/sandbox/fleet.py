@@ -50,6 +50,10 @@ PYTHON_VERSION = "3.11"  # Debian 12's python3
 # Fetch once, fan out: `up` stages the model into the sandbox's mirror and serves it on the
 # control machine's loopback for the run; slirp4netns (allow_host_loopback) shows that
 # loopback to each host as 10.0.2.2, so the hosts fetch from it like real hosts from a mirror.
+# node_exporter (the monitoring stage) listens on every address inside each host, as the
+# published port reaches the container on its network interface; only the control
+# machine's 127.0.0.1 publishes it, where `orchestrate monitoring` points Prometheus.
+NODE_EXPORTER_PORT = 9100
 MIRROR_PORT = 18090
 MIRROR_URL = f"http://{sandbox.HOST_LOOPBACK}:{MIRROR_PORT}"
 API_KEY_VAR = "vault_sandbox_api_key"
@@ -132,7 +136,7 @@ def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = No
     """The fleet; with `ollama_release` (sandbox_ollama_release()) each host also serves
     the Ollama deployment; with `mirror_dir` the hosts take the model
     from the mirror there, which `up` stages from model_dir and serves for the run."""
-    ports = [VLLM_PORT, *([OLLAMA_PORT] if ollama_release else [])]
+    ports = [VLLM_PORT, *([OLLAMA_PORT] if ollama_release else []), NODE_EXPORTER_PORT]
     hosts = {
         name: {"address": "127.0.0.1", "ssh_port": SSH_BASE_PORT + i - 1,
                "port_map": {port: published_port(i, port) for port in ports}}
@@ -158,6 +162,8 @@ def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = No
             "options": {"bind_address": "0.0.0.0", "open": True},
         }]
     fleet = Fleet.model_validate({
+        "monitoring": {"node_exporter_listen": f"0.0.0.0:{NODE_EXPORTER_PORT}",
+                       "scrape_interval": "5s"},
         "groups": {GROUP: {
             "ssh_user": "root",
             "ssh_key": str(ssh_key),
