@@ -100,12 +100,10 @@ def _entry(record: RunRecord) -> HistoryEntry:
 def _all(runs_root: Path, group: str | None) -> list[RunRecord]:
     """Every run of `group` (None: all), newest first: recorded ones, and older directories
     that no record names as one of its playbook runs."""
-    paths = newest_first(runs_root)
-    recorded = [r for r in (read_record(p) for p in paths) if r is not None]
-    claimed = {Path(d).name for r in recorded for d in r.run_dirs}
+    read = [(path, read_record(path)) for path in newest_first(runs_root)]
+    claimed = {Path(d).name for _, r in read if r is not None for d in r.run_dirs}
     found: list[RunRecord] = []
-    for path in paths:
-        record = read_record(path)
+    for path, record in read:
         if record is None and path.name not in claimed:
             legacy_of = legacy_group(path)
             legacy = read_legacy(path) if legacy_of is not None else None

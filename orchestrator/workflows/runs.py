@@ -244,7 +244,8 @@ class RunRecord(Result):
 # Secrets never belong in argv (the CLI takes none there); a value that looks like one is
 # masked all the same: an option or KEY=VALUE named like a secret, or a known token shape.
 _SECRET_NAME = re.compile(r"(?i)(token|secret|passw(or)?d|api[-_]?key|credential)")
-_TOKEN = re.compile(r"(?:hf_|sk-|ms-|ghp_|github_pat_)[A-Za-z0-9_-]{8,}|[A-Za-z0-9_-]{32,}")
+_TOKEN = re.compile(r"(?:hf_|sk-|ms-|ghp_|github_pat_)[A-Za-z0-9_-]{8,}"
+                    r"|(?=[A-Za-z_]*[0-9])(?=[0-9_]*[A-Za-z])[A-Za-z0-9_]{32,}")
 _MASK = "***"
 
 
@@ -399,7 +400,9 @@ def start_record(runs_root: Path, run_id: str, *, command: str, group: str,
         data = fleet_file.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         copy = path / FLEET_COPY
-        write_private(copy, data.decode("utf-8", errors="replace"))
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
     line = list(sys.argv if argv is None else argv)
     record = RunRecord(
         run_id=run_id, recorded=True, command=command,

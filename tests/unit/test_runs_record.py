@@ -283,6 +283,11 @@ def test_releases_group_hosts_serving_the_same_thing() -> None:
     (["up", "Xk9" * 12], ["up", "***"]),
     (["up", "-f", "/very/long/path/" + "x" * 40 + ".yml"],
      ["up", "-f", "/very/long/path/" + "x" * 40 + ".yml"]),
+    # A long group name is a name, not a token.
+    (["up", "--hosts", "gpu-cluster-production-east-region-07"],
+     ["up", "--hosts", "gpu-cluster-production-east-region-07"]),
+    (["up", "--hosts", "gpu_cluster_production_east_region"],
+     ["up", "--hosts", "gpu_cluster_production_east_region"]),
 ])
 def test_argv_is_kept_with_secrets_masked(argv: list[str], expected: list[str]) -> None:
     assert scrub_argv(argv) == expected
