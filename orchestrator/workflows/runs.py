@@ -49,8 +49,12 @@ _ID_TIME = "%Y%m%d-%H%M%S-%f"
 
 
 def new_run(plan: Plan, runs_root: Path, command: str) -> Path:
-    """A fresh run directory for a command that runs no playbook (probe, bench)."""
-    return make_run_dir(plan, runs_root, new_run_id(dt.datetime.now(), command))
+    """A fresh run directory for a command that runs no playbook (probe, bench), with its
+    provisional record (run.json, running); save_results ends it."""
+    run_id = new_run_id(dt.datetime.now(), command)
+    path = make_run_dir(plan, runs_root, run_id)
+    _begin(path, run_id, command=command, group=plan.group, fleet_file=None)
+    return path
 
 
 def save_results(run_dir: Path, *, command: str, plan: Plan, probes: ProbeReport | None,
@@ -61,6 +65,14 @@ def save_results(run_dir: Path, *, command: str, plan: Plan, probes: ProbeReport
                                       encoding="utf-8")
     if bench is not None:
         (run_dir / BENCH).write_text(bench.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    recorded = read_record(run_dir)
+    if recorded is not None and recorded.outcome == "running":
+        passed = (probes is None or probes.passed) and (bench is None or bench.passed)
+        Recorder(run_dir, recorded).end(
+            "passed" if passed else "failed", hosts=probed_hosts(plan, probes),
+            probes_total=len(probes.results) if probes else None,
+            probes_failed=sum(not r.passed for r in probes.results) if probes else None,
+            releases=releases([plan]))
     return htmlreport.write_report(run_dir, command=command, plan=plan, probes=probes,
                                    bench=bench)
 
@@ -171,7 +183,9 @@ class RecordedHost(Result):
 
     outcome: HostOutcome = Field(description="from ansible-runner's per-host stats: ok, "
                                              "failed (a task failed), unreachable, skipped "
-                                             "(planned, but no playbook reached it)")
+                                             "(planned, but no playbook reached it); of a "
+                                             "command without a playbook (probe, bench): "
+                                             "failed when a probe of the host failed")
     tasks: HostStats | None = Field(description="ansible-runner's per-host task counts; null "
                                                 "when no playbook reached the host")
     failures: list[RecordedTask] = Field(description="its failed tasks")
@@ -319,6 +333,14 @@ def host_records(plans: list[Plan], stats: dict[str, HostStats], failures: list[
     return out
 
 
+def probed_hosts(plan: Plan, probes: ProbeReport | None) -> dict[str, RecordedHost]:
+    """Per host of a command that runs no playbook: failed where a probe of it failed."""
+    hosts = host_records([plan], {h.name: HostStats() for h in plan.hosts}, [], probes)
+    return {name: host.model_copy(update={"outcome": "failed", "tasks": None})
+            if host.probes_failed else host.model_copy(update={"tasks": None})
+            for name, host in hosts.items()}
+
+
 def _write_json(path: Path, text: str) -> None:
     # Whole or not at all: a crash while writing leaves the previous record.
     part = path.with_name(f".{path.name}.part")
@@ -395,6 +417,14 @@ def start_record(runs_root: Path, run_id: str, *, command: str, group: str,
     path = (runs_root / run_id).resolve()
     runs_root.mkdir(parents=True, exist_ok=True)
     path.mkdir(mode=0o700)
+    return _begin(path, run_id, command=command, group=group, fleet_file=fleet_file,
+                  check=check, stages=stages, retry_of=retry_of, argv=argv)
+
+
+def _begin(path: Path, run_id: str, *, command: str, group: str, fleet_file: Path | None,
+           check: bool = False, stages: list[str] | None = None, retry_of: str | None = None,
+           argv: list[str] | None = None) -> Recorder:
+    """The provisional record of a run in its directory `path`."""
     digest = copy = None
     if fleet_file is not None and fleet_file.is_file():
         data = fleet_file.read_bytes()

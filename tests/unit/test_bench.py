@@ -514,7 +514,9 @@ def test_cli_bench_probes_benchmarks_and_writes_the_run_dir(tmp_path: Path, serv
     assert json.loads((run_dir / "bench.json").read_text()) == {
         k: v for k, v in out["bench"].items() if k != "passed"}
     assert {p.name for p in run_dir.iterdir()} == {"plan.json", "probes.json", "bench.json",
-                                                   "report.html"}
+                                                   "report.html", "run.json"}
+    recorded = json.loads((run_dir / "run.json").read_text())
+    assert (recorded["command"], recorded["outcome"]) == ("bench", "passed")
     html = (run_dir / "report.html").read_text()
     assert html.count("<svg") == 3 and "h1" in html
 

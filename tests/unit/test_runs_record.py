@@ -321,3 +321,21 @@ def test_records_are_newest_first_and_per_group(target: Target,
     assert found[0].started >= found[1].started
     assert records(target.runs_root, "other") == []
     assert dt.datetime.now(dt.UTC) - found[0].started < dt.timedelta(minutes=5)
+
+
+def test_a_command_without_a_playbook_is_recorded_in_its_run_directory(tmp_path: Path) -> None:
+    from orchestrator.workflows.runs import new_run, save_results
+
+    plan = Plan(group="g", stages=[], hosts=[_host("a"), _host("b")])
+    run_dir = new_run(plan, tmp_path, "probe")
+    started = read_record(run_dir)
+    assert started is not None and started.outcome == "running"
+    assert (started.command, started.group, started.fleet_copy) == ("probe", "g", None)
+    save_results(run_dir, command="probe", plan=plan, probes=ProbeReport(group="g", results=[
+        ProbeResult(host="a", deployment="chat", probe="health", passed=False, evidence="503"),
+        ProbeResult(host="b", deployment="chat", probe="health", passed=True, evidence="200")]))
+    ended = read_record(run_dir)
+    assert ended is not None and ended.outcome == "failed" and ended.finished is not None
+    assert {n: h.outcome for n, h in ended.hosts.items()} == {"a": "failed", "b": "ok"}
+    assert (ended.probes_total, ended.probes_failed) == (2, 1)
+    assert records(tmp_path, "g") == [ended]

@@ -234,7 +234,7 @@ def test_runs_keep_their_results_in_their_own_directory(outputs: Any) -> None:
     probe = found[("probe", 0)]
     assert probe["passed"] and Path(probe["run_dir"]).parent == cwd / ".orchestrate" / "runs"
     assert {p.name for p in Path(probe["run_dir"]).iterdir()} == {
-        "plan.json", "probes.json", "report.html"}
+        "plan.json", "probes.json", "report.html", "run.json"}
     assert json.loads((Path(probe["run_dir"]) / "probes.json").read_text())["results"] == \
         probe["results"]
     # The host's SSH port is closed: each command that gathers reports it, per host.
