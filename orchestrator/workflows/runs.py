@@ -35,7 +35,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from orchestrator.errors import one_line
-from orchestrator.plan.planner import Plan
+from orchestrator.plan.planner import MIRROR_MODELS, Plan
 from orchestrator.report import htmlreport
 from orchestrator.run.render import make_run_dir, new_run_id, write_private
 from orchestrator.run.runner import HostStats, Interrupted, TaskFailure
@@ -151,7 +151,7 @@ def last_run(runs_root: Path, group: str) -> LastRun | None:
     return None
 
 
-# --- run records: run.json, one per command that changes hosts (up, down) --------------------
+# --- run records: run.json, one per run of a command that works on hosts ----------------------
 
 RECORD = "run.json"
 FLEET_COPY = "fleet.yml"
@@ -205,8 +205,9 @@ class DeploymentRelease(Result):
                                                    "or the Ollama release")
     model_id: str | None = Field(description="the model (catalog or ModelScope id, or Ollama "
                                              "tag)")
-    revision: str | None = Field(description="the model's revision as planned; null when it "
-                                             "is not fetched by revision (model_dir, mirror)")
+    revision: str | None = Field(description="the model's revision as planned (a moving one "
+                                             "pinned to the hub's commit); null for a model "
+                                             "directory or an Ollama tag")
     hosts: list[str]
 
 
@@ -290,6 +291,15 @@ def _version(requirement: object) -> str | None:
     return text.partition("==")[2] or text or None
 
 
+def _revision(entry: dict[str, Any]) -> str | None:
+    """A weights entry's revision; from the mirror, the last part of the model's key in it
+    (planner.weights_origin: modelscope/<model>/<revision>)."""
+    if entry.get("revision"):
+        return str(entry["revision"])
+    url = str(entry.get("manifest_url") or "")
+    return url.rsplit("/", 2)[-2] if f"/{MIRROR_MODELS}/modelscope/" in url else None
+
+
 def releases(plans: list[Plan]) -> list[DeploymentRelease]:
     """Per deployment what its hosts run, from the plans (a later one wins for a host)."""
     hosts = {h.name: h for plan in plans for h in plan.hosts}
@@ -303,7 +313,7 @@ def releases(plans: list[Plan]) -> list[DeploymentRelease]:
                                              else "ollama_version"))
             # An Ollama deployment pulls a tag: its served name.
             model = entry.get("model_id") or probe.served_model_name
-            key = (probe.deployment, probe.engine, version, model, entry.get("revision"))
+            key = (probe.deployment, probe.engine, version, model, _revision(entry))
             found.setdefault(key, []).append(host.name)
     return [DeploymentRelease(deployment=str(d), engine=str(e), engine_version=v, model_id=m,
                               revision=r, hosts=sorted(names))

@@ -267,8 +267,12 @@ def test_releases_group_hosts_serving_the_same_thing() -> None:
                                    served_model_name="chat"),
                        ProbeTarget(deployment="small", engine="ollama", base_url="http://y",
                                    served_model_name="qwen2.5:0.5b")]})
+    from_mirror = host("b", "0.32.0", COMMIT)
+    from_mirror.vars["model_weights_models"][0] = {
+        "name": "chat", "model_id": "Qwen/X", "source": "mirror",
+        "manifest_url": f"http://m:8080/models/modelscope/Qwen/X/{COMMIT}/manifest.json"}
     found = releases([Plan(group="g", stages=[], hosts=[
-        host("a", "0.32.0", COMMIT), host("b", "0.32.0", COMMIT), host("c", "0.31.1", COMMIT)])])
+        host("a", "0.32.0", COMMIT), from_mirror, host("c", "0.31.1", COMMIT)])])
     assert [(r.deployment, r.engine_version, r.model_id, r.revision, r.hosts) for r in found] == [
         ("chat", "0.31.1", "Qwen/X", COMMIT, ["c"]),
         ("chat", "0.32.0", "Qwen/X", COMMIT, ["a", "b"]),
