@@ -50,6 +50,7 @@ from orchestrator.plan.found import Source, check_disk, declared_in, effective_h
 from orchestrator.plan.rolevars import (
     GpuCheckVars,
     ModelWeightsVars,
+    NodeExporterVars,
     NvidiaDriverVars,
     OllamaModel,
     OllamaVars,
@@ -928,7 +929,7 @@ def _plan_host(host: ResolvedHost, src: Source, deployments: list[Deployment],
         if host.driver.manage:
             reasons.append("driver.manage ignored: a cpu-profile host gets no NVIDIA driver")
 
-    mirror = loaded.fleet.mirror
+    mirror, monitoring = loaded.fleet.mirror, loaded.fleet.monitoring
     env_path = host.python.path or roles.python_env_path
     deployment_envs: dict[str, str] = {}
     if host.python.per_deployment:
@@ -1046,7 +1047,9 @@ def _plan_host(host: ResolvedHost, src: Source, deployments: list[Deployment],
                  vllm_wait_for_devices=[] if cpu else None,
                  vllm_rdma=True if ray is not None and not cpu else None),
         ollama,
-        gate_vars(loaded, group, served))
+        gate_vars(loaded, group, served),
+        NodeExporterVars(node_exporter_listen_address=monitoring.node_exporter_listen)
+        if "node_exporter_listen" in monitoring.model_fields_set else None)
     variables.update(host.vars)
 
     probes = [ProbeTarget(deployment=d.name, engine=d.engine,

@@ -180,10 +180,18 @@ class HealthGateVars(RoleVars):
     health_gate_timeout: int | None = None
 
 
+class NodeExporterVars(RoleVars):
+    """Where node_exporter listens: fleet.yml monitoring.node_exporter_listen, emitted only
+    where the fleet sets it (the role's loopback default applies otherwise)."""
+
+    role = "node_exporter"
+    node_exporter_listen_address: str
+
+
 # Every model a plan emits, in the order host_vars lists them (the stages' order).
 EMITTED: tuple[type[EmittedVars], ...] = (
     PlaybookVars, PreflightVars, NvidiaDriverVars, GpuCheckVars, PythonEnvVars, PytorchVars,
-    ModelWeightsVars, RayClusterVars, VllmVars, OllamaVars, HealthGateVars)
+    ModelWeightsVars, RayClusterVars, VllmVars, OllamaVars, HealthGateVars, NodeExporterVars)
 
 
 def merge(*parts: EmittedVars | None) -> dict[str, Any]:

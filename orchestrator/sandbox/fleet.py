@@ -54,6 +54,12 @@ PYTHON_VERSION = "3.11"  # Debian 12's python3
 # published port reaches the container on its network interface; only the control
 # machine's 127.0.0.1 publishes it, where `orchestrate monitoring` points Prometheus.
 NODE_EXPORTER_PORT = 9100
+# node_exporter's default list of filesystem types it skips, less overlay: a container's /
+# (which holds the weights here) is an overlay, and the weights' disk alert watches it.
+NODE_EXPORTER_FS_TYPES = (
+    "--collector.filesystem.fs-types-exclude=^(autofs|binfmt_misc|bpf|cgroup2?|configfs|"
+    "debugfs|devpts|devtmpfs|fusectl|hugetlbfs|iso9660|mqueue|nsfs|proc|procfs|pstore|"
+    "rpc_pipefs|securityfs|selinuxfs|squashfs|sysfs|tracefs)$")
 MIRROR_PORT = 18090
 MIRROR_URL = f"http://{sandbox.HOST_LOOPBACK}:{MIRROR_PORT}"
 API_KEY_VAR = "vault_sandbox_api_key"
@@ -172,6 +178,7 @@ def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = No
             # Sandbox hosts get new host keys whenever they are re-created.
             "vars": {"ansible_ssh_common_args":
                      "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+                     "node_exporter_extra_args": [NODE_EXPORTER_FS_TYPES],
                      **ollama_vars},
             "hosts": hosts,
         }},
