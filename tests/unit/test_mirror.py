@@ -631,8 +631,8 @@ def test_up_stages_first_and_a_bad_file_from_the_origin_stops_it_before_any_host
     key = KEY.replace("/master", f"/{hub.commit(MODEL_ID)}")
     assert f"{tmp_path}/mirror/models/{key}/files/{WEIGHTS}: missing" in message
     assert "Hash mismatch" in message and "Traceback" not in message
-    # No run directory: no playbook ran, no host was touched.
-    assert not (tmp_path / ".orchestrate" / "runs").exists()
+    # Nothing rendered, no playbook ran, no host was touched: the run's record alone.
+    assert not list((tmp_path / ".orchestrate").glob("runs/*/inventory"))
 
 
 @pytest.mark.parametrize("listen", ["8090", "127.0.0.1:8090", "[::1]:8090", "ctl.lan:80"])
