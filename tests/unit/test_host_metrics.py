@@ -342,3 +342,39 @@ def test_nvml_readings_through_a_stand_in_pynvml() -> None:
     assert value(samples, "orchestrate_gpu_ecc_errors", scope="aggregate", type="corrected") == 5
     assert value(samples, "orchestrate_gpu_retired_pages", cause="double_bit_ecc") == 2
     assert value(samples, "orchestrate_gpu_persistence_mode", gpu="0") == 1
+
+
+def standin(bin_dir: Path, name: str, script: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text(f"#!/bin/sh\n{script}\n")
+    (bin_dir / name).chmod(0o755)
+
+
+def test_xids_read_through_a_stand_in_journalctl(tmp_path: Path) -> None:
+    # STAND-INs: nvidia-smi replays the P100 capture; journalctl prints the Xid excerpt for
+    # `-k -b` (this boot's kernel messages), as the real one prints them with -o cat.
+    bin_dir = tmp_path / "bin"
+    standin(bin_dir, "nvidia-smi", f"exec cat {P100}")
+    standin(bin_dir, "journalctl",
+            f'[ "$1 $2" = "-k -b" ] || exit 2\nexec cat {DATA / "kernel-xid.log"}')
+    proc = run_program(tmp_path, f"{bin_dir}:/usr/bin:/bin", "--gpu", "--no-nvml")
+    assert proc.returncode == 0, proc.stderr
+    samples = parse((tmp_path / "orchestrate_gpu.prom").read_text())
+    assert value(samples, "orchestrate_gpu_xid_errors_total", xid="79") == 1
+    assert value(samples, "orchestrate_gpu_xid_errors_total", xid="13") == 2
+    assert "orchestrate_gpu_collector_error" not in samples
+
+
+def test_a_kernel_log_nobody_can_read(tmp_path: Path) -> None:
+    # STAND-INs refusing as journalctl and dmesg do without the rights to read the log.
+    bin_dir = tmp_path / "bin"
+    standin(bin_dir, "nvidia-smi", f"exec cat {P100}")
+    standin(bin_dir, "journalctl", "echo 'No journal files were opened due to insufficient "
+                                   "permissions.' >&2; exit 1")
+    standin(bin_dir, "dmesg",
+            "echo 'dmesg: read kernel buffer failed: Operation not permitted' >&2; exit 1")
+    proc = run_program(tmp_path, str(bin_dir) + ":/bin", "--gpu", "--no-nvml")
+    assert proc.returncode == 0, proc.stderr
+    samples = parse((tmp_path / "orchestrate_gpu.prom").read_text())
+    assert samples["orchestrate_gpu_collector_error"] == [({"reason": "kernel_log_unreadable"}, 1)]
+    assert value(samples, "orchestrate_gpu_driver_loaded") == 1

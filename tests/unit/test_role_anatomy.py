@@ -203,7 +203,8 @@ def first_task_file(role: Path) -> str:
 
 def test_the_roles_with_per_os_files() -> None:
     # A role that gains per-OS files is held to the OS check too; one that loses them is noticed.
-    assert [r.name for r in per_os_roles()] == ["nvidia_driver", "ollama", "python_env", "vllm"]
+    assert [r.name for r in per_os_roles()] == ["node_exporter", "nvidia_driver", "ollama",
+                                                "python_env", "vllm"]
     for role in per_os_roles():
         assert set(supported_list(role)) >= {
             "Debian 12", "Ubuntu 22.04", "Ubuntu 24.04", "RedHat 9", "Rocky 9"}, role.name
