@@ -377,8 +377,6 @@ class MonitoringSettings(Strict):
     # only a Prometheus on the host itself can scrape it.
     node_exporter_listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:9100"
     scrape_interval: Annotated[str, Field(pattern=r"^[1-9][0-9]*(s|m)$")] = "15s"
-    # A host of the fleet that the prometheus role installs Prometheus and Alertmanager on.
-    prometheus_host: HostName | None = None
 
 
 class Fleet(Strict):

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.config.fleet import LoadedFleet, MonitoringSettings, ResolvedHost
-from orchestrator.errors import PlanError
 from orchestrator.facts.hostfacts import HostFacts
 from orchestrator.plan.planner import Plan
 
@@ -51,8 +50,6 @@ class MonitoringPlan(_Out):
     targets: list[ScrapeTarget]
     unscraped: list[Unscraped] = Field(description="listening on a host's loopback only: no "
                                                    "Prometheus elsewhere reaches them")
-    prometheus_host: str | None = Field(default=None, description="fleet.yml "
-                                        "monitoring.prometheus_host")
 
 
 def _split(listen: str) -> tuple[str, int]:
@@ -85,10 +82,6 @@ def plan_monitoring(plan: Plan, loaded: LoadedFleet, facts: Mapping[str, HostFac
     """The scrape targets of `plan`'s hosts; `weights_root` is the model_weights role's."""
     settings: MonitoringSettings = loaded.fleet.monitoring
     resolved = {h.name: h for h in loaded.hosts_of(plan.group)}
-    if settings.prometheus_host and settings.prometheus_host not in {
-            h.name for h in loaded.hosts_of("all")}:
-        raise PlanError(f"{loaded.locate(('monitoring', 'prometheus_host'))}: "
-                        f"'{settings.prometheus_host}' is no host of the fleet")
     listen_ip, listen_port = _split(settings.node_exporter_listen)
     models = {d.name: d.model for d in loaded.fleet.deployments}
     targets: list[ScrapeTarget] = []
@@ -127,5 +120,4 @@ def plan_monitoring(plan: Plan, loaded: LoadedFleet, facts: Mapping[str, HostFac
                                         labels=labels, open=probe.open))
     return MonitoringPlan(group=plan.group, scrape_interval=settings.scrape_interval,
                           node_exporter_listen=settings.node_exporter_listen,
-                          targets=targets, unscraped=unscraped,
-                          prometheus_host=settings.prometheus_host)
+                          targets=targets, unscraped=unscraped)

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.config.fleet import LoadedFleet, load_fleet
-from orchestrator.errors import ConfigError, PlanError
+from orchestrator.errors import ConfigError
 from orchestrator.facts.hostfacts import DiskFree, HostFacts
 from orchestrator.knowledge.catalog import load_knowledge
 from orchestrator.knowledge.compat import load_cuda_compat
@@ -103,13 +103,6 @@ def test_a_bad_listen_address_names_the_key_and_line(tmp_path: Path, listen: str
 def test_a_bad_scrape_interval_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"monitoring\.scrape_interval"):
         load_fleet(fleet_file(tmp_path, FLEET.replace("10s", "10 seconds")))
-
-
-def test_prometheus_host_must_be_a_host_of_the_fleet(tmp_path: Path) -> None:
-    loaded = load_fleet(fleet_file(tmp_path, FLEET.replace(
-        "  scrape_interval: 10s\n", "  scrape_interval: 10s\n  prometheus_host: web-9\n")))
-    with pytest.raises(PlanError, match=r"fleet.yml:4: monitoring.prometheus_host: 'web-9'"):
-        planned(loaded)
 
 
 def test_defaults_listen_on_loopback_and_leave_the_hosts_unscraped(tmp_path: Path) -> None:
