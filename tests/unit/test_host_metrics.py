@@ -378,3 +378,57 @@ def test_a_kernel_log_nobody_can_read(tmp_path: Path) -> None:
     samples = parse((tmp_path / "orchestrate_gpu.prom").read_text())
     assert samples["orchestrate_gpu_collector_error"] == [({"reason": "kernel_log_unreadable"}, 1)]
     assert value(samples, "orchestrate_gpu_driver_loaded") == 1
+
+
+APT_CANDIDATE = """datacenter-gpu-manager-exporter:
+  Installed: (none)
+  Candidate: 4.8.2-1
+  Version table:
+     4.8.2-1 600
+        600 https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2404/x86_64  Packages
+"""
+APT_NONE = """datacenter-gpu-manager-exporter:
+  Installed: (none)
+  Candidate: (none)
+  Version table:
+"""
+
+
+@pytest.mark.parametrize(("policy", "available"), [(APT_CANDIDATE, True), (APT_NONE, False),
+                                                   ("", False)])
+def test_dcgm_exporter_lookup_in_check_mode(tmp_path: Path, policy: str, available: bool) -> None:
+    """The role's DCGM look-up (tasks/dcgm.yml) in check mode on this machine, with a
+    STAND-IN apt-cache printing what `apt-cache policy` prints for a package NVIDIA's CUDA
+    repository carries, one no source carries, and an unknown name (nothing). No driver is
+    loaded here, so `auto` installs nothing either way; the look-up's verdict is checked."""
+    bin_dir = tmp_path / "bin"
+    (tmp_path / "policy.txt").write_text(policy)
+    standin(bin_dir, "apt-cache",
+            f'[ "$1" = policy ] || exit 2\nexec cat {tmp_path / "policy.txt"}')
+    playbook = [{
+        "name": "DCGM look-up", "hosts": "all", "gather_facts": False,
+        "environment": {"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        "tasks": [
+            {"name": "Take Debian's facts", "given_facts": {"facts": {"os_family": "Debian"}}},
+            {"name": "Run the look-up", "ansible.builtin.include_role": {
+                "name": "host_metrics", "tasks_from": "dcgm.yml"}}]}]
+    (tmp_path / "play.yml").write_text(json.dumps(playbook))
+    (tmp_path / "inventory.json").write_text(json.dumps({"all": {"hosts": {"here": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable}}}}))
+    bin_ansible = Path(sys.executable).parent
+    proc = subprocess.run(
+        [str(bin_ansible / "ansible-playbook"), "--check", "-i", str(tmp_path / "inventory.json"),
+         str(tmp_path / "play.yml")],
+        env={"PATH": f"{bin_ansible}:/usr/bin:/bin", "HOME": str(tmp_path),
+             "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_STDOUT_CALLBACK": "json",
+             "ANSIBLE_LIBRARY": str(REPO / "tests" / "data" / "library"),
+             "ANSIBLE_LOCAL_TEMP": str(tmp_path / "local")},
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
+    report = json.loads(proc.stdout)
+    tasks = {t["task"]["name"].split(" : ", 1)[-1]: t["hosts"]["here"]
+             for t in report["plays"][0]["tasks"]}
+    assert report["stats"]["here"]["failures"] == 0, proc.stdout[-2000:]
+    decided = tasks["Decide whether the DCGM exporter runs here"]["ansible_facts"]
+    assert decided["__host_metrics_dcgm_available"] is available
+    assert decided["__host_metrics_dcgm"] is False  # no /proc/driver/nvidia here
+    assert tasks["Install the DCGM exporter package"].get("skipped") is True
