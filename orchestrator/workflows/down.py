@@ -209,7 +209,6 @@ def down(options: DownOptions, events: Events | None = None) -> DownResult:
             return _result(options, plan, shown)
         remaining = {name: h for name, h in shown.hosts.items() if not h.empty}
         if not remaining:
-            events.log(f"nothing to remove on the hosts of '{plan.group}'")
             return _result(options, plan, shown)
         if not options.confirm(remaining):
             raise Declined("not confirmed: nothing was removed")
