@@ -150,8 +150,9 @@ def units_config(host: HostPlan, deadline: float) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- one run for every host
 
-class _Answers:
-    """The collector task's outcome on each host, from the run's events."""
+class HostAnswers:
+    """The one task's outcome on each host of a run, from the run's events (the event
+    and the task's result)."""
 
     def __init__(self) -> None:
         self.found: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -230,7 +231,7 @@ def collect_all(hosts: list[HostPlan], timeout: float = SSH_TIMEOUT, *,
             {"all": {"children": {GROUP: {"hosts": entries}}}}))
         inventories = ([str(operator_inventory.resolve())] if operator_inventory else []) \
             + [str(inventory)]
-        answers = _Answers()
+        answers = HostAnswers()
         run_ansible(run_path, PLAYBOOK, inventories, answers, args=["--limit", GROUP],
                     forks=min(_FORKS, len(hosts)),
                     env={"ANSIBLE_TIMEOUT": str(max(1, int(started)))})

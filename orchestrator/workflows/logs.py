@@ -26,6 +26,7 @@ from orchestrator.plan.planner import HostPlan, Plan
 from orchestrator.run.render import ansible_yaml, write_private
 from orchestrator.run.runner import failure_message, run_ansible
 from orchestrator.verify.hostprobe import services
+from orchestrator.verify.liveness import HostAnswers
 from orchestrator.workflows.common import CACHED, Result, Target, plan_for
 
 PLAYBOOK = "playbooks/logs.yml"
@@ -150,20 +151,7 @@ def parse_journal(host: str, units: list[str], text: str) -> list[LogRecord]:
 
 # ---------------------------------------------------------------- one run for every host
 
-class _Answers:
-    def __init__(self) -> None:
-        self.found: dict[str, tuple[str, dict[str, Any]]] = {}
-
-    def __call__(self, event: Mapping[str, Any]) -> bool:
-        name = str(event.get("event", ""))
-        data = event.get("event_data") or {}
-        if name in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable") \
-                and data.get("host"):
-            self.found[str(data["host"])] = (name, dict(data.get("res") or {}))
-        return True
-
-
-# One host's journal output, or why there is none.
+# The one run over the hosts: per host its journalctl output, or why there is none.
 Reader = Callable[[list[HostPlan], Mapping[str, list[str]], Path | None],
                   dict[str, str | Unreached]]
 
@@ -183,7 +171,7 @@ def read_journals(hosts: list[HostPlan], argvs: Mapping[str, list[str]],
             {"all": {"children": {GROUP: {"hosts": entries}}}}))
         inventories = ([str(operator_inventory.resolve())] if operator_inventory else []) \
             + [str(inventory)]
-        answers = _Answers()
+        answers = HostAnswers()
         run_ansible(run_path, PLAYBOOK, inventories, answers, args=["--limit", GROUP],
                     forks=min(_FORKS, max(1, len(entries))),
                     env={"ANSIBLE_TIMEOUT": str(_CONNECT_TIMEOUT_S)})

@@ -26,7 +26,7 @@ from orchestrator.verify.hostprobe import CollectError
 from orchestrator.verify.liveness import (
     DRIVER_FILE,
     DeploymentStatus,
-    _Answers,
+    HostAnswers,
     _evidence,
     find_skew,
     liveness,
@@ -233,7 +233,7 @@ def test_two_installed_versions_are_shown_both(plan: Plan) -> None:
 
 def test_each_hosts_answer_is_read_from_the_one_runs_events(plan: Plan) -> None:
     h1, h2 = plan.hosts
-    answers = _Answers()
+    answers = HostAnswers()
     answers({"event": "runner_on_ok", "event_data": {
         "host": "h1", "res": {"rc": 0, "stdout": json.dumps({"units": []})}}})
     answers({"event": "runner_on_unreachable", "event_data": {
