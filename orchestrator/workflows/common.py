@@ -3,6 +3,7 @@ fleet, the hosts' facts and the plan it works from, and the base of every comman
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from orchestrator.facts.offline import load_facts_dir
 from orchestrator.knowledge.catalog import load_knowledge
 from orchestrator.knowledge.compat import load_cuda_compat
 from orchestrator.knowledge.roles import load_role_defaults
+from orchestrator.mirror import pins
 from orchestrator.mirror import weights as weights_mirror
 from orchestrator.plan.planner import Plan, fact_paths, make_plan, select_stages
 from orchestrator.run.gather import GatherHost, gather_facts
@@ -297,13 +299,15 @@ def make_planned(loaded: LoadedFleet, group: str, stages: list[str],
 
 def plan_for(target: Target, only: list[str] | None = None, skip: list[str] | None = None,
              *, facts: FactsPolicy, events: Events | None = None) -> Planned:
-    """The plan of the target's group, from the hosts' facts as `facts` says."""
-    loaded = load(target)
+    """The plan of the target's group, from the hosts' facts as `facts` says, and from the
+    model commits `up` pinned (read only: the hub is not asked)."""
+    pinned = pins.apply(load(target), target.hosts, pins.read_pins(target.state_dir))
     stages = select_stages(only, skip)
     events = events or Events()
-    found = find_facts(target, loaded.hosts_of(target.hosts), facts, events)
+    found = find_facts(target, pinned.loaded.hosts_of(target.hosts), facts, events)
     log_unreached(found.hosts, events.log)
-    return make_planned(loaded, target.hosts, stages, found.hosts)
+    planned = make_planned(pinned.loaded, target.hosts, stages, found.hosts)
+    return dataclasses.replace(planned, plan=pins.annotate(planned.plan, pinned))
 
 
 def open_secrets(secrets_file: str | None, password_file: Path | None) -> dict[str, str]:

@@ -262,3 +262,19 @@ def repo_dir_small(tmp_path: Path) -> Path:
     directory.mkdir()
     (directory / "config.json").write_text("{}", encoding="utf-8")
     return directory
+
+
+def test_status_probe_and_bench_plan_from_the_pins_too(tmp_path: Path, write: Any) -> None:
+    # plan_for (status, probe, bench, logs, down) reads the pins as `plan` does: a probe
+    # expecting `master` would fail every host serving the pinned commit.
+    from orchestrator.workflows.common import NO_FACTS, plan_for
+
+    fleet(write)
+    state = tmp_path / ".orchestrate"
+    pins.write_pins(state, {f"{MODEL}@master": pins.Pin(
+        model=MODEL, declared="master", commit=COMMIT_A, pinned_at=WHEN, endpoint=HUB)})
+    target = Target(hosts="gpu", fleet=tmp_path / "fleet.yml", state_dir=state)
+    plan = plan_for(target, facts=NO_FACTS).plan
+    for host in plan.hosts:
+        assert [e["revision"] for e in host.vars["model_weights_models"]] == [COMMIT_A]
+        assert any("pinned on 2026-12-01 from master" in r for r in host.reasons)
