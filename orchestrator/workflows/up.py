@@ -49,6 +49,7 @@ from orchestrator.workflows.history import RetrySelection
 from orchestrator.workflows.mirror import mirror_token, pin_for_up, stage_for_up
 from orchestrator.workflows.monitoring import write_for_run as write_monitoring_for_run
 from orchestrator.workflows.runs import (
+    Recorder,
     fleet_file_of,
     last_successful_run,
     save_results,
@@ -273,33 +274,38 @@ def _run_stages(plan: Plan, options: UpOptions, events: Events) -> tuple[RunDir,
 def up(options: UpOptions, events: Events) -> UpResult:
     """Gather the facts, plan, stage the weights (with a mirror), provision the hosts stage
     by stage, then probe. Ctrl-C stops it where it is (Ansible cancelled, no probe after
-    it) and raises Interrupted: exit 130. One run at a time per group (group_lock: another
-    one holding it is LockHeld, exit 2); the run is recorded in a run directory of its own
-    (run.json, history)."""
+    it) and raises Interrupted: exit 130. Once the input is checked, one run at a time per
+    group (group_lock: another one holding it is LockHeld, exit 2), recorded in a run
+    directory of its own (run.json, history); bad input writes nothing."""
     target = options.target
     stages = select_stages(list(options.only), list(options.skip))
     run_id = new_run_id(dt.datetime.now(), "up")
-    with group_lock(target.state_dir, target.hosts, run_id, "up",
-                    break_lock=options.break_lock, log=events.log):
-        fleet_file = fleet_file_of(target)
-        rolled_back_to = None
-        if options.rollback:
-            options, fleet_file, rolled_back_to = rollback_options(options, events.log)
-        record = start_record(target.runs_root, run_id, command="up", group=target.hosts,
-                              fleet_file=fleet_file, check=options.check,
-                              stages=stages,
-                              retry_of=options.retry.run_id if options.retry else None)
-        events.log(f"recording this run in {record.path}")
-        with record.recording():
-            try:
-                result = _up(options, events)
-            except KeyboardInterrupt:
-                raise Interrupted("interrupted (Ctrl-C)") from None
-            result = result.model_copy(update={"rolled_back_to": rolled_back_to})
-            record.finish(passed=result.passed, run_dirs=result.run_dirs,
+    fleet_file = fleet_file_of(target)
+    rolled_back_to = None
+    if options.rollback:
+        options, fleet_file, rolled_back_to = rollback_options(options, events.log)
+    with ExitStack() as held:
+        records: list[Recorder] = []
+
+        def begin() -> None:
+            held.enter_context(group_lock(target.state_dir, target.hosts, run_id, "up",
+                                          break_lock=options.break_lock, log=events.log))
+            record = start_record(target.runs_root, run_id, command="up",
+                                  group=target.hosts, fleet_file=fleet_file,
+                                  check=options.check, stages=stages,
+                                  retry_of=options.retry.run_id if options.retry else None)
+            events.log(f"recording this run in {record.path}")
+            records.append(held.enter_context(record.recording()))
+
+        try:
+            result = _up(options, events, begin)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted (Ctrl-C)") from None
+        result = result.model_copy(update={"rolled_back_to": rolled_back_to})
+        records[0].finish(passed=result.passed, run_dirs=result.run_dirs,
                           stats=dict(result.ansible.hosts),
                           failures=list(result.ansible.failures), probes=result.probes)
-            return result
+        return result
 
 
 def rollback_options(options: UpOptions, log: Callable[[str], None]
@@ -323,12 +329,14 @@ def rollback_options(options: UpOptions, log: Callable[[str], None]
             record.run_id)
 
 
-def _up(options: UpOptions, events: Events) -> UpResult:
+def _up(options: UpOptions, events: Events, begin: Callable[[], None]) -> UpResult:
     target = options.target
     loaded = load(target)
     stages = select_stages(list(options.only), list(options.skip))
     hosts = loaded.hosts_of(target.hosts)
     secrets = open_secrets(loaded.fleet.secrets, target.vault_password_file)
+    # The input holds: lock the group, start the record.
+    begin()
     # Only a run that downloads weights asks the hub; the others plan from the pins.
     pinned = pin_for_up(loaded, target, update=options.update_revisions,
                         resolve=not options.check and "models" in stages, log=events.log)

@@ -171,15 +171,21 @@ def test_an_interrupted_up_is_recorded_interrupted_and_releases_the_lock(
         retry_selection(target.runs_root, "g")
 
 
-def test_an_up_stopped_by_an_error_records_it(tmp_path: Path,
+def test_an_up_stopped_by_an_error_records_it(target: Target,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(OSError, match="disk full"):
+        run_up(target, monkeypatch, StandInPlaybook(raises=OSError("disk full")))
+    record = only_record(target)
+    assert record.outcome == "error" and record.error == "disk full"
+    assert not lock_path(target.state_dir, "g").exists()
+
+
+def test_bad_input_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = Target("nosuch", fleet=write_fleet(tmp_path / "fleet.yml"),
                     state_dir=tmp_path / "state")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown host group 'nosuch'"):
         run_up(target, monkeypatch, StandInPlaybook())
-    record = records(target.runs_root)[0]
-    assert record.outcome == "error" and "unknown host group 'nosuch'" in (record.error or "")
-    assert not lock_path(target.state_dir, "nosuch").exists()
+    assert not target.state_dir.exists()
 
 
 def test_a_second_up_of_the_group_is_refused_and_leaves_no_record(
