@@ -47,11 +47,12 @@ def plan(options: PlanOptions, events: Events) -> PlanResult:
                    "fleet's declarations")
         policy = CACHED
     target = options.target
+    # Refused before any host is reached.
+    stages = select_stages(list(options.only), list(options.skip))
     # The commits `up` pinned the moving revisions to; plan reads them, asks no hub.
     pinned = pins.apply(load(target), target.hosts, pins.read_pins(target.state_dir))
     found = find_facts(target, pinned.loaded.hosts_of(target.hosts), policy, events)
     log_unreached(found.hosts, events.log)
-    planned = make_planned(pinned.loaded, target.hosts,
-                           select_stages(list(options.only), list(options.skip)), found.hosts)
+    planned = make_planned(pinned.loaded, target.hosts, stages, found.hosts)
     plan = pins.annotate(planned.plan, pinned)
     return PlanResult.model_validate({**dict(plan), "facts": planned.origins()})
