@@ -11,8 +11,9 @@ down.
 
 How the cases share the sandbox: the session-scoped fixture `sandbox` (conftest.py) brings
 it up once and runs `down` at the session's end, asserting it there; the day-2 modules
-(test_sandbox_<topic>.py) run after this one on the same sandbox. Each later step is a module-scoped fixture
-that runs its commands, judges nothing and hands over what came back; the test functions
+(test_sandbox_<topic>.py) run after this one on the same sandbox. Each later step is a
+module-scoped fixture that runs its commands, judges nothing and hands over what came
+back; the test functions
 judge. So a failed check names what broke, and the steps after it still run and report.
 The steps form one chain (each requests the one before), so that the sandbox changes in
 the same order whichever cases are selected. Only when `up` prints no JSON at all (a

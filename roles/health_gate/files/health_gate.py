@@ -77,8 +77,8 @@ def vllm_checks(dep, config_dir, max_tokens):
     bind = argument(dep["args"], "--host")
     # Listening on every address: asked on loopback, as the vllm role's own wait does.
     address = "127.0.0.1" if bind in (None, "", "0.0.0.0", "::") else bind
-    base = "http://%s:%s" % ("[%s]" % address if ":" in address else address, dep["port"])
-    key = api_key("%s/%s.env" % (config_dir, dep["name"]))
+    base = "http://{}:{}".format(f"[{address}]" if ":" in address else address, dep["port"])
+    key = api_key("{}/{}.env".format(config_dir, dep["name"]))
     model = argument(dep["args"], "--served-model-name") or argument(dep["args"], "--model")
 
     def health():
@@ -89,7 +89,7 @@ def vllm_checks(dep, config_dir, max_tokens):
         status, answer = request(base + "/v1/models", key, timeout=10)
         ids = [m.get("id") for m in answer.get("data", [])] if isinstance(answer, dict) else []
         return (status == 200 and model in ids,
-                "GET /v1/models: %s, serves %s (expected %s)" % (status or answer, ids, model))
+                f"GET /v1/models: {status or answer}, serves {ids} (expected {model})")
 
     def chat():
         status, answer = request(base + "/v1/chat/completions", key, timeout=60, body={
@@ -97,8 +97,8 @@ def vllm_checks(dep, config_dir, max_tokens):
             "max_tokens": max_tokens, "temperature": 0})
         choices = answer.get("choices") if isinstance(answer, dict) else None
         return (status == 200 and bool(choices),
-                "POST /v1/chat/completions: %s%s" % (status or answer,
-                                                     "" if status == 200 else ", %s" % answer))
+                "POST /v1/chat/completions: {}{}".format(status or answer,
+                                                     "" if status == 200 else f", {answer}"))
 
     return [("health", health), ("models", models), ("chat", chat)]
 
@@ -108,7 +108,7 @@ def ollama_checks(spec):
 
     def version():
         status, answer = request(base + "/api/version", timeout=10)
-        return status == 200, "GET /api/version: %s %s" % (status or answer, answer)
+        return status == 200, f"GET /api/version: {status or answer} {answer}"
 
     def tags():
         status, answer = request(base + "/api/tags", timeout=10)
@@ -116,7 +116,7 @@ def ollama_checks(spec):
                  if isinstance(answer, dict) else [])
         missing = [m for m in spec["models"] if m not in names and m + ":latest" not in names]
         return (status == 200 and not missing,
-                "GET /api/tags: %s, lists %s (missing %s)" % (status or answer, names, missing))
+                f"GET /api/tags: {status or answer}, lists {names} (missing {missing})")
 
     return [("version", version), ("tags", tags)]
 
@@ -132,7 +132,7 @@ def gate(unit, checks, deadline, interval, journal_lines):
                 break
             state = unit_state(unit)
             if state == "failed" or time.monotonic() + interval > deadline:
-                detail += "; %s is %s" % (unit, state or "unknown")
+                detail += "; {} is {}".format(unit, state or "unknown")
                 break
             time.sleep(interval)
         results.append({"unit": unit, "check": name, "ok": ok, "detail": detail,
@@ -148,7 +148,7 @@ def main():
     deadline = time.monotonic() + spec["timeout"]
     results = []
     for dep in spec["vllm"]:
-        results += gate("vllm@%s.service" % dep["name"],
+        results += gate("vllm@{}.service".format(dep["name"]),
                         vllm_checks(dep, spec["config_dir"], spec["max_tokens"]),
                         deadline, spec["interval"], spec["journal_lines"])
     if spec.get("ollama"):
