@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 _ORDER = {"molecule": 1, "e2e": 2}
 # The sandbox modules share one sandbox (tests/e2e/conftest.py) and run in this order: the
 # ones that only read it, then the rollout (which leaves it at its upgraded version), then
-# the teardown (down, and `up` bringing the sandbox's own fleet back). Others after them.
+# the teardown (down, and `up` bringing the sandbox's own fleet back). Other e2e tests run
+# before them: they bring up and remove sandbox hosts of their own, and refuse to start while
+# the shared sandbox (removed only at the session's end) is running.
 _E2E_MODULES = ["test_bastion", "test_sandbox_e2e", "test_sandbox_history",
                 "test_sandbox_status", "test_sandbox_monitoring", "test_sandbox_rollout",
                 "test_sandbox_teardown"]
@@ -23,7 +25,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> tuple[int, int]:
         marker = max((_ORDER.get(m.name, 0) for m in item.iter_markers()), default=0)
         module = item.path.stem
-        order = _E2E_MODULES.index(module) if module in _E2E_MODULES else len(_E2E_MODULES)
+        order = _E2E_MODULES.index(module) if module in _E2E_MODULES else -1
         return marker, order if marker == _ORDER["e2e"] else 0
 
     items.sort(key=rank)

@@ -187,7 +187,10 @@ def _outcome(text: str) -> str:
 
 def history_table(result: HistoryResult) -> Table:
     table = Table(title=f"runs of {escape(result.group or 'every group')}, newest first")
-    for column in ("run", "command", "group", "outcome", "hosts ok/failed/unreachable",
+    # The run id is what `history show` takes: never shortened, whatever the terminal's width.
+    table.add_column("run", no_wrap=True,
+                     min_width=max((len(run.run_id) for run in result.runs), default=3))
+    for column in ("command", "group", "outcome", "hosts ok/failed/unreachable",
                    "changed", "duration", "who", "fleet"):
         table.add_column(column)
     for run in result.runs:

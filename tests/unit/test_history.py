@@ -135,6 +135,14 @@ def test_hostile_strings_are_printed_as_text(tmp_path: Path) -> None:
     assert text.count(HOSTILE) >= 6, text
 
 
+def test_the_run_id_is_whole_in_an_80_column_terminal(tmp_path: Path) -> None:
+    # CI's terminal is 80 columns wide: the id `history show` takes must not be cut.
+    made = record(tmp_path, "sandbox", {"sandbox-1": HostStats(ok=2)})
+    console = Console(record=True, width=80, color_system=None)
+    console.print(history_table(history(HistoryOptions(tmp_path))))
+    assert made.run_id in console.export_text()
+
+
 def test_cli_history_json_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     made = record(RUNS, "g", {"a": HostStats(ok=2), "b": HostStats(ok=2)})
