@@ -19,6 +19,7 @@ from ansible.parsing.vault import VaultLib, VaultSecret
 from orchestrator.config.fleet import Fleet, LoadedFleet
 from orchestrator.errors import MissingExtra
 from orchestrator.knowledge.catalog import Knowledge
+from orchestrator.knowledge.roles import role_defaults
 from orchestrator.mirror.wheelhouse import stage_wheelhouse
 from orchestrator.sandbox import hosts as sandbox
 from orchestrator.sandbox import ollama_standin
@@ -136,6 +137,18 @@ def sandbox_secrets(state_dir: Path) -> tuple[Path, Path]:
     return secrets_file, password_file
 
 
+def vllm_environment(index: int) -> dict[str, str]:
+    """The vllm role's common environment, with the engine's worker bound to a core of its
+    own for sandbox host `index` (1-based). vLLM's CPU build binds its worker to the
+    machine's first core on every host ("auto" keeps the last one for the server); the
+    sandbox hosts share this machine, so a serving host's worker starved the other's start
+    on that core (seen: a restarted sandbox-1 stuck for 15 minutes while sandbox-2 served).
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    return {**role_defaults("vllm")["vllm_environment"],
+            "VLLM_CPU_OMP_THREADS_BIND": str(cores[(index - 1) % len(cores)])}
+
+
 def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = None,
                   ollama_release: OllamaRelease | None = None,
                   mirror_dir: Path | None = None) -> LoadedFleet:
@@ -145,7 +158,8 @@ def sandbox_fleet(ssh_key: Path, model_dir: Path, secrets_file: Path | None = No
     ports = [VLLM_PORT, *([OLLAMA_PORT] if ollama_release else []), NODE_EXPORTER_PORT]
     hosts = {
         name: {"address": "127.0.0.1", "ssh_port": SSH_BASE_PORT + i - 1,
-               "port_map": {port: published_port(i, port) for port in ports}}
+               "port_map": {port: published_port(i, port) for port in ports},
+               "vars": {"vllm_environment": vllm_environment(i)}}
         for i, name in enumerate(host_names(), start=1)
     }
     ollama_vars: dict[str, object] = {}

@@ -14,7 +14,9 @@ from orchestrator.config.fleet import load_fleet
 from orchestrator.errors import PlanError
 from orchestrator.knowledge.catalog import load_knowledge
 from orchestrator.knowledge.compat import load_cuda_compat
+from orchestrator.knowledge.roles import role_defaults
 from orchestrator.plan.planner import STAGES, make_plan, select_stages
+from orchestrator.sandbox import fleet as sandbox_fleet_module
 from orchestrator.sandbox.fleet import OllamaRelease, sandbox_fleet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,13 +40,32 @@ def test_example_fleet_plan_matches_golden() -> None:
                  plan.model_dump_json(indent=2).replace(str(REPO), "<checkout>") + "\n")
 
 
-def test_sandbox_plan_matches_golden() -> None:
+def test_sandbox_plan_matches_golden(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cores the sandbox binds its engines to are this machine's: fixed for the golden.
+    monkeypatch.setattr(sandbox_fleet_module.os, "sched_getaffinity", lambda _pid: {0, 1, 2})
     release = OllamaRelease(Path("/cache/ollama-standin/v0.32.7/ollama-linux-amd64.tar.zst"),
                             "0" * 64, "amd64")
     loaded = sandbox_fleet(Path("/state/id_ed25519"), Path("/cache/models/tiny-qwen2"),
                            Path("/state/secrets.yml"), ollama_release=release)
     plan = make_plan(loaded, "sandbox", load_knowledge(), load_cuda_compat())
     check_golden("plan-sandbox.json", plan.model_dump_json(indent=2) + "\n")
+
+
+@pytest.mark.parametrize(("cores", "bound"), [({0, 1}, ["0", "1"]), ({2, 3, 5}, ["2", "3"]),
+                                              ({0}, ["0", "0"])])
+def test_each_sandbox_host_binds_its_engine_to_a_core_of_its_own(
+        monkeypatch: pytest.MonkeyPatch, cores: set[int], bound: list[str]) -> None:
+    """The sandbox hosts share this machine: with vLLM's own binding both workers sat on
+    its first core and a serving host starved the other's restart (the rolling upgrade
+    timed out). Each host gets its own core while there are enough; the role's common
+    environment stays as it is."""
+    monkeypatch.setattr(sandbox_fleet_module.os, "sched_getaffinity", lambda _pid: cores)
+    plan = make_plan(sandbox_fleet(Path("/k"), Path("/m")), "sandbox", load_knowledge(),
+                     load_cuda_compat())
+    envs = [h.vars["vllm_environment"] for h in plan.hosts]
+    assert [e["VLLM_CPU_OMP_THREADS_BIND"] for e in envs] == bound
+    common = role_defaults("vllm")["vllm_environment"]
+    assert all({k: e[k] for k in common} == common for e in envs)
 
 
 def test_plan_is_deterministic() -> None:
