@@ -27,7 +27,7 @@ import ansible_runner.exceptions
 import ansible_runner.interface
 
 from orchestrator.errors import OrchestrateError
-from orchestrator.run.render import ROOT, RunDir
+from orchestrator.run.render import ROOT, RunDir, ansible_yaml, write_private
 
 MESSAGE_LINES = 14
 
@@ -270,6 +270,45 @@ def run_ansible(path: Path, playbook: str, inventories: list[str],
         raise Interrupted(f"interrupted (Ctrl-C): Ansible was stopped; what it did is in "
                           f"{path / 'artifacts'}")
     return runner.status, runner.rc
+
+
+HostAnswer = tuple[str, dict[str, Any]]
+
+
+class HostAnswers:
+    """The one task's outcome on each host of a run, from the run's events (the event
+    and the task's result)."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, HostAnswer] = {}
+
+    def __call__(self, event: Mapping[str, Any]) -> bool:
+        name = str(event.get("event", ""))
+        data = event.get("event_data") or {}
+        if name in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable") \
+                and data.get("host"):
+            self.found[str(data["host"])] = (name, dict(data.get("res") or {}))
+        return True
+
+
+def run_on_each_host(path: Path, playbook: str, group: str,
+                     entries: Mapping[str, Mapping[str, Any]], operator_inventory: Path | None,
+                     *, connect_timeout_s: int, forks: int) -> dict[str, HostAnswer]:
+    """One run of a one-task `playbook` (its hosts: `group`) over the hosts of `entries`
+    (their inventory entries) at once, in the directory `path`; per host that answered, the
+    task's last event and result. The operator's inventory is read first, so that its
+    group_vars apply and ours win; the run is limited to `group`."""
+    inventory = path / "inventory.yml"
+    # The fleet's values as data (!unsafe), as every inventory of this project.
+    write_private(inventory, ansible_yaml(
+        {"all": {"children": {group: {"hosts": {k: dict(v) for k, v in entries.items()}}}}}))
+    inventories = ([str(operator_inventory.resolve())] if operator_inventory else []) \
+        + [str(inventory)]
+    answers = HostAnswers()
+    run_ansible(path, playbook, inventories, answers, args=["--limit", group],
+                forks=max(1, min(forks, len(entries))),
+                env={"ANSIBLE_TIMEOUT": str(max(1, connect_timeout_s))})
+    return answers.found
 
 
 def _without_inherited(started: Mapping[str, str], ours: Mapping[str, str]) -> dict[str, str]:

@@ -21,8 +21,6 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from orchestrator.facts.nvidia_smi import (
     HARDWARE_SLOWDOWNS,
     NEXT_STEPS,
@@ -39,7 +37,7 @@ from orchestrator.facts.nvidia_smi import (
 from orchestrator.knowledge.compat import CompatError, parse_driver_version
 from orchestrator.knowledge.roles import load_role_defaults
 from orchestrator.plan.planner import HostPlan, Plan
-from orchestrator.run.runner import run_ansible
+from orchestrator.run.runner import run_on_each_host
 from orchestrator.verify import hostcollect
 from orchestrator.verify.httpprobe import ProbeReport, ProbeResult, probe_plan
 
@@ -90,7 +88,7 @@ class Service:
 
 # ---------------------------------------------------------------- what to collect
 
-def _arg(args: list[Any], flag: str) -> str | None:
+def vllm_arg(args: list[Any], flag: str) -> str | None:
     """The value of `flag` as vLLM's argparse reads it: the last one given wins, and
     `--flag value` and `--flag=value` are the same."""
     found = None
@@ -106,7 +104,7 @@ def services(host: HostPlan) -> list[Service]:
     """Each deployment's systemd unit, and the port and address it should listen on."""
     v = host.vars
     out = [Service(d["name"], f"vllm@{d['name']}.service", int(d["port"]),
-                   _arg(list(d.get("args") or []), "--host") or "0.0.0.0")
+                   vllm_arg(list(d.get("args") or []), "--host") or "0.0.0.0")
            for d in v.get("vllm_deployments") or []]
     if v.get("ollama_models"):
         # One Ollama server serves every Ollama deployment of the host (roles/ollama).
@@ -166,7 +164,8 @@ def collector_program(config: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------- SSH, through Ansible
 
-def _python(host: HostPlan) -> str:
+def host_python(host: HostPlan) -> str:
+    """The interpreter the collector runs with on `host`: the inventory's, else python3."""
     interpreter = host.vars.get("ansible_python_interpreter")
     if isinstance(interpreter, str) and interpreter.strip() and not (
             interpreter.startswith("auto") or "{{" in interpreter):
@@ -174,31 +173,16 @@ def _python(host: HostPlan) -> str:
     return "python3"
 
 
-class _Answer:
-    """The collector task's outcome on the host, from the run's events."""
-
-    def __init__(self) -> None:
-        self.event = ""
-        self.res: dict[str, Any] = {}
-
-    def __call__(self, event: Mapping[str, Any]) -> bool:
-        name = str(event.get("event", ""))
-        if name in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable"):
-            self.event = name
-            self.res = dict((event.get("event_data") or {}).get("res") or {})
-        return True
-
-
-def _inventory(host: HostPlan, program: Path, timeout: float) -> dict[str, Any]:
+def collector_host_entry(host: HostPlan, program: Path, timeout: float) -> dict[str, Any]:
+    """`host`'s inventory entry for playbooks/probe.yml running `program`."""
     # The host's ansible_* variables, as the facts run writes them (run/gather.py): the
     # same connection as every other run; read-only, so never sudo. The interpreter is
     # named, so that Ansible does not spend a round trip discovering it.
-    entry = {**host.connection,
-             **{k: v for k, v in host.vars.items() if k.startswith("ansible_")},
-             "ansible_python_interpreter": _python(host), "ansible_become": False,
-             "orchestrate_collector_program": str(program),
-             "orchestrate_collector_timeout": max(1, int(timeout))}
-    return {"all": {"children": {GROUP: {"hosts": {host.name: entry}}}}}
+    return {**host.connection,
+            **{k: v for k, v in host.vars.items() if k.startswith("ansible_")},
+            "ansible_python_interpreter": host_python(host), "ansible_become": False,
+            "orchestrate_collector_program": str(program),
+            "orchestrate_collector_timeout": max(1, int(timeout))}
 
 
 def _connection_failure(host: HostPlan, where: str, message: str, reach: str) -> CollectError:
@@ -229,13 +213,6 @@ def run_collector(host: HostPlan, timeout: float = SSH_TIMEOUT, *,
     """Run the collector on `host` through Ansible's own connection (one ansible-runner run
     of playbooks/probe.yml, reading the operator's inventory first as the stages do),
     within `timeout` seconds."""
-    conn = host.connection
-    address, port = str(conn.get("ansible_host", host.name)), int(conn.get("ansible_port", 22))
-    user = conn.get("ansible_user")
-    where = f"{user + '@' if user else ''}{address}:{port}"
-    reach = (f"check that {host.name} is up and sshd answers there: `ssh -p {port} "
-             f"{user + '@' if user else ''}{address} true` from this machine; fix the fleet's "
-             "address, ssh_port, ssh_user or ssh_key")
     # Ansible's start and the connection come first: the collector gets what is left,
     # so that its own report of what ran out of time still gets back.
     started = min(10.0, timeout / 2)
@@ -244,38 +221,47 @@ def run_collector(host: HostPlan, timeout: float = SSH_TIMEOUT, *,
         program = run_path / "collector.py"
         program.write_text(collector_program(configure(host, max(1.0, timeout - started))),
                            encoding="utf-8")
-        inventory = run_path / "inventory.yml"
-        inventory.write_text(yaml.safe_dump(_inventory(host, program, timeout), sort_keys=False),
-                             encoding="utf-8")
-        answer = _Answer()
-        # The operator's inventory first, so that its group_vars apply and ours win; the
-        # run is limited to this host.
-        inventories = ([str(operator_inventory.resolve())] if operator_inventory else []) \
-            + [str(inventory)]
-        run_ansible(run_path, PLAYBOOK, inventories, answer, args=["--limit", GROUP],
-                    forks=1, env={"ANSIBLE_TIMEOUT": str(max(1, int(started)))})
-    res = answer.res
-    if not answer.event or "Timed out after" in str(res.get("msg") or ""):
-        raise CollectError(f"ssh {where}: no complete answer within {timeout:.0f} s",
-                           f"{reach}; a host under heavy load may need a longer probe "
-                           "timeout")
-    if answer.event == "runner_on_unreachable":
-        raise _connection_failure(host, where, str(res.get("msg") or ""), reach)
+        answered = run_on_each_host(
+            run_path, PLAYBOOK, GROUP, {host.name: collector_host_entry(host, program, timeout)},
+            operator_inventory, connect_timeout_s=int(started), forks=1)
+    found = judge_collector_answer(host, *answered.get(host.name, ("", {})), timeout)
+    if isinstance(found, CollectError):
+        raise found
+    return found
+
+
+def judge_collector_answer(host: HostPlan, event: str, res: Mapping[str, Any],
+                           timeout: float) -> dict[str, Any] | CollectError:
+    """The collector's evidence from its task's last event on `host` (`event`, "" when
+    none came, and its result `res`), or why there is none and what to do."""
+    conn = host.connection
+    address, port = str(conn.get("ansible_host", host.name)), int(conn.get("ansible_port", 22))
+    user = conn.get("ansible_user")
+    where = f"{user + '@' if user else ''}{address}:{port}"
+    reach = (f"check that {host.name} is up and sshd answers there: `ssh -p {port} "
+             f"{user + '@' if user else ''}{address} true` from this machine; fix the fleet's "
+             "address, ssh_port, ssh_user or ssh_key")
+    if not event or "Timed out after" in str(res.get("msg") or ""):
+        return CollectError(f"ssh {where}: no complete answer within {timeout:.0f} s",
+                            f"{reach}; a host under heavy load may need a longer timeout")
+    if event == "runner_on_unreachable":
+        return _connection_failure(host, where, str(res.get("msg") or ""), reach)
     failure = f"{res.get('module_stderr') or ''}{res.get('stderr') or ''}"
-    if answer.event == "runner_on_failed" and (res.get("rc") == 127 or "not found" in failure):
-        raise CollectError(f"ssh {where}: {_python(host)} not found: {failure.strip()[-300:]}",
-                           f"install python3 on {host.name} (Ansible needs it too) or set "
-                           "ansible_python_interpreter")
+    if event == "runner_on_failed" and (res.get("rc") == 127 or "not found" in failure):
+        return CollectError(f"ssh {where}: {host_python(host)} not found: "
+                            f"{failure.strip()[-300:]}",
+                            f"install python3 on {host.name} (Ansible needs it too) or set "
+                            "ansible_python_interpreter")
     try:
         evidence = json.loads(str(res.get("stdout") or ""))
     except ValueError:
         evidence = None
-    if answer.event != "runner_on_ok" or not isinstance(evidence, dict):
+    if event != "runner_on_ok" or not isinstance(evidence, dict):
         said = failure or str(res.get("stdout") or "") or str(res.get("msg") or "")
-        raise CollectError(f"ssh {where}: the probe collector exited {res.get('rc')}: "
-                           f"{said.strip()[-500:]}",
-                           f"run `{_python(host)} --version` on {host.name}: the collector "
-                           "needs Python 3.9 or newer")
+        return CollectError(f"ssh {where}: the collector exited {res.get('rc')}: "
+                            f"{said.strip()[-500:]}",
+                            f"run `{host_python(host)} --version` on {host.name}: the "
+                            "collector needs Python 3.9 or newer")
     return evidence
 
 
@@ -722,7 +708,7 @@ def probe_host(host: HostPlan, timeout: float = SSH_TIMEOUT,
         # something else answered on the host's python3 (see ansible_python_interpreter).
         return _ssh_failure(host, f"the probe collector's answer is not understood: "
                             f"{type(exc).__name__}: {exc}",
-                            f"check that `{_python(host)}` on {host.name} is a plain "
+                            f"check that `{host_python(host)}` on {host.name} is a plain "
                             "CPython 3.9+ (ansible_python_interpreter); if it is, report this "
                             "with the evidence; `orchestrate probe --no-ssh` still runs the "
                             "HTTP probes")

@@ -13,7 +13,6 @@ generate a token.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from collections.abc import Callable, Mapping
@@ -26,20 +25,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.knowledge.roles import load_role_defaults
 from orchestrator.plan.planner import HostPlan, Plan
-from orchestrator.run.render import ansible_yaml, write_private
-from orchestrator.run.runner import run_ansible
+from orchestrator.run.runner import run_on_each_host
 from orchestrator.verify.hostprobe import (
     PLAYBOOK,
     CollectError,
     Collector,
-    _arg,
-    _connection_failure,
-    _python,
     collector_config,
+    collector_host_entry,
     collector_program,
+    judge_collector_answer,
     probe_hosts,
     service_results,
     services,
+    vllm_arg,
 )
 from orchestrator.verify.httpprobe import ProbeResult, probe_plan
 
@@ -152,63 +150,6 @@ def units_config(host: HostPlan, deadline: float) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- one run for every host
 
-class HostAnswers:
-    """The one task's outcome on each host of a run, from the run's events (the event
-    and the task's result)."""
-
-    def __init__(self) -> None:
-        self.found: dict[str, tuple[str, dict[str, Any]]] = {}
-
-    def __call__(self, event: Mapping[str, Any]) -> bool:
-        name = str(event.get("event", ""))
-        data = event.get("event_data") or {}
-        if name in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable") \
-                and data.get("host"):
-            self.found[str(data["host"])] = (name, dict(data.get("res") or {}))
-        return True
-
-
-def _entry(host: HostPlan, program: Path, timeout: float) -> dict[str, Any]:
-    # The host's ansible_* variables as the facts run writes them: the same connection as
-    # every other run; read-only, so never sudo. The interpreter is named, as the host
-    # probe names it (playbooks/probe.yml runs it).
-    return {**host.connection,
-            **{k: v for k, v in host.vars.items() if k.startswith("ansible_")},
-            "ansible_python_interpreter": _python(host), "ansible_become": False,
-            "orchestrate_collector_program": str(program),
-            "orchestrate_collector_timeout": max(1, int(timeout))}
-
-
-def _evidence(host: HostPlan, answer: tuple[str, dict[str, Any]] | None,
-              timeout: float) -> dict[str, Any] | CollectError:
-    """One host's evidence, or why there is none (as hostprobe.run_collector says it)."""
-    conn = host.connection
-    address, port = str(conn.get("ansible_host", host.name)), int(conn.get("ansible_port", 22))
-    user = conn.get("ansible_user")
-    where = f"{user + '@' if user else ''}{address}:{port}"
-    reach = (f"check that {host.name} is up and sshd answers there: `ssh -p {port} "
-             f"{where.rsplit(':', 1)[0]} true` from this machine; fix the fleet's address, "
-             "ssh_port, ssh_user or ssh_key")
-    event, res = answer or ("", {})
-    if not event or "Timed out after" in str(res.get("msg") or ""):
-        return CollectError(f"ssh {where}: no complete answer within {timeout:.0f} s",
-                            f"{reach}; a host under heavy load may need a longer timeout")
-    if event == "runner_on_unreachable":
-        return _connection_failure(host, where, str(res.get("msg") or ""), reach)
-    try:
-        evidence = json.loads(str(res.get("stdout") or ""))
-    except ValueError:
-        evidence = None
-    if event != "runner_on_ok" or not isinstance(evidence, dict):
-        said = (f"{res.get('module_stderr') or ''}{res.get('stderr') or ''}"
-                or str(res.get("stdout") or "") or str(res.get("msg") or ""))
-        return CollectError(f"ssh {where}: the collector exited {res.get('rc')}: "
-                            f"{said.strip()[-500:]}",
-                            f"run `{_python(host)} --version` on {host.name}: the collector "
-                            "needs Python 3.9 or newer")
-    return evidence
-
-
 def collect_all(hosts: list[HostPlan], timeout: float = SSH_TIMEOUT, *,
                 operator_inventory: Path | None = None,
                 configure: Callable[[HostPlan, float], dict[str, Any]] = units_config,
@@ -226,18 +167,11 @@ def collect_all(hosts: list[HostPlan], timeout: float = SSH_TIMEOUT, *,
             program = run_path / f"collector-{index}.py"
             program.write_text(collector_program(configure(host, max(1.0, timeout - started))),
                                encoding="utf-8")
-            entries[host.name] = _entry(host, program, timeout)
-        inventory = run_path / "inventory.yml"
-        # The fleet's values as data (!unsafe), as every inventory of this project.
-        write_private(inventory, ansible_yaml(
-            {"all": {"children": {GROUP: {"hosts": entries}}}}))
-        inventories = ([str(operator_inventory.resolve())] if operator_inventory else []) \
-            + [str(inventory)]
-        answers = HostAnswers()
-        run_ansible(run_path, PLAYBOOK, inventories, answers, args=["--limit", GROUP],
-                    forks=min(_FORKS, len(hosts)),
-                    env={"ANSIBLE_TIMEOUT": str(max(1, int(started)))})
-    return {h.name: _evidence(h, answers.found.get(h.name), timeout) for h in hosts}
+            entries[host.name] = collector_host_entry(host, program, timeout)
+        found = run_on_each_host(run_path, PLAYBOOK, GROUP, entries, operator_inventory,
+                                 connect_timeout_s=int(started), forks=_FORKS)
+    return {h.name: judge_collector_answer(h, *found.get(h.name, ("", {})),
+                                          timeout) for h in hosts}
 
 
 # ---------------------------------------------------------------- judging
@@ -280,7 +214,7 @@ class _Release:
         self.entries = {str(m["name"]): m for m in host.vars.get("model_weights_models") or []}
         dest = {str(m["dest"]): name for name, m in self.entries.items()}
         self.vllm = {str(d["name"]): d for d in host.vars.get("vllm_deployments") or []}
-        self.model_of = {name: dest.get(_arg(list(d.get("args") or []), "--model") or "")
+        self.model_of = {name: dest.get(vllm_arg(list(d.get("args") or []), "--model") or "")
                          for name, d in self.vllm.items()}
         self.host = host
 

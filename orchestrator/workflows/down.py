@@ -23,6 +23,7 @@ from orchestrator.run.lock import group_lock
 from orchestrator.run.render import ROOT, RunDir, new_run_id, render, write_private
 from orchestrator.run.runner import EventInterpreter, HostStats, RunResult, TaskFailure, run_ansible
 from orchestrator.workflows.common import CACHED, NO_FACTS, Events, Result, Target, plan_for
+from orchestrator.workflows.runs import fleet_file_of, host_records, start_record
 
 TEARDOWN = "playbooks/teardown.yml"
 
@@ -198,18 +199,30 @@ def down(options: DownOptions, events: Events | None = None) -> DownResult:
     if options.target is None:
         raise ValueError("down: neither the sandbox nor a target")
     target = options.target
+    run_id = new_run_id(dt.datetime.now(), "down")
     # Not beside an `up` of the same group (LockHeld, exit 2).
-    with group_lock(target.state_dir, target.hosts, new_run_id(dt.datetime.now(), "down"),
-                    "down", log=events.log):
+    with group_lock(target.state_dir, target.hosts, run_id, "down", log=events.log):
         plan = plan_for(target, facts=NO_FACTS if options.no_gather else CACHED,
                         events=events).plan
-        shown = _teardown(plan, options, target, events, check=True)
-        # A host that failed or was not reached in check mode: nothing is removed anywhere.
-        if options.check or not shown.ran.ok:
-            return _result(options, plan, shown)
-        remaining = {name: h for name, h in shown.hosts.items() if not h.empty}
-        if not remaining:
-            return _result(options, plan, shown)
-        if not options.confirm(remaining):
-            raise Declined("not confirmed: nothing was removed")
-        return _result(options, plan, _teardown(plan, options, target, events, check=False))
+        # Recorded as `up` is (run.json, `orchestrate history`): once the input is checked.
+        record = start_record(target.runs_root, run_id, command="down", group=target.hosts,
+                              fleet_file=fleet_file_of(target), check=options.check)
+        events.log(f"recording this run in {record.path}")
+        with record.recording():
+            runs = [_teardown(plan, options, target, events, check=True)]
+            shown = runs[0]
+            # Named at once: a run declined or stopped after it still claims it (history).
+            record.write(run_dirs=[str(shown.run_dir.path)])
+            remaining = {name: h for name, h in shown.hosts.items() if not h.empty}
+            # A host that failed or was not reached in check mode: nothing is removed anywhere.
+            if not options.check and shown.ran.ok and remaining:
+                if not options.confirm(remaining):
+                    raise Declined("not confirmed: nothing was removed")
+                runs.append(_teardown(plan, options, target, events, check=False))
+            result = _result(options, plan, runs[-1])
+            ran = runs[-1].ran
+            record.end("passed" if result.passed else "failed",
+                       hosts=host_records([plan], dict(ran.stats), list(ran.failures), None),
+                       changed=sum(s.changed for s in ran.stats.values()),
+                       run_dirs=[str(r.run_dir.path) for r in runs])
+            return result

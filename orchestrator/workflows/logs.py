@@ -23,10 +23,8 @@ from pydantic import Field
 
 from orchestrator.errors import ConfigError
 from orchestrator.plan.planner import HostPlan, Plan
-from orchestrator.run.render import ansible_yaml, write_private
-from orchestrator.run.runner import failure_message, run_ansible
+from orchestrator.run.runner import failure_message, run_on_each_host
 from orchestrator.verify.hostprobe import services
-from orchestrator.verify.liveness import HostAnswers
 from orchestrator.workflows.common import CACHED, Result, Target, plan_for
 
 PLAYBOOK = "playbooks/logs.yml"
@@ -165,19 +163,12 @@ def read_journals(hosts: list[HostPlan], argvs: Mapping[str, list[str]],
                             **{k: v for k, v in h.vars.items() if k.startswith("ansible_")},
                             "orchestrate_logs_argv": argvs[h.name]}
                    for h in hosts if h.name in argvs}
-        inventory = run_path / "inventory.yml"
-        # The fleet's values and the cursors as data (!unsafe), never templated.
-        write_private(inventory, ansible_yaml(
-            {"all": {"children": {GROUP: {"hosts": entries}}}}))
-        inventories = ([str(operator_inventory.resolve())] if operator_inventory else []) \
-            + [str(inventory)]
-        answers = HostAnswers()
-        run_ansible(run_path, PLAYBOOK, inventories, answers, args=["--limit", GROUP],
-                    forks=min(_FORKS, max(1, len(entries))),
-                    env={"ANSIBLE_TIMEOUT": str(_CONNECT_TIMEOUT_S)})
+        # The cursors, as the fleet's values, are data (!unsafe), never templated.
+        found = run_on_each_host(run_path, PLAYBOOK, GROUP, entries, operator_inventory,
+                                 connect_timeout_s=_CONNECT_TIMEOUT_S, forks=_FORKS)
     out: dict[str, str | Unreached] = {}
     for name in entries:
-        event, res = answers.found.get(name, ("", {}))
+        event, res = found.get(name, ("", {}))
         if event == "runner_on_ok":
             out[name] = str(res.get("stdout") or "")
         elif event:

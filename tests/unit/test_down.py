@@ -20,6 +20,7 @@ from orchestrator.run.lock import LockHeld, group_lock
 from orchestrator.workflows import down as down_flow
 from orchestrator.workflows.common import Target
 from orchestrator.workflows.down import Declined, DownOptions, HostTeardown, Removals, down
+from orchestrator.workflows.history import HistoryOptions, history, show
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -189,6 +190,30 @@ def test_a_host_failing_the_check_run_stops_before_anything_is_removed(
     assert len(ansible.calls) == 1 and not result.passed and result.removed == []
     assert result.hosts["h2"].failed and not result.hosts["h1"].failed
     assert [f.host for f in result.failures] == ["h2"]
+
+
+def test_each_down_is_recorded_in_history_with_its_outcome_per_host(
+        target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(down_flow, "run_ansible", Ansible({"h1", "h2"}))
+    removed = down(DownOptions("g", target=target, no_gather=True, confirm=lambda found: True))
+    monkeypatch.setattr(down_flow, "run_ansible", Ansible({"h1"}, fail="h2"))
+    failed = down(DownOptions("g", target=target, no_gather=True, check=True,
+                              confirm=lambda found: True))
+    monkeypatch.setattr(down_flow, "run_ansible", Ansible({"h1"}))
+    with pytest.raises(Declined):
+        down(DownOptions("g", target=target, no_gather=True, confirm=lambda found: False))
+    runs = history(HistoryOptions(target.runs_root, "g")).runs
+    # Newest first, one entry per down (its teardown runs are not listed apart).
+    assert [(r.command, r.outcome, r.recorded) for r in runs] == [
+        ("down", "error", True), ("down", "failed", True), ("down", "passed", True)]
+    assert (runs[2].hosts_ok, runs[2].changed) == (2, 16)
+    assert (runs[1].hosts_ok, runs[1].hosts_failed) == (1, 1)
+    first = show(target.runs_root, runs[2].run_id)
+    assert [Path(d) for d in first.run_dirs][-1] == Path(removed.run_dir or "")
+    assert len(first.run_dirs) == 2 and not first.check
+    assert show(target.runs_root, runs[1].run_id).check and not failed.passed
+    assert show(target.runs_root, runs[0].run_id).error == "not confirmed: nothing was removed"
+    assert first.fleet_sha256 is not None
 
 
 def test_down_waits_for_no_up_of_the_same_group(

@@ -21,13 +21,12 @@ from rich.console import Console
 
 from orchestrator.plan.planner import HostPlan, Plan
 from orchestrator.report.console import status_table
+from orchestrator.run.runner import HostAnswers
 from orchestrator.verify import hostcollect
-from orchestrator.verify.hostprobe import CollectError
+from orchestrator.verify.hostprobe import CollectError, judge_collector_answer
 from orchestrator.verify.liveness import (
     DRIVER_FILE,
     DeploymentStatus,
-    HostAnswers,
-    _evidence,
     find_skew,
     liveness,
     units_config,
@@ -239,13 +238,14 @@ def test_each_hosts_answer_is_read_from_the_one_runs_events(plan: Plan) -> None:
     answers({"event": "runner_on_unreachable", "event_data": {
         "host": "h2", "res": {"msg": "Failed to connect to the host via ssh: "
                                      "Permission denied (publickey)."}}})
-    assert _evidence(h1, answers.found.get("h1"), 15) == {"units": []}
-    refused = _evidence(h2, answers.found.get("h2"), 15)
+    assert judge_collector_answer(h1, *answers.found["h1"], 15) == {"units": []}
+    refused = judge_collector_answer(h2, *answers.found["h2"], 15)
     assert isinstance(refused, CollectError) and "Permission denied" in str(refused)
     assert "refused the key" in refused.next_step
-    silent = _evidence(h2, None, 15)
+    silent = judge_collector_answer(h2, "", {}, 15)
     assert isinstance(silent, CollectError) and "no complete answer within 15 s" in str(silent)
-    broken = _evidence(h1, ("runner_on_failed", {"rc": 1, "stderr": "SyntaxError"}), 15)
+    broken = judge_collector_answer(h1, "runner_on_failed", {"rc": 1, "stderr": "SyntaxError"},
+                                    15)
     assert isinstance(broken, CollectError) and "exited 1: SyntaxError" in str(broken)
 
 
