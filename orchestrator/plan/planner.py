@@ -170,9 +170,11 @@ def _open(dep: Deployment, loaded: LoadedFleet, roles: RoleDefaults) -> bool:
                     "on purpose")
 
 
-def _ollama_vars(host: ResolvedHost, deployments: list[Deployment],
-                 knowledge: Knowledge, roles: RoleDefaults) -> OllamaVars | None:
-    """One Ollama server per host serves every Ollama deployment on it."""
+def _ollama_vars(host: ResolvedHost, deployments: list[Deployment], knowledge: Knowledge,
+                 roles: RoleDefaults, mirror: MirrorSettings | None) -> OllamaVars | None:
+    """One Ollama server per host serves every Ollama deployment on it; its release archive
+    fetched with the mirror's token when the fleet's ollama_archive_base_url is the
+    mirror's (the role's default, GitHub, never is)."""
     if not deployments:
         return None
     ports = {d.port for d in deployments}
@@ -186,7 +188,9 @@ def _ollama_vars(host: ResolvedHost, deployments: list[Deployment],
                       ollama_port=ports.pop(), ollama_host=binds.pop(),
                       ollama_gpu_devices=[] if cpu else None,
                       ollama_device_allow=[] if cpu else None,
-                      ollama_wait_for_devices=[] if cpu else None)
+                      ollama_wait_for_devices=[] if cpu else None,
+                      ollama_archive_token=_mirror_token(mirror, str(archives))
+                      if (archives := host.vars.get("ollama_archive_base_url")) else None)
 
 
 def _served_name(dep: Deployment) -> str:
@@ -997,7 +1001,7 @@ def _plan_host(host: ResolvedHost, src: Source, deployments: list[Deployment],
             _model_entry(d, mirror, roles) for d in deployments if _has_weights(d)],
             model_weights_mirror_token=_mirror_token(mirror))
         ollama = _ollama_vars(host, [d for d in deployments if d.engine == "ollama"],
-                              knowledge, roles)
+                              knowledge, roles, mirror)
         instances = [
             VllmDeployment(
                 name=d.name, port=d.port,

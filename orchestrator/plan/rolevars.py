@@ -167,6 +167,9 @@ class OllamaVars(RoleVars):
     ollama_gpu_devices: list[str] | None = None
     ollama_device_allow: list[str] | None = None
     ollama_wait_for_devices: list[str] | None = None
+    # A reference to the fleet's secrets ("{{ var }}"): the mirror's token (mirror.token_var),
+    # where the archives come from the mirror.
+    ollama_archive_token: str | None = None
 
 
 class HealthGateVars(RoleVars):

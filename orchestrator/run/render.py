@@ -97,7 +97,7 @@ class RunDir:
 # (with its role default; a path below it), a host's address fact, alone or as ADDRESS:PORT, or the
 # controller's Python.
 _SECRET_KEYS = frozenset({"api_key", "ray_cluster_auth_token", "model_weights_mirror_token",
-                          "python_env_pip_find_links_password"})
+                          "python_env_pip_find_links_password", "ollama_archive_token"})
 _SECRET_REFERENCE = re.compile(r"\{\{ [A-Za-z_][A-Za-z0-9_]* \}\}")
 _ROLE_VARIABLE = r"\{\{ ray_cluster_[a-z_]+(?: \| default\((?:[0-9]+|'[A-Za-z0-9_./-]*')\))? \}\}"
 _ADDRESS_FACT = (r"\{\{ ansible_facts\[ray_cluster_network_interface \| replace\('-', '_'\)\]"

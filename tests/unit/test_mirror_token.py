@@ -120,6 +120,31 @@ def test_the_plan_references_the_token_only_where_mirror_downloads_go(tmp_path: 
         make_plan(plain, "gpu", load_knowledge(), load_cuda_compat()).hosts[0].vars)
 
 
+def test_ollama_archives_from_the_mirror_get_the_token_and_from_elsewhere_not(
+        tmp_path: Path) -> None:
+    path = write_fleet(tmp_path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["groups"]["gpu"]["vars"] = {"ollama_archive_base_url": "http://ctl:8090/ollama"}
+    data["groups"]["other"]["vars"] = {"ollama_archive_base_url": "https://ctl:8090.evil/o"}
+    data["deployments"] = [{"name": f"o-{group}", "model": MODEL, "engine": "ollama",
+                            "hosts": group, "port": 11434} for group in ("gpu", "other")]
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    loaded = load_fleet(path)
+    gpu = make_plan(loaded, "gpu", load_knowledge(), load_cuda_compat())
+    assert gpu.hosts[0].vars["ollama_archive_token"] == "{{ mirror_token }}"
+    other = make_plan(loaded, "other", load_knowledge(), load_cuda_compat()).hosts[0].vars
+    assert "ollama_archive_token" not in other
+    # GitHub's release downloads (the role's default) never get it.
+    del data["groups"]["gpu"]["vars"]
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    plain = make_plan(load_fleet(path), "gpu", load_knowledge(), load_cuda_compat())
+    assert "ollama_archive_token" not in plain.hosts[0].vars
+    # Rendered as the reference Ansible resolves from the secrets, not as data.
+    run = render(gpu, tmp_path / "runs", "r1")
+    host_vars = (run.path / "inventory" / "host_vars" / "h.yml").read_text(encoding="utf-8")
+    assert "ollama_archive_token: '{{ mirror_token }}'" in host_vars
+
+
 def test_the_token_reaches_no_file_of_a_run_directory(tmp_path: Path) -> None:
     loaded = load_fleet(write_fleet(tmp_path))
     plan = make_plan(loaded, "gpu", load_knowledge(), load_cuda_compat())

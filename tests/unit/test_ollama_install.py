@@ -205,3 +205,42 @@ def test_installs_a_file_from_the_control_machine_after_checking_it(tmp_path: Pa
     assert mirror.requests == []  # nothing downloaded
     assert os.readlink(tmp_path / "opt" / "ollama" / "current") == "0.13.5"
     assert "client version is 0.13.5" in installed_version(tmp_path / "bin" / "ollama")
+
+
+TOKEN = "9b1d3f5a7c9e1b3d5f7a9c1e3b5d7f9a"  # a test value
+
+
+@pytest.fixture
+def token_mirror(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The project's own mirror server (orchestrator/mirror/weights.py) with a token, the
+    stand-in's release under <mirror>/ollama as `orchestrate mirror` lays it out; (the
+    archives' base URL, the archive's sha256)."""
+    from orchestrator.mirror.weights import MirrorServer
+
+    root = tmp_path / "mirror"
+    (root / "ollama").mkdir(parents=True)
+    out = subprocess.run([sys.executable, str(MAKE_RELEASE), str(root / "ollama"), "--version",
+                          ROLE_DEFAULT_VERSION, "--arch", ARCH], capture_output=True, text=True,
+                         check=True).stdout
+    sha256 = out.split()[1]
+    with MirrorServer(root, "127.0.0.1", 0, token=TOKEN) as server:
+        yield f"http://127.0.0.1:{server.address[1]}/ollama", sha256
+
+
+def test_a_mirror_that_asks_for_a_token_gets_it_and_the_output_never_shows_it(
+        tmp_path: Path, token_mirror: tuple[str, str]) -> None:
+    base, sha256 = token_mirror
+    rc, stats, output = run_archive_tasks(tmp_path, ollama_archive_base_url=base,
+                                          ollama_archive_sha256=sha_of(sha256))
+    # Without the token: refused (401), said with the URL, nothing installed.
+    assert rc != 0 and stats["failures"] == 1
+    assert f"{base}/v{ROLE_DEFAULT_VERSION}/ollama-linux-{ARCH}.tar.zst" in output
+    assert "HTTP 401" in output, output
+    assert not (tmp_path / "opt" / "ollama" / "current").is_symlink()
+
+    rc, _, output = run_archive_tasks(tmp_path, ollama_archive_base_url=base,
+                                      ollama_archive_sha256=sha_of(sha256),
+                                      ollama_archive_token=TOKEN)
+    assert rc == 0, output
+    assert os.readlink(tmp_path / "opt" / "ollama" / "current") == ROLE_DEFAULT_VERSION
+    assert TOKEN not in output
