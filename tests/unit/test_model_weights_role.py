@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sets file owners: nee
 
 
 TOKEN = "ms-test-token-7f3a"  # a test value: it must reach the stand-in and no log
+# A proxy's password in model_weights_modelscope_environment, a secret as much as the token.
+# The proxy is never used (no_proxy names the stand-ins' address).
+PROXY_PASSWORD = "proxy-pass-51d0"
 
 
 @dataclass
@@ -107,7 +111,7 @@ class ProcessWatch(threading.Thread):
                     args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 except OSError:
                     continue  # exited meanwhile
-                if TOKEN in args:
+                if TOKEN in args or PROXY_PASSWORD in args:
                     self.with_token.add(args)
                 if "download --model orchestrate/private" in args:
                     self.clients.add(args)
@@ -227,11 +231,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory, hub: StandInHub, private_hub:
             {"name": "mirrored", "source": "mirror", "url": f"{mirror}/model/",
              "dest": str(root / "good/models/mirrored")}],
             "model_weights_download_retries": 1,
-            "model_weights_modelscope_environment": {"MODELSCOPE_DOWNLOAD_MAX_RETRIES": "0"}},
+            "model_weights_modelscope_environment": {
+                "MODELSCOPE_DOWNLOAD_MAX_RETRIES": "0",
+                "http_proxy": f"http://proxy:{PROXY_PASSWORD}@127.0.0.1:9",
+                "no_proxy": "127.0.0.1"}},
         "corrupt": {**public,
                     "model_weights_models": [modelscope_model(root, "corrupt", "corrupt", hub)]},
         "roomless": {**public, "model_weights_free_space_margin_mib": 2**40,
                      "model_weights_models": [modelscope_model(root, "roomless", "roomless", hub)]},
+        # A repository the hub does not have, and a hub that is not there.
+        "unknown": {**public, "model_weights_models": [
+            {"name": "missing", "source": "modelscope", "model_id": "orchestrate/missing",
+             "revision": "master", "dest": str(root / "unknown/models/missing")}]},
+        "nohub": {"model_weights_modelscope_endpoint": "http://127.0.0.1:9",
+                  "model_weights_models": [modelscope_model(root, "nohub", "corrupt", hub)]},
         "badmirror": {"model_weights_models": [
             {"name": "bad", "source": "mirror", "url": f"{mirror}/bad",
              "dest": str(root / "badmirror/models/bad")}]},
@@ -314,17 +327,18 @@ def test_private_repository_gets_the_token_and_no_log_shows_it(runs: Runs) -> No
     # The playbook's report holds every task's result and arguments, like ansible-runner's
     # artifacts: the token is not in it.
     assert TOKEN not in runs.reports
+    assert PROXY_PASSWORD not in runs.reports
 
 
-def test_the_token_is_in_no_process_list(runs: Runs) -> None:
+def test_the_token_and_the_environment_are_in_no_process_list(runs: Runs) -> None:
     """Ansible writes a task's `environment:` into the command that starts its module
-    (/bin/sh -c 'NAME=value python ...'): the token must reach the client another way."""
+    (/bin/sh -c 'NAME=value python ...'): the token and the client's environment (a
+    proxy's password) must reach the hub listing and the client another way."""
     assert runs.first["good"].failures == {}
     assert runs.watched.clients  # the client of the private repository ran, and was seen
     assert runs.watched.with_token == set()
-    # The token file lived only while the client ran.
-    home = Path(runs.hosts["good"]["model_weights_models"][0]["dest"]).parents[1] / "ms-home"
-    assert not (home / "api-token").exists()
+    # The environment file lived only while the hub was asked.
+    assert not list(Path(tempfile.gettempdir()).glob("modelscope-environment.*"))
 
 
 def test_mirror_source_fetches_the_manifest_files(runs: Runs, model_dir: Path) -> None:
@@ -371,6 +385,22 @@ def test_too_little_space_fails_before_downloading(runs: Runs, hub: StandInHub) 
                               f"{needed} bytes")
     assert "model_weights_free_space_margin_mib" in message
     assert runs.served_first["roomless"] == []
+
+
+def test_a_repository_the_hub_lacks_is_named_with_the_hubs_answer(runs: Runs) -> None:
+    failures = runs.first["unknown"].failures
+    [message] = failures["model_weights : Check the hub lists orchestrate/missing@master"]
+    endpoint = runs.hosts["unknown"]["model_weights_modelscope_endpoint"]
+    assert message == (f"{endpoint} answered HTTP 404 for orchestrate/missing@master:"
+                       " model orchestrate/missing not found."
+                       " Check model_id and revision.")
+
+
+def test_an_unreachable_hub_is_named(runs: Runs) -> None:
+    [[name, [message]]] = runs.first["nohub"].failures.items()
+    assert name.startswith("model_weights : Check the hub lists orchestrate/corrupt@")
+    assert message.startswith("cannot reach http://127.0.0.1:9 for orchestrate/corrupt@")
+    assert "Connection refused" in message
 
 
 def test_reverify_names_a_file_damaged_after_download(runs: Runs) -> None:
